@@ -1,0 +1,423 @@
+"""`prepare`: stream each domain's documents, tokenize in worker processes, pack, split held-out, write.
+
+Per domain, documents flow in a fixed order (sources in config order, files sorted) through a pool of
+tokenizer processes (ordered results, a bounded number of batches in flight) into two packed streams:
+`train` and `heldout`. Documents are routed to held-out by a hash of their text (`heldout_fraction`
+of them) until `heldout_sequences` are full, so no document is split across the two. Each document
+ends with EOS; streams are cut into sequences of `seq_len + 1` tokens; a final partial sequence is
+dropped and counted.
+
+Resumability: every `checkpoint_seconds` the token files are fsynced and then a small `state.json`
+records the stream positions (`IterableDataset.state_dict()`), sequence counts and the unfinished
+sequence tails. A restart truncates the files to the recorded counts and continues from there, so an
+interrupted-and-resumed prepare writes the same bytes as an uninterrupted one. Finished domains are
+moved into place by a directory rename; `manifest.json` is written last.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from distill.atomic import atomic_write_json, atomic_write_text, read_json
+from distill.config.loader import config_to_yaml
+from distill.config.schema import CampaignConfig, DataConfig
+from distill.data import encode_worker
+from distill.data.prepared import FORMAT, MANIFEST, SPLITS, VERSION, read_prepared_manifest
+from distill.data.sources import ResolvedSource, iter_documents, open_stream, resolve_source
+from distill.data.token_store import TokenStore, TokenStoreWriter, token_dtype
+from distill.data.tokenizer import TokenizerInfo, load_tokenizer
+from distill.errors import DataError, OutputExistsError
+
+PARTIAL = ".partial"
+
+
+@dataclass
+class _DomainState:
+    """Progress of one domain, committed atomically after the token files are fsynced."""
+
+    source_index: int = 0
+    stream_state: dict | None = None
+    docs_in_source: int = 0
+    documents: int = 0
+    heldout_documents: int = 0
+    tokens: int = 0
+    train_sequences: int = 0
+    heldout_sequences: int = 0
+    heldout_dropped_tokens: int = 0
+    train_carry: list[int] = field(default_factory=list)
+    heldout_carry: list[int] = field(default_factory=list)
+
+
+def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume, or skip) the prepare of `config.data`; returns the manifest."""
+    data = config.data
+    tokenizer = load_tokenizer(data.tokenizer.path)
+    sources = {
+        name: [
+            resolve_source(src, f"data.domains.{name}.sources[{i}]") for i, src in enumerate(domain.sources)
+        ]
+        for name, domain in data.domains.items()
+    }
+    spec = _spec(data, tokenizer, sources)
+    out = data.dir
+    done = _check_existing(out, spec, overwrite)
+    if done is not None:
+        _say(progress, f"prepare: {out} is complete (fingerprint {done['fingerprint'][:12]}), nothing to do")
+        return done
+
+    partial = out / PARTIAL
+    inputs = _input_stats(sources)
+    _check_partial(partial, spec, inputs)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(partial / "spec.json", {"spec": spec, "inputs": inputs})
+
+    started = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(
+        data.workers, encode_worker.init_worker, (tokenizer.backend_json, tokenizer.eos_id)
+    ) as pool:
+        for name in data.domains:
+            if not (out / name / "domain.json").is_file():
+                _prepare_domain(
+                    name, sources[name], data, tokenizer, pool, partial / name, out / name, progress
+                )
+
+    manifest = _manifest(out, spec, tokenizer, sources)
+    atomic_write_text(out / "config.yaml", config_to_yaml(config))
+    atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(partial)
+    tokens = sum(d["train_sequences"] + d["heldout_sequences"] for d in manifest["domains"].values()) * (
+        data.seq_len + 1
+    )
+    elapsed = time.monotonic() - started
+    _say(
+        progress,
+        f"prepare: {tokens:,} tokens in {elapsed:.1f}s into {out} (fingerprint {manifest['fingerprint'][:12]})",
+    )
+    return manifest
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _spec(
+    data: DataConfig, tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
+) -> dict[str, Any]:
+    """Everything that determines the output bytes; two prepares with equal specs write equal stores."""
+    return {
+        "tokenizer_sha256": tokenizer.sha256,
+        "seq_len": data.seq_len,
+        "heldout_sequences": data.heldout_sequences,
+        "heldout_fraction": data.heldout_fraction,
+        "domains": {
+            name: [
+                {**s.describe(), "max_documents": s.config.max_documents, "sample_by": s.config.sample_by}
+                for s in srcs
+            ]
+            for name, srcs in sources.items()
+        },
+    }
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if old == new else [f"{key}: {_brief(old)} on disk, {_brief(new)} in the config"]
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 100 else text[:97] + "..."
+
+
+def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """Return the manifest if `out` already holds this exact prepare; refuse a different one."""
+    if not out.exists():
+        return None
+    manifest = read_prepared_manifest(out)
+    if manifest is None:
+        foreign = [p.name for p in out.iterdir() if p.name != PARTIAL and not (p / "domain.json").is_file()]
+        foreign = [n for n in foreign if n not in ("config.yaml",)]
+        if foreign and not overwrite:
+            raise OutputExistsError(
+                f"{out} holds files that are not a distillery prepare ({', '.join(sorted(foreign)[:5])}); "
+                "choose another data.dir or pass --overwrite to replace it"
+            )
+        if overwrite:
+            shutil.rmtree(out)
+        return None
+    if manifest["spec"] == spec:
+        return manifest
+    if not overwrite:
+        diff = "; ".join(_differences(manifest["spec"], spec))
+        raise OutputExistsError(
+            f"{out} holds a prepare of a different config ({diff}); pass --overwrite to replace it"
+        )
+    shutil.rmtree(out)
+    return None
+
+
+def _input_stats(sources: dict[str, list[ResolvedSource]]) -> dict[str, list[int]]:
+    stats = {}
+    for srcs in sources.values():
+        for s in srcs:
+            for f in s.files:
+                st = os.stat(f)
+                stats[f] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def _check_partial(partial: Path, spec: dict[str, Any], inputs: dict[str, list[int]]) -> None:
+    """An interrupted prepare resumes only with the same config and unchanged input files."""
+    record = partial / "spec.json"
+    if not record.is_file():
+        return
+    old = read_json(record)
+    diff = _differences(old["spec"], spec) + [
+        f"input {f} changed since the interrupted prepare"
+        for f in sorted(set(old["inputs"]) | set(inputs))
+        if old["inputs"].get(f) != inputs.get(f)
+    ]
+    if diff:
+        raise OutputExistsError(
+            f"{partial.parent} holds an interrupted prepare of a different config or input ({'; '.join(diff[:5])}); "
+            "pass --overwrite to start over"
+        )
+
+
+def _batches(
+    sources: list[ResolvedSource], state: _DomainState, size: int
+) -> Iterator[tuple[list[str], dict]]:
+    """Document batches from the state's position on, each with the position right after it."""
+    for index in range(state.source_index, len(sources)):
+        source = sources[index]
+        resume = index == state.source_index
+        stream = open_stream(source, state.stream_state if resume else None)
+        taken = state.docs_in_source if resume else 0
+        limit = source.config.max_documents or float("inf")
+        batch: list[str] = []
+        documents = iter_documents(source, stream)
+        while taken < limit and (text := next(documents, None)) is not None:
+            batch.append(text)
+            taken += 1
+            if len(batch) == size or taken == limit:
+                yield batch, _position(index, stream, taken)
+                batch = []
+        if batch:
+            yield batch, _position(index, stream, taken)
+        yield [], {"source_index": index + 1, "stream_state": None, "docs_in_source": 0}
+
+
+def _position(source_index: int, stream: Any, docs_in_source: int) -> dict[str, Any]:
+    return {
+        "source_index": source_index,
+        "stream_state": copy.deepcopy(stream.state_dict()),
+        "docs_in_source": docs_in_source,
+    }
+
+
+class _Packer:
+    """Routes tokenized documents to the train / held-out streams and cuts them into sequences."""
+
+    def __init__(
+        self, state: _DomainState, data: DataConfig, train: TokenStoreWriter, heldout: TokenStoreWriter
+    ):
+        self.state, self.train, self.heldout = state, train, heldout
+        self.seq_tokens = data.seq_len + 1
+        self.heldout_target = data.heldout_sequences
+        self.fraction = data.heldout_fraction
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, scores: np.ndarray) -> None:
+        s, t = self.state, self.seq_tokens
+        train_pieces = [np.asarray(s.train_carry, dtype=np.uint32)]
+        offset = 0
+        for length, score in zip(lengths.tolist(), scores.tolist(), strict=True):
+            if length == 0:
+                continue
+            doc = tokens[offset : offset + length]
+            offset += length
+            s.documents += 1
+            s.tokens += length
+            if s.heldout_sequences < self.heldout_target and score < self.fraction:
+                s.heldout_documents += 1
+                buf = np.concatenate([np.asarray(s.heldout_carry, dtype=np.uint32), doc])
+                n = min(len(buf) // t, self.heldout_target - s.heldout_sequences)
+                self.heldout.append(buf[: n * t].reshape(n, t))
+                s.heldout_sequences += n
+                rest = buf[n * t :]
+                if s.heldout_sequences >= self.heldout_target:
+                    s.heldout_dropped_tokens += len(rest)  # held-out is full: the document's tail is dropped
+                    rest = rest[:0]
+                s.heldout_carry = rest.tolist()
+            else:
+                train_pieces.append(doc)
+        buf = np.concatenate(train_pieces)
+        n = len(buf) // t
+        self.train.append(buf[: n * t].reshape(n, t))
+        s.train_sequences += n
+        s.train_carry = buf[n * t :].tolist()
+
+
+def _prepare_domain(
+    name: str,
+    sources: list[ResolvedSource],
+    data: DataConfig,
+    tokenizer: TokenizerInfo,
+    pool: Any,
+    work: Path,
+    final: Path,
+    progress: bool,
+) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.json"
+    state = _DomainState(**read_json(state_path)) if state_path.is_file() else _DomainState()
+    if state.documents:
+        _say(
+            progress,
+            f"prepare {name}: resuming after {state.documents:,} documents ({state.train_sequences:,} sequences)",
+        )
+    dtype = token_dtype(tokenizer.vocab_size)
+    seq_tokens = data.seq_len + 1
+    train = TokenStoreWriter(work / "train", seq_tokens, dtype, resume_sequences=state.train_sequences)
+    heldout = TokenStoreWriter(work / "heldout", seq_tokens, dtype, resume_sequences=state.heldout_sequences)
+    packer = _Packer(state, data, train, heldout)
+
+    def commit() -> None:
+        train.flush()
+        heldout.flush()
+        atomic_write_json(state_path, asdict(state))
+
+    bar = tqdm(
+        desc=f"prepare {name}",
+        unit="tok",
+        unit_scale=True,
+        initial=state.tokens,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    pending: deque = deque()
+    batches = _batches(sources, state, data.batch_documents)
+    exhausted, last_commit = False, time.monotonic()
+    while True:
+        while not exhausted and len(pending) < 2 * data.workers:
+            try:
+                texts, position = next(batches)
+            except StopIteration:
+                exhausted = True
+                break
+            pending.append(
+                (pool.apply_async(encode_worker.encode_batch, (texts,)) if texts else None, position)
+            )
+        if not pending:
+            break
+        result, position = pending.popleft()
+        if result is not None:
+            tokens, lengths, scores = result.get()
+            packer.add(tokens, lengths, scores)
+            bar.update(int(lengths.sum()))
+            bar.set_postfix(docs=state.documents, seqs=state.train_sequences, refresh=False)
+        state.source_index = position["source_index"]
+        state.stream_state = position["stream_state"]
+        state.docs_in_source = position["docs_in_source"]
+        if time.monotonic() - last_commit >= data.checkpoint_seconds:
+            commit()
+            last_commit = time.monotonic()
+    commit()
+    bar.close()
+    _finish_domain(name, state, data, train, heldout, work, final)
+
+
+def _finish_domain(
+    name: str,
+    state: _DomainState,
+    data: DataConfig,
+    train: TokenStoreWriter,
+    heldout: TokenStoreWriter,
+    work: Path,
+    final: Path,
+) -> None:
+    keys = f"data.domains.{name}"
+    if state.documents == 0:
+        raise DataError(f"{keys}: the sources yielded no non-empty document")
+    if state.train_sequences == 0:
+        raise DataError(
+            f"{keys}: {state.tokens:,} tokens in {state.documents} documents do not fill one training sequence of "
+            f"{data.seq_len + 1} tokens; add data or lower data.seq_len"
+        )
+    if data.heldout_sequences and state.heldout_sequences == 0:
+        raise DataError(
+            f"{keys}: no held-out sequence could be filled from {state.documents} documents; raise "
+            "data.heldout_fraction or set data.heldout_sequences: 0"
+        )
+    if state.heldout_sequences < data.heldout_sequences:
+        print(
+            f"prepare: warning: {keys} has only {state.heldout_sequences} of {data.heldout_sequences} held-out "
+            "sequences",
+            file=sys.stderr,
+        )
+    train.close()
+    heldout.close()
+    summary = {
+        "documents": state.documents,
+        "heldout_documents": state.heldout_documents,
+        "document_tokens": state.tokens,
+        "train_sequences": state.train_sequences,
+        "heldout_sequences": state.heldout_sequences,
+        "dropped_tokens": len(state.train_carry) + len(state.heldout_carry) + state.heldout_dropped_tokens,
+    }
+    atomic_write_json(work / "domain.json", summary)
+    (work / "state.json").unlink()
+    os.replace(work, final)
+
+
+def _manifest(
+    out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
+) -> dict[str, Any]:
+    domains = {}
+    for name in spec["domains"]:
+        summary = read_json(out / name / "domain.json")
+        for split in SPLITS:
+            summary[f"{split}_sha256"] = TokenStore(out / name / split).sha256()
+        summary["sources"] = [s.describe() for s in sources[name]]
+        domains[name] = summary
+    fingerprint_input = {
+        "spec": spec,
+        "domains": {n: {s: d[f"{s}_sha256"] for s in SPLITS} for n, d in domains.items()},
+    }
+    fingerprint = hashlib.sha256(json.dumps(fingerprint_input, sort_keys=True).encode()).hexdigest()
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": spec,
+        "tokenizer": {
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "path": str(tokenizer.path),
+        },
+        "seq_len": spec["seq_len"],
+        "dtype": str(token_dtype(tokenizer.vocab_size)),
+        "domains": domains,
+        "fingerprint": fingerprint,
+    }

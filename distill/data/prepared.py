@@ -1,0 +1,72 @@
+"""Reading a prepared dataset: the manifest that later stages check, and O(1) access to sequences.
+
+A prepared directory is complete exactly when `manifest.json` exists (it is written last, atomically).
+`PreparedData` refuses anything else, so the cache and training stages never read a half-written
+prepare. Sequence `i` of domain `d` is a slice of a memory map; nothing is loaded up front.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from distill.atomic import read_json
+from distill.data.token_store import TokenStore
+from distill.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "distillery.prepared"
+VERSION = 1
+Split = Literal["train", "heldout"]
+SPLITS: tuple[Split, ...] = ("train", "heldout")
+
+
+def read_prepared_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a complete prepare in `directory`, or None if there is none."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+class PreparedData:
+    """A complete prepared dataset: `data.sequence("code", 17)` -> `[seq_len + 1]` int64 token ids."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        manifest = read_prepared_manifest(self.directory)
+        if manifest is None:
+            raise DataError(
+                f"{self.directory} holds no complete prepared data (no {MANIFEST}); run `distillery prepare`"
+            )
+        self.manifest = manifest
+        self.seq_len: int = manifest["seq_len"]
+        self.domains: tuple[str, ...] = tuple(manifest["domains"])
+        self.fingerprint: str = manifest["fingerprint"]
+        self.tokenizer_sha256: str = manifest["tokenizer"]["sha256"]
+        self._stores: dict[tuple[str, str], TokenStore] = {}
+
+    def store(self, domain: str, split: Split = "train") -> TokenStore:
+        if domain not in self.manifest["domains"]:
+            raise DataError(f"{self.directory}: no domain {domain!r}; it has {list(self.domains)}")
+        key = (domain, split)
+        if key not in self._stores:
+            store = TokenStore(self.directory / domain / split)
+            if store.seq_tokens != self.seq_len + 1:
+                raise DataError(
+                    f"{store.prefix}: sequences of {store.seq_tokens} tokens, manifest says {self.seq_len + 1}"
+                )
+            self._stores[key] = store
+        return self._stores[key]
+
+    def num_sequences(self, domain: str, split: Split = "train") -> int:
+        return int(self.manifest["domains"][domain][f"{split}_sequences"])
+
+    def sequence(self, domain: str, index: int, split: Split = "train") -> np.ndarray:
+        """Sequence `index` of `domain`: `[seq_len + 1]` tokens (inputs `[:-1]`, labels `[1:]`)."""
+        return self.store(domain, split)[index]

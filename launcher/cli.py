@@ -1,0 +1,56 @@
+"""The `distillery` command line: parse, dispatch to a subcommand, turn user errors into exit code 2.
+
+Each subcommand lives in `launcher/commands/<name>.py` with a `register(subparsers)` that adds its
+parser and sets `handler`. Later stages (cache, train, export, slurm) add their module to `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import traceback
+from collections.abc import Sequence
+
+from distill.errors import UserError
+from launcher.commands import config_cmd, corpus_cmd, prepare_cmd, run_cmd, tokenizer_cmd
+
+COMMANDS = (run_cmd, config_cmd, corpus_cmd, tokenizer_cmd, prepare_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery",
+        description="Pretraining distillation campaigns: prepare -> cache -> train -> export.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(_paragraph(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillery: interrupted", file=sys.stderr)
+        return 130
+
+
+def _paragraph(exc: UserError) -> str:
+    """`distillery: error: ...` with the first line wrapped; indented detail lines kept as they are."""
+    first, *rest = str(exc).splitlines() or [""]
+    head = textwrap.fill(f"distillery: error: {first}", width=100, subsequent_indent="  ")
+    return "\n".join([head, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `distillery` subcommand; each exposes `register(subparsers)`."""

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+from tests.conftest import REPO, write_config
+
+
+def distillery(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_the_existing_subcommands():
+    result = distillery("--help")
+    assert result.returncode == 0
+    for command in ("run", "config", "corpus", "tokenizer", "prepare"):
+        assert f"    {command}" in result.stdout
+
+
+def test_validate_and_show_the_demo_config():
+    assert distillery("config", "validate", "configs/demo.yaml").returncode == 0
+    shown = distillery("config", "show", "configs/demo.yaml", "--set", "data.seq_len=32")
+    assert shown.returncode == 0 and "seq_len: 32" in shown.stdout
+    assert str(REPO / "runs" / "demo" / "corpus") in shown.stdout  # references resolved, paths absolute
+
+
+def test_user_error_exits_2_with_a_paragraph_and_no_traceback(tmp_path):
+    path = write_config(tmp_path / "bad.yaml", {"run": {"name": "x", "dir": "r", "colour": "red"}})
+    result = distillery("config", "validate", str(path))
+    assert result.returncode == 2
+    assert "run.colour: unknown key" in result.stderr and "data: required key is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = distillery("--debug", "config", "validate", str(path))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_missing_tokenizer_directory_is_a_user_error(tmp_path):
+    tree = {
+        "run": {"name": "x", "dir": str(tmp_path)},
+        "data": {
+            "tokenizer": {"path": str(tmp_path / "no-tokenizer")},
+            "seq_len": 8,
+            "dir": str(tmp_path / "p"),
+            "domains": {"a": {"sources": [{"files": str(tmp_path / "*.jsonl")}]}},
+        },
+    }
+    result = distillery("prepare", str(write_config(tmp_path / "c.yaml", tree)))
+    assert result.returncode == 2 and "no-tokenizer does not exist" in result.stderr

@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import CampaignConfig, config_to_yaml, load_config
+from distill.errors import ConfigError
+from tests.conftest import REPO, write_config
+
+ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def minimal(tmp_path: Path) -> dict:
+    return {
+        "run": {"name": "t", "dir": str(tmp_path / "run")},
+        "data": {
+            "tokenizer": {"path": "${run.dir}/tok"},
+            "seq_len": 16,
+            "dir": "${run.dir}/prepared",
+            "domains": {"code": {"sources": [{"files": "corpus/*.jsonl"}]}},
+        },
+    }
+
+
+def test_there_are_configs():
+    assert any(p.name == "demo.yaml" for p in ALL_CONFIGS)
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    config = load_config(path)
+    assert isinstance(config, CampaignConfig) and config.data.domains
+
+
+def test_references_overrides_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path / "c.yaml", minimal(tmp_path))
+    config = load_config(path, ["data.seq_len=128", "run.name=other"])
+    assert config.data.seq_len == 128 and config.run.name == "other"
+    assert config.data.tokenizer.path == tmp_path / "run" / "tok"
+    assert config.data.domains["code"].sources[0].files == [str(tmp_path / "corpus" / "*.jsonl")]
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = load_config(write_config(tmp_path / "c.yaml", minimal(tmp_path)))
+    again = load_config(write_config(tmp_path / "resolved.yaml", yaml.safe_load(config_to_yaml(config))))
+    assert again == config
+
+
+def test_unknown_key_names_full_path_file_and_suggestion(tmp_path):
+    tree = minimal(tmp_path)
+    tree["data"]["domains"]["code"]["sources"][0]["text_feild"] = "body"
+    path = write_config(tmp_path / "typo.yaml", tree)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "data.domains.code.sources[0].text_feild: unknown key" in message
+    assert "did you mean 'text_field'" in message
+
+
+def test_wrong_type_from_override_is_attributed(tmp_path):
+    path = write_config(tmp_path / "c.yaml", minimal(tmp_path))
+    with pytest.raises(ConfigError, match=r"data\.workers: .*integer.*\(from --set\)"):
+        load_config(path, ["data.workers=many"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda t: t["data"].update(seq_len=1), r"data\.seq_len: .*greater than or equal to 2"),
+        (lambda t: t["data"].pop("seq_len"), r"data\.seq_len: required key is missing"),
+        (lambda t: t["data"]["domains"].update(code={"sources": []}), r"data\.domains\.code\.sources: "),
+        (
+            lambda t: t["data"]["domains"]["code"]["sources"][0].update(dataset="c4"),
+            r"exactly one of `files`",
+        ),
+        (
+            lambda t: t["data"]["domains"].update({"Bad Name": t["data"]["domains"]["code"]}),
+            r"domain names must match",
+        ),
+        (
+            lambda t: t["data"].update(demo_corpus={"dir": "x", "domains": ["code", "poetry"]}),
+            r"unknown demo domain",
+        ),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, edit, pattern):
+    tree = minimal(tmp_path)
+    edit(tree)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write_config(tmp_path / "c.yaml", tree))
+
+
+def test_missing_reference_names_the_key(tmp_path):
+    tree = minimal(tmp_path)
+    tree["data"]["dir"] = "${run.nowhere}/prepared"
+    with pytest.raises(ConfigError, match=r"data\.dir"):
+        load_config(write_config(tmp_path / "c.yaml", tree))
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("run: {name: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    path = write_config(tmp_path / "c.yaml", minimal(tmp_path))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["data.seq_len"])

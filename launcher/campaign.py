@@ -39,7 +39,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "tokenizer",
         lambda c: c.data.tokenizer.train is not None,
-        lambda c, p: ensure_tokenizer(c.data, progress=p),
+        lambda c, p: ensure_tokenizer(c.data),
     ),
     Stage("prepare", lambda c: True, lambda c, p: prepare(c, progress=p)),
 )

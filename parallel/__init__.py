@@ -1,0 +1,1 @@
+"""Parallel degrees, process groups and megatron-core models; never imports `distill`."""

@@ -63,7 +63,7 @@ def prepare_tree(run_dir: Path, corpus: Path, tokenizer: Path, **data: object) -
         "heldout_fraction": 0.2,
         "dir": str(run_dir / "prepared"),
         "workers": 2,
-        "batch_documents": 4,
+        "batch_chars": 20000,
         "checkpoint_seconds": 0,
         "domains": {
             "code": {"sources": [{"files": str(corpus / "code" / "*.jsonl")}]},

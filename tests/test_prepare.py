@@ -80,8 +80,8 @@ def test_prepare_matches_reference_packing(tmp_path, small_corpus, tokenizer_dir
 
 
 def test_output_independent_of_workers_and_batching(tmp_path, small_corpus, tokenizer_dir):
-    one, _ = run_prepare(tmp_path, small_corpus, tokenizer_dir, "a", workers=1, batch_documents=1)
-    two, _ = run_prepare(tmp_path, small_corpus, tokenizer_dir, "b", workers=2, batch_documents=7)
+    one, _ = run_prepare(tmp_path, small_corpus, tokenizer_dir, "a", workers=1, batch_chars=1)
+    two, _ = run_prepare(tmp_path, small_corpus, tokenizer_dir, "b", workers=2, batch_chars=30000)
     assert one == two
 
 
@@ -192,7 +192,7 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, small_corpus, tokenizer
     """SIGKILL a real `distillery prepare` mid-way (after it committed progress), then re-run it."""
     _, reference = run_prepare(tmp_path, small_corpus, tokenizer_dir, "reference")
     path = write_config(
-        tmp_path / "c.yaml", prepare_tree(tmp_path / "run", small_corpus, tokenizer_dir, batch_documents=1)
+        tmp_path / "c.yaml", prepare_tree(tmp_path / "run", small_corpus, tokenizer_dir, batch_chars=1)
     )
     out = tmp_path / "run" / "prepared"
     command = [sys.executable, "-m", "launcher", "prepare", str(path)]

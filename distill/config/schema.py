@@ -143,7 +143,11 @@ class DataConfig(Section):
     )
     dir: AbsPath = Field(description="Output directory of the prepared token stores.")
     workers: int = Field(default=2, ge=1, le=256, description="Tokenizer worker processes.")
-    batch_documents: int = Field(default=256, ge=1, description="Documents per worker task.")
+    batch_chars: int = Field(
+        default=100_000,
+        ge=1,
+        description="Characters of text per worker task (small tasks keep workers balanced).",
+    )
     checkpoint_seconds: float = Field(
         default=30.0, ge=0.0, description="How often progress is saved so an interrupted prepare resumes."
     )

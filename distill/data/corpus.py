@@ -152,6 +152,7 @@ def build_demo_corpus(
             if old["spec"].get(k) != new[k]
         ]
         if not diff:
+            print(f"corpus: {out_dir} is complete, nothing to do", file=sys.stderr)
             return old
         if not overwrite:
             raise OutputExistsError(

@@ -77,7 +77,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
     out = data.dir
     done = _check_existing(out, spec, overwrite)
     if done is not None:
-        _say(progress, f"prepare: {out} is complete (fingerprint {done['fingerprint'][:12]}), nothing to do")
+        _say(f"prepare: {out} is complete (fingerprint {done['fingerprint'][:12]}), nothing to do")
         return done
 
     partial = out / PARTIAL
@@ -106,15 +106,14 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
     )
     elapsed = time.monotonic() - started
     _say(
-        progress,
         f"prepare: {tokens:,} tokens in {elapsed:.1f}s into {out} (fingerprint {manifest['fingerprint'][:12]})",
     )
     return manifest
 
 
-def _say(enabled: bool, message: str) -> None:
-    if enabled:
-        print(message, file=sys.stderr, flush=True)
+def _say(message: str) -> None:
+    """One status line on stderr (progress bars are optional; these are not)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _spec(
@@ -206,9 +205,10 @@ def _check_partial(partial: Path, spec: dict[str, Any], inputs: dict[str, list[i
 
 
 def _batches(
-    sources: list[ResolvedSource], state: _DomainState, size: int
+    sources: list[ResolvedSource], state: _DomainState, chars: int
 ) -> Iterator[tuple[list[str], dict]]:
-    """Document batches from the state's position on, each with the position right after it."""
+    """Batches of about `chars` characters of documents from the state's position on, each with the
+    stream position right after it (small batches keep the workers evenly loaded)."""
     for index in range(state.source_index, len(sources)):
         source = sources[index]
         resume = index == state.source_index
@@ -216,13 +216,15 @@ def _batches(
         taken = state.docs_in_source if resume else 0
         limit = source.config.max_documents or float("inf")
         batch: list[str] = []
+        batch_chars = 0
         documents = iter_documents(source, stream)
         while taken < limit and (text := next(documents, None)) is not None:
             batch.append(text)
+            batch_chars += len(text)
             taken += 1
-            if len(batch) == size or taken == limit:
+            if batch_chars >= chars or taken == limit:
                 yield batch, _position(index, stream, taken)
-                batch = []
+                batch, batch_chars = [], 0
         if batch:
             yield batch, _position(index, stream, taken)
         yield [], {"source_index": index + 1, "stream_state": None, "docs_in_source": 0}
@@ -293,7 +295,6 @@ def _prepare_domain(
     state = _DomainState(**read_json(state_path)) if state_path.is_file() else _DomainState()
     if state.documents:
         _say(
-            progress,
             f"prepare {name}: resuming after {state.documents:,} documents ({state.train_sequences:,} sequences)",
         )
     dtype = token_dtype(tokenizer.vocab_size)
@@ -317,7 +318,7 @@ def _prepare_domain(
         dynamic_ncols=True,
     )
     pending: deque = deque()
-    batches = _batches(sources, state, data.batch_documents)
+    batches = _batches(sources, state, data.batch_chars)
     exhausted, last_commit = False, time.monotonic()
     while True:
         while not exhausted and len(pending) < 2 * data.workers:

@@ -97,7 +97,7 @@ def train_byte_level_bpe(
     return load_tokenizer(Path(out_dir))
 
 
-def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False, progress: bool = True) -> TokenizerInfo:
+def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerInfo:
     """The campaign's tokenizer stage: train into `data.tokenizer.path` unless it is already there.
 
     With `data.tokenizer.train` unset, the directory must hold a loadable tokenizer. With it set, the
@@ -122,12 +122,10 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False, progress: boo
             raise OutputExistsError(
                 f"tokenizer at {settings.path} was trained differently ({diff}); pass --overwrite"
             )
-        if progress:
-            print(f"tokenizer: {settings.path} is complete, nothing to do", file=sys.stderr)
+        print(f"tokenizer: {settings.path} is complete, nothing to do", file=sys.stderr)
         return load_tokenizer(settings.path)
     texts = _training_texts(data, settings.train.max_bytes_per_domain)
-    if progress:
-        print(f"tokenizer: training a byte-level BPE of {settings.train.vocab_size} tokens", file=sys.stderr)
+    print(f"tokenizer: training a byte-level BPE of {settings.train.vocab_size} tokens", file=sys.stderr)
     info = train_byte_level_bpe(
         texts,
         settings.path,
@@ -136,8 +134,7 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False, progress: boo
         overwrite=overwrite,
         record=wanted,
     )
-    if progress:
-        print(f"tokenizer: saved {settings.path} (sha256 {info.sha256[:12]})", file=sys.stderr)
+    print(f"tokenizer: saved {settings.path} (sha256 {info.sha256[:12]})", file=sys.stderr)
     return info
 
 

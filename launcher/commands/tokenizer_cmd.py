@@ -9,7 +9,6 @@ from distill.errors import ConfigError
 from launcher.commands.common import (
     add_config_arguments,
     add_overwrite_argument,
-    add_quiet_argument,
     config_from,
 )
 
@@ -23,7 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(train)
     add_overwrite_argument(train)
-    add_quiet_argument(train)
     train.set_defaults(handler=_train)
 
 
@@ -33,5 +31,5 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.config}: data.tokenizer.train is not set; add it (e.g. vocab_size: 8192) to train"
         )
-    ensure_tokenizer(config.data, overwrite=args.overwrite, progress=not args.quiet)
+    ensure_tokenizer(config.data, overwrite=args.overwrite)
     return 0

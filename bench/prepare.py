@@ -1,0 +1,84 @@
+"""Prepare throughput vs plain `tokenizers` batch encoding of the same text, side by side in one run.
+
+    .venv/bin/python bench/prepare.py [--config configs/demo.yaml] [--repeats 3]
+
+The baseline is the best case for tokenizing alone: every document already in memory, one
+`Tokenizer.encode_batch_fast` call over all of them with the Rust thread pool on every core.
+`prepare` does the whole job: stream the jsonl through HF `datasets`, tokenize in worker processes,
+pack, write and fsync the stores, hash them, write the manifest. Ratio = prepare tokens/s / baseline
+tokens/s (target >= 0.5). Uses the demo campaign's corpus and tokenizer (built first if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "prepare.json"))
+    args = parser.parse_args()
+
+    from distill.config import load_config
+    from distill.data.prepare import prepare
+    from distill.data.sources import iter_documents, open_stream, resolve_source
+    from distill.data.tokenizer import load_tokenizer
+    from launcher.campaign import STAGES
+
+    config = load_config(args.config)
+    for stage in STAGES:
+        if stage.name != "prepare" and stage.applies(config):
+            stage.run(config, False)
+    texts: list[str] = []
+    for name, domain in config.data.domains.items():
+        for i, source in enumerate(domain.sources):
+            resolved = resolve_source(source, f"data.domains.{name}.sources[{i}]")
+            texts.extend(iter_documents(resolved, open_stream(resolved)))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(load_tokenizer(config.data.tokenizer.path).backend_json)
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+    baseline, ours, tokens = [], [], 0
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        baseline.append(time.perf_counter() - started)
+        tokens = sum(len(e.ids) + 1 for e in encodings)  # + EOS, as prepare counts
+        del encodings
+        with tempfile.TemporaryDirectory() as tmp:
+            run = config.model_copy(
+                update={"data": config.data.model_copy(update={"dir": Path(tmp) / "prepared"})}
+            )
+            started = time.perf_counter()
+            manifest = prepare(run, progress=False)
+            ours.append(time.perf_counter() - started)
+            assert sum(d["document_tokens"] for d in manifest["domains"].values()) == tokens
+    result = {
+        "documents": len(texts),
+        "tokens": tokens,
+        "cores": os.cpu_count(),
+        "workers": config.data.workers,
+        "baseline_tokens_per_s": tokens / statistics.median(baseline),
+        "prepare_tokens_per_s": tokens / statistics.median(ours),
+    }
+    result["ratio"] = result["prepare_tokens_per_s"] / result["baseline_tokens_per_s"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The default campaign end to end (`distillery run configs/demo.yaml`), shrunk by overrides."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.data.prepared import PreparedData
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(
+    not any(Path("/usr/share/man").glob("de/man1/*")), reason="this machine has no translated man pages"
+)
+
+
+def run_demo(run_dir: Path) -> subprocess.CompletedProcess:
+    overrides = [
+        f"run.dir={run_dir}",
+        "data.demo_corpus.max_bytes_per_domain=60000",
+        "data.tokenizer.train.vocab_size=512",
+        "data.seq_len=64",
+        "data.heldout_sequences=4",
+        "data.heldout_fraction=1.0",  # tiny domains: the first document fills held-out
+    ]
+    command = [sys.executable, "-m", "launcher", "run", "configs/demo.yaml", "--quiet"]
+    for item in overrides:
+        command += ["--set", item]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_campaign_runs_every_stage_then_skips_them(tmp_path):
+    first = run_demo(tmp_path / "demo")
+    assert first.returncode == 0, first.stderr
+    assert "corpus -> tokenizer -> prepare" in first.stderr
+    data = PreparedData(tmp_path / "demo" / "prepared")
+    assert data.domains == ("code", "legal", "docs", "multilingual")
+    for domain in data.domains:
+        assert data.num_sequences(domain, "train") > 0 and data.num_sequences(domain, "heldout") == 4
+    assert (tmp_path / "demo" / "config.yaml").is_file() and (
+        tmp_path / "demo" / "prepared" / "config.yaml"
+    ).is_file()
+
+    second = run_demo(tmp_path / "demo")
+    assert second.returncode == 0, second.stderr
+    for stage in ("corpus", "tokenizer", "prepare"):
+        assert f"{stage}: " in second.stderr and "is complete, nothing to do" in second.stderr
+    assert PreparedData(tmp_path / "demo" / "prepared").fingerprint == data.fingerprint

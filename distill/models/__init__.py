@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core conversion of Llama-family models."""

@@ -1,0 +1,99 @@
+"""Make megatron-core 0.16 run on CPU (gloo), applied only when CUDA is absent.
+
+megatron-core assumes a GPU in a handful of places that matter for us: `torch.cuda.current_device()`
+as a tensor device, `device="cuda"` literals in the pipeline schedules and grad buffers, `.cuda()` calls,
+`torch.cuda.synchronize()`, and a CUDA RNG tracker for tensor-parallel dropout regions. On a machine
+without CUDA each of those fails. This module maps them to the CPU:
+
+- `torch.cuda.current_device()` -> `"cpu"` (used only as a `device=` argument there),
+- `Tensor.cuda()` -> the tensor itself, `torch.cuda.synchronize()` -> no-op,
+- `device="cuda"` / `device=torch.device("cuda")` in tensor factories -> CPU, through a
+  `torch.overrides.TorchFunctionMode` that stays active for the life of the process,
+- the RNG tracker's state functions -> the CPU default generator (fork/restore semantics unchanged).
+
+Everything is reversible (`restore()`), and `apply()` is a no-op on a CUDA machine, where megatron-core
+runs unmodified. `tests/test_cpu_compat.py` shows each piece failing without the layer and working with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_saved: dict[str, Any] = {}
+_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Rewrites `device="cuda..."` keyword arguments of any torch function to the CPU."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def applied() -> bool:
+    return _mode is not None
+
+
+def apply() -> None:
+    """Install the CPU mappings (idempotent; does nothing when CUDA is available)."""
+    global _mode
+    if not needed() or applied():
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    _saved.update(
+        current_device=torch.cuda.current_device,
+        synchronize=torch.cuda.synchronize,
+        tensor_cuda=torch.Tensor.cuda,
+        get_rng_state=torch.cuda.get_rng_state,
+        manual_seed=torch.cuda.manual_seed,
+        mcore_get=mcore_random._get_cuda_rng_state,
+        mcore_set=mcore_random._set_cuda_rng_state,
+    )
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)  # type: ignore[assignment]
+    mcore_random._get_cuda_rng_state = lambda *args, clone=False, **kwargs: (  # type: ignore[assignment]
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)  # type: ignore[assignment]
+    _mode = _CudaDeviceToCpu()
+    _mode.__enter__()
+
+
+def restore() -> None:
+    """Undo `apply()` (used by the tests that show what the layer makes work)."""
+    global _mode
+    if _mode is None:
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    _mode.__exit__(None, None, None)
+    _mode = None
+    torch.cuda.current_device = _saved["current_device"]
+    torch.cuda.synchronize = _saved["synchronize"]
+    torch.Tensor.cuda = _saved["tensor_cuda"]
+    torch.cuda.get_rng_state = _saved["get_rng_state"]
+    torch.cuda.manual_seed = _saved["manual_seed"]
+    mcore_random._get_cuda_rng_state = _saved["mcore_get"]
+    mcore_random._set_cuda_rng_state = _saved["mcore_set"]

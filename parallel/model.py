@@ -1,0 +1,181 @@
+"""megatron-core `GPTModel` for the Llama family, described by a Hugging Face config.
+
+`ModelArch` is the architecture in the terms both sides share (hidden size, heads, key/value groups,
+RoPE theta, tied embeddings, qkv bias ...), read from an HF `config.json` of type llama, mistral or
+qwen2, or written directly for a student defined by size. `build_gpt` turns it into this rank's slice
+of a megatron-core GPTModel (local layer spec: RMSNorm, SwiGLU, RoPE, grouped-query attention), with
+the layers of this pipeline stage only and the vocabulary split over tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from parallel.dims import ParallelDims
+from parallel.errors import ParallelConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    ffn_hidden_size: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_llama3_factor: float | None = None  # Llama 3.1-style frequency scaling, if the model uses it
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
+        """Read a `config.json` dict; refuse features that the megatron-core mapping would get wrong."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ParallelConfigError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise ParallelConfigError(f"hidden_act {config['hidden_act']!r}: only SwiGLU (silu) models are supported")
+        if config.get("mlp_bias") or config.get("attention_bias") and model_type != "qwen2":
+            raise ParallelConfigError("attention_bias / mlp_bias on a llama-type model are not supported")
+        heads = config["num_attention_heads"]
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        llama3_factor = None
+        if rope_type == "llama3":
+            if any(float(rope.get(k, v)) != v for k, v in _LLAMA3_ROPE.items()):
+                raise ParallelConfigError(f"llama3 RoPE scaling with parameters {rope} is not supported")
+            llama3_factor = float(rope["factor"])
+        elif rope_type != "default":
+            raise ParallelConfigError(f"RoPE type {rope_type!r} is not supported (default or llama3 only)")
+        return cls(
+            model_type=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            ffn_hidden_size=config["intermediate_size"],
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            rope_theta=theta,
+            rope_llama3_factor=llama3_factor,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+        )
+
+    def to_hf_config(self, **extra: Any) -> dict[str, Any]:
+        """The `config.json` dict of an HF model with this architecture."""
+        architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_llama3_factor is not None:
+            rope = {**rope, **_LLAMA3_ROPE, "rope_type": "llama3", "factor": self.rope_llama3_factor}
+        config = {
+            "architectures": [architecture[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+        }
+        if self.model_type == "llama":
+            config.update(attention_bias=False, mlp_bias=False)
+        return {**config, **extra}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelArch:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def num_parameters(self) -> int:
+        attn = self.hidden_size * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        mlp = 3 * self.hidden_size * self.ffn_hidden_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embeddings + self.hidden_size
+
+
+def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) -> Any:
+    """The megatron-core TransformerConfig of `arch` under `dims` (no dropout: distillation is deterministic)."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=0.02,
+    )
+
+
+def build_gpt(arch: ModelArch, dims: ParallelDims, *, pp_rank: int, dtype: torch.dtype = torch.float32) -> Any:
+    """This rank's GPTModel: the layers of pipeline stage `pp_rank`, vocabulary split over tp."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    dims.check_model(
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        vocab_size=arch.vocab_size,
+    )
+    model = GPTModel(
+        config=transformer_config(arch, dims, dtype),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == dims.pp - 1,
+        parallel_output=True,  # logits stay [.., V/tp]: losses reduce over the tp group, never gather
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_llama3_factor is not None,
+        rope_scaling_factor=arch.rope_llama3_factor or 8.0,
+    )
+    return model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")

@@ -48,7 +48,9 @@ class ParallelDims:
         if num_layers % self.pp:
             problems.append(f"layers {num_layers} % pp {self.pp} != 0")
         if problems:
-            raise ParallelConfigError(f"the model does not split over tp={self.tp}, pp={self.pp}: " + "; ".join(problems))
+            raise ParallelConfigError(
+                f"the model does not split over tp={self.tp}, pp={self.pp}: " + "; ".join(problems)
+            )
 
     def global_batch_split(self, global_batch: int, micro_batch: int) -> int:
         """Number of micro-batches per DP rank per step; the global batch must tile dp x micro_batch."""

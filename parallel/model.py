@@ -47,7 +47,9 @@ class ModelArch:
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if config.get("hidden_act", "silu") != "silu":
-            raise ParallelConfigError(f"hidden_act {config['hidden_act']!r}: only SwiGLU (silu) models are supported")
+            raise ParallelConfigError(
+                f"hidden_act {config['hidden_act']!r}: only SwiGLU (silu) models are supported"
+            )
         if config.get("mlp_bias") or config.get("attention_bias") and model_type != "qwen2":
             raise ParallelConfigError("attention_bias / mlp_bias on a llama-type model are not supported")
         heads = config["num_attention_heads"]
@@ -80,7 +82,11 @@ class ModelArch:
 
     def to_hf_config(self, **extra: Any) -> dict[str, Any]:
         """The `config.json` dict of an HF model with this architecture."""
-        architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        architecture = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+        }
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_llama3_factor is not None:
             rope = {**rope, **_LLAMA3_ROPE, "rope_type": "llama3", "factor": self.rope_llama3_factor}
@@ -113,7 +119,9 @@ class ModelArch:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def num_parameters(self) -> int:
-        attn = self.hidden_size * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        attn = (
+            self.hidden_size * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        )
         mlp = 3 * self.hidden_size * self.ffn_hidden_size
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embeddings + self.hidden_size
@@ -153,7 +161,9 @@ def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) 
     )
 
 
-def build_gpt(arch: ModelArch, dims: ParallelDims, *, pp_rank: int, dtype: torch.dtype = torch.float32) -> Any:
+def build_gpt(
+    arch: ModelArch, dims: ParallelDims, *, pp_rank: int, dtype: torch.dtype = torch.float32
+) -> Any:
     """This rank's GPTModel: the layers of pipeline stage `pp_rank`, vocabulary split over tp."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

@@ -1,36 +1,53 @@
 """The campaign config tree: one validated schema, one section per component.
 
-Every section here changes what a stage does; later stages (teacher, student, parallel, training,
-checkpoint, cache, loss, mixture, logging, slurm) add their sections to `CampaignConfig` when they
-exist. Unknown keys are errors (`extra="forbid"`), so a typo never silently falls back to a default.
-Relative paths are resolved against the current working directory when the config is loaded, so the
-resolved config written next to every artifact is self-contained.
+Every section here changes what a stage does; later stages (teacher, cache, loss, mixture, slurm)
+add their sections to `CampaignConfig` when they exist. Unknown keys are errors (`extra="forbid"`),
+so a typo never silently falls back to a default. Relative paths are resolved against the current
+working directory when the config is loaded, so the resolved config written next to every artifact
+is self-contained. Sections live in `data.py` and `train.py`; this module assembles the tree.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
-from typing import Annotated, Literal
+from pydantic import Field, model_validator
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from distill.config.base import AbsPath, Section
+from distill.config.data import (
+    DataConfig,
+    DemoCorpusConfig,
+    DomainConfig,
+    SourceConfig,
+    TokenizerConfig,
+    TokenizerTrainConfig,
+)
+from distill.config.train import (
+    CheckpointConfig,
+    ExportConfig,
+    LoggingConfig,
+    ParallelConfig,
+    StudentArchConfig,
+    StudentConfig,
+    TrainingConfig,
+)
 
-from distill.data.corpus import DEMO_DOMAINS
-
-
-def _absolute(path: Path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(path)))
-
-
-AbsPath = Annotated[Path, AfterValidator(_absolute)]
-_DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable once loaded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+__all__ = [
+    "CampaignConfig",
+    "CheckpointConfig",
+    "DataConfig",
+    "DemoCorpusConfig",
+    "DomainConfig",
+    "ExportConfig",
+    "LoggingConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "Section",
+    "SourceConfig",
+    "StudentArchConfig",
+    "StudentConfig",
+    "TokenizerConfig",
+    "TokenizerTrainConfig",
+    "TrainingConfig",
+]
 
 
 class RunConfig(Section):
@@ -40,131 +57,40 @@ class RunConfig(Section):
     )
 
 
-class DemoCorpusConfig(Section):
-    """The `corpus` stage: assemble the demo corpus from text that every Debian machine has."""
-
-    dir: AbsPath
-    domains: tuple[str, ...] = DEMO_DOMAINS
-    max_bytes_per_domain: int = Field(default=4_000_000, gt=0)
-    max_doc_chars: int = Field(default=16_000, ge=256)
-
-    @field_validator("domains")
-    @classmethod
-    def _known_domains(cls, domains: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [d for d in domains if d not in DEMO_DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown demo domain(s) {unknown}; valid: {list(DEMO_DOMAINS)}")
-        if not domains:
-            raise ValueError("at least one domain is required")
-        return domains
-
-
-class TokenizerTrainConfig(Section):
-    """Train a byte-level BPE on the campaign's own domains (the `tokenizer` stage)."""
-
-    vocab_size: int = Field(default=8192, ge=300, le=1 << 20)
-    min_frequency: int = Field(default=2, ge=1)
-    max_bytes_per_domain: int = Field(
-        default=2_000_000, gt=0, description="Training text taken from each domain, so domains weigh alike."
-    )
-
-
-class TokenizerConfig(Section):
-    path: AbsPath = Field(description="A Hugging Face tokenizer directory (AutoTokenizer.from_pretrained).")
-    train: TokenizerTrainConfig | None = Field(
-        default=None,
-        description="If set, the tokenizer stage trains one into `path`; otherwise `path` must exist.",
-    )
-
-
-class SourceConfig(Section):
-    """One stream of documents, read through HF `datasets` with `streaming=True`.
-
-    Either `files` (local jsonl/json/parquet/txt; globs allowed; the format follows the extension
-    unless `format` says otherwise) or `dataset` (anything `datasets.load_dataset` accepts).
-    """
-
-    files: list[str] | None = None
-    format: Literal["json", "parquet", "text"] | None = None
-    dataset: str | None = None
-    name: str | None = None
-    data_dir: str | None = None
-    revision: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    sample_by: Literal["document", "paragraph", "line"] = Field(
-        default="document", description="For text files: what one document is."
-    )
-    max_documents: int | None = Field(default=None, gt=0)
-
-    @field_validator("files", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("files")
-    @classmethod
-    def _absolute_globs(cls, files: list[str] | None) -> list[str] | None:
-        if files is None:
-            return None
-        if not files:
-            raise ValueError("must name at least one file or glob")
-        return [os.path.abspath(os.path.expanduser(f)) for f in files]
-
-    @model_validator(mode="after")
-    def _files_xor_dataset(self) -> SourceConfig:
-        if (self.files is None) == (self.dataset is None):
-            raise ValueError(
-                "a source needs exactly one of `files` (local files) or `dataset` (load_dataset path)"
-            )
-        if self.dataset is not None and self.format is not None:
-            raise ValueError("`format` applies to `files` sources only")
-        return self
-
-
-class DomainConfig(Section):
-    sources: list[SourceConfig] = Field(min_length=1)
-
-
-class DataConfig(Section):
-    """The `prepare` stage: stream, tokenize, pack into `seq_len + 1` token sequences, split held-out."""
-
-    demo_corpus: DemoCorpusConfig | None = Field(
-        default=None, description="If set, the campaign first assembles the demo corpus."
-    )
-    tokenizer: TokenizerConfig
-    domains: dict[str, DomainConfig] = Field(min_length=1)
-    seq_len: int = Field(
-        ge=2, description="Tokens a model sees per sequence; stored sequences hold seq_len + 1."
-    )
-    heldout_sequences: int = Field(default=64, ge=0, description="Held-out sequences per domain.")
-    heldout_fraction: float = Field(
-        default=0.05, gt=0.0, le=1.0, description="Share of documents routed to held-out until it is full."
-    )
-    dir: AbsPath = Field(description="Output directory of the prepared token stores.")
-    workers: int = Field(default=2, ge=1, le=256, description="Tokenizer worker processes.")
-    batch_chars: int = Field(
-        default=100_000,
-        ge=1,
-        description="Characters of text per worker task (small tasks keep workers balanced).",
-    )
-    checkpoint_seconds: float = Field(
-        default=30.0, ge=0.0, description="How often progress is saved so an interrupted prepare resumes."
-    )
-
-    @field_validator("domains")
-    @classmethod
-    def _domain_names(cls, domains: dict[str, DomainConfig]) -> dict[str, DomainConfig]:
-        bad = [name for name in domains if not _DOMAIN_NAME.match(name)]
-        if bad:
-            raise ValueError(
-                f"domain names must match {_DOMAIN_NAME.pattern} (used as directory names): {bad}"
-            )
-        return domains
-
-
 class CampaignConfig(Section):
-    """The whole campaign. Stages read their own section; nothing reads a global."""
+    """The whole campaign. Stages read their own section; nothing reads a global.
+
+    `data` is always there; `student`, `parallel`, `training`, `checkpoint` and `logging` come together
+    (a campaign that trains), `export` only with them.
+    """
 
     run: RunConfig
     data: DataConfig
+    student: StudentConfig | None = None
+    parallel: ParallelConfig = ParallelConfig()
+    training: TrainingConfig | None = None
+    checkpoint: CheckpointConfig | None = None
+    logging: LoggingConfig | None = None
+    export: ExportConfig | None = None
+
+    @model_validator(mode="after")
+    def _training_sections_together(self) -> CampaignConfig:
+        trains = {
+            "student": self.student,
+            "training": self.training,
+            "checkpoint": self.checkpoint,
+            "logging": self.logging,
+        }
+        present = [k for k, v in trains.items() if v is not None]
+        if present and len(present) != len(trains):
+            missing = [k for k in trains if k not in present]
+            raise ValueError(
+                f"a campaign that trains needs {', '.join(trains)}; missing: {', '.join(missing)}"
+            )
+        if self.export is not None and not present:
+            raise ValueError("`export` needs the training sections (student, training, checkpoint, logging)")
+        return self
+
+    @property
+    def trains(self) -> bool:
+        return self.training is not None

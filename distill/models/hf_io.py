@@ -75,7 +75,9 @@ class HFCheckpoint:
         for name, param in model.named_parameters():
             value = hf_sources(name, shard)(self.read)
             if value.shape != param.shape:
-                raise DataError(f"{self.directory}: {name} expects shape {tuple(param.shape)}, got {tuple(value.shape)}")
+                raise DataError(
+                    f"{self.directory}: {name} expects shape {tuple(param.shape)}, got {tuple(value.shape)}"
+                )
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
             del value
@@ -125,7 +127,10 @@ def write_hf_directory(
                 save_file(part, tmp / file, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(part, file))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+            atomic_write_json(
+                tmp / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
         dtype_name = str(dtype).removeprefix("torch.")
         atomic_write_json(tmp / "config.json", arch.to_hf_config(dtype=dtype_name))
         atomic_write_json(tmp / "generation_config.json", {"_from_model_config": False, **generation})
@@ -142,7 +147,11 @@ def generation_config(tokenizer_dir: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     return {k: v for k, v in ids.items() if v is not None}
 
 

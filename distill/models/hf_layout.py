@@ -49,7 +49,11 @@ def hf_sources(name: str, shard: Shard) -> Callable[[Reader], torch.Tensor]:
     """How to assemble local megatron parameter `name` of this shard from HF tensors via `read`."""
     arch = shard.arch
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        hf = "model.embed_tokens.weight" if name.startswith("embedding") or arch.tie_word_embeddings else "lm_head.weight"
+        hf = (
+            "model.embed_tokens.weight"
+            if name.startswith("embedding") or arch.tie_word_embeddings
+            else "lm_head.weight"
+        )
         return lambda read: read(hf, shard.rows(arch.vocab_size), _FULL)
     if name == "decoder.final_layernorm.weight":
         return lambda read: read("model.norm.weight", _FULL, _FULL)
@@ -71,7 +75,10 @@ def hf_sources(name: str, shard: Shard) -> Callable[[Reader], torch.Tensor]:
     if rest == "mlp.linear_fc1.weight":
         rows = shard.rows(arch.ffn_hidden_size)
         return lambda read: torch.cat(
-            [read(prefix + "mlp.gate_proj.weight", rows, _FULL), read(prefix + "mlp.up_proj.weight", rows, _FULL)]
+            [
+                read(prefix + "mlp.gate_proj.weight", rows, _FULL),
+                read(prefix + "mlp.up_proj.weight", rows, _FULL),
+            ]
         )
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]

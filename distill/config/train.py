@@ -1,0 +1,124 @@
+"""Config sections of the model and training stages: student, parallel layout, optimizer, checkpoints,
+metrics, export."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from distill.config.base import AbsPath, Section
+
+
+class StudentArchConfig(Section):
+    """A student defined by size (Llama-family); the vocabulary comes from the campaign's tokenizer."""
+
+    model_type: Literal["llama", "qwen2", "mistral"] = "llama"
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int | None = Field(default=None, gt=0)
+    ffn_hidden_size: int = Field(gt=0)
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    rms_norm_eps: float = Field(default=1e-5, gt=0)
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> StudentArchConfig:
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by num_key_value_heads {kv}"
+            )
+        return self
+
+
+class StudentConfig(Section):
+    """Where the student starts: an HF checkpoint (`init`), or random weights of `arch` (seeded)."""
+
+    init: AbsPath | None = Field(
+        default=None, description="HF model directory or distillery checkpoint to start from."
+    )
+    arch: StudentArchConfig | None = None
+    init_dir: AbsPath | None = Field(
+        default=None,
+        description="Where a randomly initialised student (from `arch`) is written as an HF directory.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.init is None) == (self.arch is None):
+            raise ValueError("set exactly one of `init` (a checkpoint to start from) or `arch` (random init)")
+        if self.arch is not None and self.init_dir is None:
+            raise ValueError(
+                "`init_dir` is required with `arch` (the random initial weights are written there)"
+            )
+        return self
+
+
+class ParallelConfig(Section):
+    """Tensor and pipeline parallel degrees; data parallel is whatever the world size leaves."""
+
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+
+
+class TrainingConfig(Section):
+    steps: int = Field(gt=0, description="Optimizer steps.")
+    global_batch: int = Field(gt=0, description="Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch: int = Field(gt=0, description="Sequences per forward/backward pass on one rank.")
+    lr: float = Field(gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(
+        default=0.2, gt=0, le=1, description="wsd: share of the steps spent decaying at the end."
+    )
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 where the hardware has it (CUDA), fp32 on CPU."
+    )
+    seed: int = 1234
+    log_interval: int = Field(default=10, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_and_schedule(self) -> TrainingConfig:
+        if self.global_batch % self.micro_batch:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not divisible by micro_batch {self.micro_batch}"
+            )
+        if self.warmup_steps >= self.steps and self.schedule != "constant":
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+class CheckpointConfig(Section):
+    dir: AbsPath
+    interval: int = Field(default=100, gt=0, description="Save every this many steps (and at the end).")
+    keep_last: int = Field(default=2, ge=1)
+
+
+class WandbConfig(Section):
+    project: str = "distillery"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    entity: str | None = None
+
+
+class LoggingConfig(Section):
+    metrics: AbsPath = Field(description="JSON-lines file of every logged step (always written).")
+    wandb: WandbConfig | None = None
+
+
+class ExportConfig(Section):
+    dir: AbsPath = Field(description="Hugging Face directory the final student is written to.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"

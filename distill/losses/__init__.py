@@ -1,0 +1,1 @@
+"""Losses on vocabulary-sharded logits (`[.., V/tp]` per tensor-parallel rank)."""

@@ -1,0 +1,131 @@
+"""`import` (HF directory -> sharded training checkpoint) and `export` (checkpoint -> HF directory).
+
+Import runs with tp x pp processes; each rank reads only its shard's slices from the safetensors and
+the checkpoint is written with global shapes, so it loads into any layout later. Export runs in one
+process: it loads any checkpoint into an unsharded model (dist_checkpointing reshards) and inverts
+the name map. A random student (`student.arch`) is materialised once as an HF directory by
+`transformers` with a fixed seed, so every layout starts from bit-identical weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.checkpoint import TOKENIZER, load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint
+from distill.errors import DataError
+from distill.models.hf_io import HFCheckpoint, copy_tokenizer_files, generation_config, write_hf_directory
+from distill.models.hf_layout import Shard, to_hf_state_dict
+from parallel.distributed import ParallelContext, init_parallel, shutdown
+from parallel.model import ModelArch, build_gpt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_meta(arch: ModelArch, source: str) -> dict[str, Any]:
+    return {"arch": arch.to_json(), "source": source}
+
+
+def import_hf(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
+    """Collective over tp x pp ranks: write HF weights as a step-0 sharded checkpoint under `out`."""
+    hf = HFCheckpoint(hf_dir)
+    ctx = init_parallel(tp, pp, seed=0)
+    try:
+        if ctx.dims.dp != 1:
+            raise DataError(
+                f"import runs with exactly tp x pp = {tp * pp} processes, got {ctx.dims.world_size}"
+            )
+        model = build_gpt(hf.arch, ctx.dims, pp_rank=ctx.pp_rank)
+        hf.load_into(model, Shard(hf.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank))
+        return save_checkpoint(
+            out,
+            0,
+            model=model,
+            optimizer=None,
+            training_state={},
+            meta=checkpoint_meta(hf.arch, str(hf_dir)),
+            ctx=ctx,
+            tokenizer_dir=hf_dir,
+        )
+    finally:
+        shutdown()
+
+
+def full_state_dict(ckpt: Path, ctx: ParallelContext) -> tuple[dict[str, torch.Tensor], ModelArch]:
+    """The unsharded fp32 parameters of a checkpoint (megatron names), in a world of one."""
+    meta = read_meta(ckpt)
+    arch = ModelArch.from_json(meta["arch"])
+    model = build_gpt(arch, ctx.dims, pp_rank=0)
+    load_checkpoint(ckpt, model=model, optimizer=None, ctx=ctx)
+    return {name: p.detach() for name, p in model.named_parameters()}, arch
+
+
+def export_hf(ckpt: Path, out: Path, *, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Write checkpoint `ckpt` (any layout; a root means its latest) as a HF model directory."""
+    ckpt = resolve_checkpoint(ckpt)
+    ctx = init_parallel(1, 1, seed=0)
+    try:
+        if ctx.dims.world_size != 1:
+            raise DataError("export runs in a single process")
+        params, arch = full_state_dict(ckpt, ctx)
+        tokenizer = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_dir() else None
+        write_hf_directory(
+            out,
+            to_hf_state_dict(params, arch),
+            arch,
+            tokenizer_dir=tokenizer,
+            dtype=DTYPES[dtype],
+            generation=generation_config(tokenizer),
+            overwrite=overwrite,
+        )
+        return Path(out)
+    finally:
+        shutdown()
+
+
+def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, seed: int) -> None:
+    """A seeded random HF model of `arch` (transformers' own init), with the campaign's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**arch.to_hf_config())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (arch.tie_word_embeddings and k == "lm_head.weight")
+    }
+    write_hf_directory(
+        out,
+        state,
+        arch,
+        tokenizer_dir=tokenizer_dir,
+        dtype=torch.float32,
+        generation=generation_config(tokenizer_dir),
+    )
+
+
+def start_weights(path: Path) -> tuple[ModelArch, Path, str]:
+    """What a run starts from: (architecture, directory, "hf" | "checkpoint")."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return HFCheckpoint(path).arch, path, "hf"
+    ckpt = resolve_checkpoint(path)
+    return ModelArch.from_json(read_meta(ckpt)["arch"]), ckpt, "checkpoint"
+
+
+def tokenizer_of(path: Path, kind: str) -> Path:
+    return path / TOKENIZER if kind == "checkpoint" else path
+
+
+__all__ = [
+    "copy_tokenizer_files",
+    "export_hf",
+    "full_state_dict",
+    "import_hf",
+    "start_weights",
+    "tokenizer_of",
+    "write_random_student",
+]

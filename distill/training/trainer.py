@@ -1,0 +1,243 @@
+"""The training loop: megatron-core model + DDP + pipeline schedule, our optimizer, checkpoints, metrics.
+
+`train(config)` is the whole `distillery train` stage: join the world, build this rank's shard of the
+student, start from the latest checkpoint of the run (resume) or from the configured initial weights,
+then run `training.steps` optimizer steps. Each step: this rank's slice of the global batch, split
+into micro-batches, forward/backward through the pipeline schedule with the pluggable loss, a DDP
+gradient reduction, our AdamW step. Every `checkpoint.interval` steps (and at the end) a sharded
+checkpoint; every `training.log_interval` steps a metrics record.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.config import CampaignConfig
+from distill.data.prepared import PreparedData
+from distill.data.tokenizer import load_tokenizer
+from distill.errors import DataError
+from distill.losses.cross_entropy import CrossEntropyLoss
+from distill.metrics import MetricsLogger
+from distill.models.convert import checkpoint_meta, start_weights, tokenizer_of, write_random_student
+from distill.models.hf_io import HFCheckpoint
+from distill.models.hf_layout import Shard
+from distill.training.batches import GlobalBatches
+from distill.training.optimizer import DistillOptimizer
+from parallel.distributed import ParallelContext, init_parallel, shutdown
+from parallel.model import ModelArch, build_gpt
+from parallel.schedule import run_schedule
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def student_source(config: CampaignConfig, ctx: ParallelContext) -> Path:
+    """The student's initial weights; a random student is written once (main rank) as an HF dir."""
+    student = config.student
+    assert student is not None
+    if student.init is not None:
+        return student.init
+    assert student.arch is not None and student.init_dir is not None
+    if ctx.is_main and not (student.init_dir / "config.json").is_file():
+        vocab = load_tokenizer(config.data.tokenizer.path).vocab_size
+        arch = ModelArch(
+            model_type=student.arch.model_type,
+            vocab_size=-(-vocab // 128) * 128,  # padded so any tp up to 128 splits it
+            hidden_size=student.arch.hidden_size,
+            num_layers=student.arch.num_layers,
+            num_attention_heads=student.arch.num_attention_heads,
+            num_key_value_heads=student.arch.num_key_value_heads or student.arch.num_attention_heads,
+            ffn_hidden_size=student.arch.ffn_hidden_size,
+            head_dim=student.arch.hidden_size // student.arch.num_attention_heads,
+            max_position_embeddings=student.arch.max_position_embeddings,
+            rope_theta=student.arch.rope_theta,
+            rms_norm_eps=student.arch.rms_norm_eps,
+            tie_word_embeddings=student.arch.tie_word_embeddings,
+            qkv_bias=student.arch.model_type == "qwen2",
+        )
+        write_random_student(
+            arch, student.init_dir, tokenizer_dir=config.data.tokenizer.path, seed=config.training.seed
+        )
+    dist.barrier()
+    return student.init_dir
+
+
+class Trainer:
+    def __init__(self, config: CampaignConfig, ctx: ParallelContext) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        assert config.training is not None and config.checkpoint is not None and config.logging is not None
+        self.config, self.ctx, self.cfg = config, ctx, config.training
+        self.data = PreparedData(config.data.dir)
+        self.seq_len = self.data.seq_len
+        self.micro_batches = ctx.dims.global_batch_split(self.cfg.global_batch, self.cfg.micro_batch)
+        arch, source, kind = start_weights(student_source(config, ctx))
+        self.arch, self.tokenizer_dir = arch, tokenizer_of(source, kind)
+        self._check_tokenizer()
+        self.dtype = precision_dtype(self.cfg.precision)
+        model = build_gpt(arch, ctx.dims, pp_rank=ctx.pp_rank, dtype=self.dtype)
+        model.config.calculate_per_token_loss = True  # gradients of the token-mean over the global batch
+        self.model = model
+        self.ddp = DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+            module=model,
+        )
+        model.config.no_sync_func = self.ddp.no_sync
+        model.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = DistillOptimizer(model, self.cfg, mp_group=ctx.mp_group, tp_rank=ctx.tp_rank)
+        self.loss = CrossEntropyLoss(
+            vocab_start=ctx.tp_rank * arch.vocab_size // ctx.dims.tp, tp_group=ctx.tp_group
+        )
+        self.batches = GlobalBatches(self.data, self.cfg.global_batch, self.cfg.seed)
+        self.step = 0
+        resume = latest_checkpoint(config.checkpoint.dir)
+        if resume is not None:
+            state = load_checkpoint(resume, model=model, optimizer=self.optimizer, ctx=ctx)["training_state"]
+            self.step = int(state["step"])
+            self._say(f"train: resumed from {resume} at step {self.step}")
+        elif kind == "checkpoint":
+            load_checkpoint(source, model=model, optimizer=None, ctx=ctx)
+            self._say(f"train: starting from checkpoint {source}")
+        else:
+            HFCheckpoint(source).load_into(model, Shard(arch, ctx.dims, ctx.tp_rank, ctx.pp_rank))
+            self._say(
+                f"train: starting from {source} ({arch.num_parameters() / 1e6:.1f}M parameters, {ctx.dims})"
+            )
+        self.metrics = MetricsLogger(
+            config.logging,
+            enabled=ctx.is_main,
+            run_name=config.run.name,
+            run_dir=config.run.dir,
+            config=config.model_dump(mode="json"),
+        )
+
+    def _say(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _check_tokenizer(self) -> None:
+        prepared = self.data.tokenizer_sha256
+        ours = load_tokenizer(self.tokenizer_dir)
+        if ours.sha256 != prepared:
+            raise DataError(
+                f"the student's tokenizer ({self.tokenizer_dir}, sha256 {ours.sha256[:12]}) is not the one the data "
+                f"in {self.data.directory} was prepared with (sha256 {prepared[:12]})"
+            )
+        if ours.vocab_size > self.arch.vocab_size:
+            raise DataError(
+                f"tokenizer has {ours.vocab_size} tokens but the student's vocabulary is {self.arch.vocab_size}"
+            )
+
+    def _forward_step(self, batch: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        # batch [mb, seq_len + 1] -> inputs and labels [mb, seq_len]
+        inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
+        output = model(inputs, positions, attention_mask=None)  # last stage: logits [mb, s, V/tp]
+        return output, lambda logits: self.loss(logits, labels)
+
+    def train_step(self) -> StepResult:
+        started = time.perf_counter()
+        tokens = torch.from_numpy(self.batches.tokens(self.step, self.ctx.dp_rank, self.ctx.dims.dp))
+        micro = list(tokens.to(self.ctx.device).split(self.cfg.micro_batch))
+        self.ddp.zero_grad_buffer()
+        reports = run_schedule(
+            self.ddp,
+            micro,
+            self._forward_step,
+            seq_length=self.seq_len,
+            micro_batch_size=self.cfg.micro_batch,
+            forward_only=False,
+        )
+        grad_norm, lr = self.optimizer.step(self.step)
+        loss, count = self._reduce_reports(reports)
+        self.step += 1
+        return StepResult(self.step, loss, grad_norm, lr, count, time.perf_counter() - started)
+
+    def _reduce_reports(self, reports: list[dict]) -> tuple[float, int]:
+        """Global token-mean loss: the last stage's sums (tp rank 0 only, so each counts once), over all ranks."""
+        sums = torch.zeros(2, dtype=torch.float64)
+        if self.ctx.is_last_stage and self.ctx.tp_rank == 0:
+            for r in reports:
+                sums[0] += float(r["ce_sum"])
+                sums[1] += float(r["tokens"])
+        dist.all_reduce(sums)
+        return float(sums[0] / sums[1]), int(sums[1])
+
+    def save(self) -> Path:
+        assert self.config.checkpoint is not None
+        return save_checkpoint(
+            self.config.checkpoint.dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            training_state={"step": self.step, "consumed_sequences": self.step * self.cfg.global_batch},
+            meta=checkpoint_meta(self.arch, self.config.run.name),
+            ctx=self.ctx,
+            tokenizer_dir=self.tokenizer_dir,
+            keep_last=self.config.checkpoint.keep_last,
+        )
+
+    def run(self) -> list[StepResult]:
+        assert self.config.checkpoint is not None
+        results = []
+        while self.step < self.cfg.steps:
+            result = self.train_step()
+            results.append(result)
+            if result.step % self.cfg.log_interval == 0 or result.step == self.cfg.steps:
+                self.metrics.log(
+                    result.step,
+                    {
+                        "loss": result.loss,
+                        "grad_norm": result.grad_norm,
+                        "lr": result.lr,
+                        "tokens_per_s": result.tokens / result.seconds,
+                        "step_seconds": result.seconds,
+                    },
+                )
+                self._say(
+                    f"train: step {result.step}/{self.cfg.steps} loss {result.loss:.4f} grad_norm {result.grad_norm:.3f} "
+                    f"lr {result.lr:.2e} {result.tokens / result.seconds:,.0f} tok/s"
+                )
+            if result.step % self.config.checkpoint.interval == 0 or result.step == self.cfg.steps:
+                self.save()
+        self.metrics.close()
+        return results
+
+
+def train(config: CampaignConfig) -> list[StepResult]:
+    """The `train` stage on this process (launched once per rank by torchrun or `distillery launch`)."""
+    if not config.trains:
+        raise DataError("this config has no training sections (student, training, checkpoint, logging)")
+    ctx = init_parallel(config.parallel.tp, config.parallel.pp, seed=config.training.seed)
+    try:
+        return Trainer(config, ctx).run()
+    finally:
+        shutdown()

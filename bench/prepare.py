@@ -35,12 +35,12 @@ def main() -> None:
     from distill.data.prepare import prepare
     from distill.data.sources import iter_documents, open_stream, resolve_source
     from distill.data.tokenizer import load_tokenizer
-    from launcher.campaign import STAGES
+    from launcher.campaign import STAGES, RunOptions
 
     config = load_config(args.config)
     for stage in STAGES:
-        if stage.name != "prepare" and stage.applies(config):
-            stage.run(config, False)
+        if stage.name in ("corpus", "tokenizer") and stage.applies(config):
+            stage.run(config, RunOptions(progress=False))
     texts: list[str] = []
     for name, domain in config.data.domains.items():
         for i, source in enumerate(domain.sources):

@@ -65,6 +65,13 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def _normalize_modes(root: Path) -> None:
+    """Give files written by libraries with private temp modes (0600) the usual umask permissions."""
+    file_mode, dir_mode = _default_mode(directory=False), _default_mode(directory=True)
+    for path in root.rglob("*"):
+        os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `final` when the block succeeds.
@@ -78,6 +85,7 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
+        _normalize_modes(tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} appeared while it was being written")

@@ -3,7 +3,8 @@
 Each stage is idempotent: it checks its output directory's manifest against the config and returns
 at once when the output is complete, resumes it when it was interrupted, and refuses (naming the
 differing fields) when it holds another config's result. `distillery run` is therefore safe to
-re-run after any failure. Later issues append their stages (cache, train, export) to `STAGES`.
+re-run after any failure. Multi-process stages (train) are started with torchrun on the resolved
+config written to `run.dir/config.yaml`. Later issues append their stages (cache, ...) to `STAGES`.
 """
 
 from __future__ import annotations
@@ -13,39 +14,99 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from distill.atomic import atomic_write_text
+from distill.atomic import atomic_write_text, read_json
 from distill.config import CampaignConfig, config_to_yaml
 from distill.data.corpus import DemoCorpusSpec, build_demo_corpus
 from distill.data.prepare import prepare
 from distill.data.tokenizer import ensure_tokenizer
+from distill.errors import OutputExistsError, UserError
+from launcher.local import launch_local
+
+EXPORT_RECORD = "distillery_export.json"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    progress: bool = True
+    nproc: int | None = None  # ranks for multi-process stages; default tp x pp (one data-parallel replica)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     applies: Callable[[CampaignConfig], bool]
-    run: Callable[[CampaignConfig, bool], object]  # (config, progress) -> stage result
+    run: Callable[[CampaignConfig, RunOptions], object]
 
 
-def _corpus(config: CampaignConfig, progress: bool) -> object:
+def _corpus(config: CampaignConfig, options: RunOptions) -> object:
     demo = config.data.demo_corpus
     assert demo is not None
     spec = DemoCorpusSpec(demo.domains, demo.max_bytes_per_domain, demo.max_doc_chars)
-    return build_demo_corpus(demo.dir, spec, progress=progress)
+    return build_demo_corpus(demo.dir, spec, progress=options.progress)
+
+
+def _final_step(config: CampaignConfig) -> int | None:
+    from distill.checkpoint import latest_checkpoint, read_meta
+
+    assert config.checkpoint is not None
+    latest = latest_checkpoint(config.checkpoint.dir)
+    return None if latest is None else int(read_meta(latest)["step"])
+
+
+def _train(config: CampaignConfig, options: RunOptions) -> object:
+    assert config.training is not None
+    if (_final_step(config) or 0) >= config.training.steps:
+        print(
+            f"train: {config.checkpoint.dir} holds step {config.training.steps}, nothing to do",
+            file=sys.stderr,
+        )
+        return None
+    nproc = options.nproc or config.parallel.tp * config.parallel.pp
+    code = launch_local(nproc, ["train", str(config.run.dir / "config.yaml")])
+    if code != 0:
+        raise UserError(f"train failed on {nproc} processes (exit code {code}); see the messages above")
+    return None
+
+
+def _export(config: CampaignConfig, options: RunOptions) -> object:
+    from distill.checkpoint import latest_checkpoint
+    from distill.models.convert import export_hf
+
+    assert config.export is not None and config.checkpoint is not None
+    source = latest_checkpoint(config.checkpoint.dir)
+    if source is None:
+        raise UserError(f"export: no checkpoint in {config.checkpoint.dir}; run the train stage first")
+    record = {"checkpoint": str(source), "dtype": config.export.dtype}
+    out = config.export.dir
+    if (out / EXPORT_RECORD).is_file() and read_json(out / EXPORT_RECORD) == record:
+        print(f"export: {out} is complete, nothing to do", file=sys.stderr)
+        return None
+    if out.exists() and not (out / EXPORT_RECORD).is_file():
+        raise OutputExistsError(
+            f"export.dir {out} holds something that is not a distillery export; choose another"
+        )
+    export_hf(source, out, dtype=config.export.dtype, overwrite=out.exists())
+    atomic_write_text(out / EXPORT_RECORD, _json(record))
+    print(f"export: wrote {out} from {source.name}", file=sys.stderr)
+    return None
+
+
+def _json(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("corpus", lambda c: c.data.demo_corpus is not None, _corpus),
-    Stage(
-        "tokenizer",
-        lambda c: c.data.tokenizer.train is not None,
-        lambda c, p: ensure_tokenizer(c.data),
-    ),
-    Stage("prepare", lambda c: True, lambda c, p: prepare(c, progress=p)),
+    Stage("tokenizer", lambda c: c.data.tokenizer.train is not None, lambda c, o: ensure_tokenizer(c.data)),
+    Stage("prepare", lambda c: True, lambda c, o: prepare(c, progress=o.progress)),
+    Stage("train", lambda c: c.trains, _train),
+    Stage("export", lambda c: c.export is not None, _export),
 )
 
 
-def run_campaign(config: CampaignConfig, *, progress: bool = True) -> None:
+def run_campaign(config: CampaignConfig, options: RunOptions = RunOptions()) -> None:
     """Run every stage that applies to `config`, in order."""
     config.run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config.run.dir / "config.yaml", config_to_yaml(config))
@@ -56,7 +117,7 @@ def run_campaign(config: CampaignConfig, *, progress: bool = True) -> None:
     )
     for stage in stages:
         started = time.monotonic()
-        stage.run(config, progress)
+        stage.run(config, options)
         print(
             f"campaign {config.run.name}: {stage.name} done ({time.monotonic() - started:.1f}s)",
             file=sys.stderr,

@@ -1,7 +1,8 @@
 """The `distillery` command line: parse, dispatch to a subcommand, turn user errors into exit code 2.
 
 Each subcommand lives in `launcher/commands/<name>.py` with a `register(subparsers)` that adds its
-parser and sets `handler`. Later stages (cache, train, export, slurm) add their module to `COMMANDS`.
+parser and sets `handler`; heavy imports (torch, megatron-core) happen inside handlers, so `--help`
+stays fast. Later stages (cache, slurm, ...) add their module to `COMMANDS`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,23 @@ import argparse
 import sys
 import textwrap
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from distill.errors import UserError
-from launcher.commands import config_cmd, corpus_cmd, prepare_cmd, run_cmd, tokenizer_cmd
+from launcher.commands import (
+    config_cmd,
+    convert_cmd,
+    corpus_cmd,
+    launch_cmd,
+    prepare_cmd,
+    run_cmd,
+    tokenizer_cmd,
+    train_cmd,
+)
+from parallel.errors import ParallelConfigError
 
-COMMANDS = (run_cmd, config_cmd, corpus_cmd, tokenizer_cmd, prepare_cmd)
+COMMANDS = (run_cmd, config_cmd, corpus_cmd, tokenizer_cmd, prepare_cmd, train_cmd, convert_cmd, launch_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_warnings() -> None:
+    """megatron-core warns on every import that Apex / Transformer Engine are absent (expected on CPU)."""
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except UserError as exc:
+    except (UserError, ParallelConfigError) as exc:
         if args.debug:
             traceback.print_exc()
         print(_paragraph(exc), file=sys.stderr)
@@ -45,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _paragraph(exc: UserError) -> str:
+def _paragraph(exc: Exception) -> str:
     """`distillery: error: ...` with the first line wrapped; indented detail lines kept as they are."""
     first, *rest = str(exc).splitlines() or [""]
     head = textwrap.fill(f"distillery: error: {first}", width=100, subsequent_indent="  ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from launcher.campaign import STAGES, run_campaign
+from launcher.campaign import STAGES, RunOptions, run_campaign
 from launcher.commands.common import add_config_arguments, add_quiet_argument, config_from
 
 
@@ -15,9 +15,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser)
     add_quiet_argument(parser)
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks for multi-process stages (default: parallel.tp x parallel.pp)",
+    )
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_campaign(config_from(args), progress=not args.quiet)
+    run_campaign(config_from(args), RunOptions(progress=not args.quiet, nproc=args.nproc))
     return 0

@@ -1,0 +1,88 @@
+"""What `parallel.cpu_compat` makes work on a CUDA-less machine, single-process.
+
+Each test first shows the failure without the layer (`restore()`), then the same call working after
+`apply()`. The layer is left applied whatever happens: other tests in the same process rely on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel import cpu_compat
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is a no-op where CUDA exists")
+
+NO_CUDA = (AssertionError, RuntimeError)  # "Torch not compiled with CUDA enabled" / "no CUDA GPUs"
+
+
+@pytest.fixture(autouse=True)
+def layer_left_applied():
+    yield
+    cpu_compat.apply()
+    assert cpu_compat.applied()
+
+
+@pytest.fixture
+def tracker():
+    """megatron's global RNG tracker, its states and seeds put back afterwards."""
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    saved = (dict(tracker.states_), set(tracker.seeds_), tracker._is_initialized)
+    yield tracker
+    tracker.states_, tracker.seeds_, tracker._is_initialized = saved
+
+
+def test_cuda_device_calls_fail_without_the_layer_and_map_to_cpu_with_it():
+    cpu_compat.restore()
+    assert not cpu_compat.applied()
+    with pytest.raises(NO_CUDA):
+        torch.zeros(2, device="cuda")
+    with pytest.raises(NO_CUDA):
+        torch.cuda.current_device()
+    with pytest.raises(NO_CUDA):
+        torch.empty(1).cuda()
+    with pytest.raises(NO_CUDA):
+        torch.cuda.synchronize()
+
+    cpu_compat.apply()
+    assert cpu_compat.applied()
+    zeros = torch.zeros(2, device="cuda")
+    assert zeros.device.type == "cpu" and torch.equal(zeros, torch.zeros(2))
+    assert torch.ones(3, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.cuda.current_device() == "cpu"
+    assert torch.empty(4, device=torch.cuda.current_device()).device.type == "cpu"
+    tensor = torch.empty(1)
+    assert tensor.cuda() is tensor
+    assert tensor.to("cuda").device.type == "cpu"
+    torch.cuda.synchronize()  # a no-op
+    cpu_compat.apply()  # idempotent
+    assert cpu_compat.applied()
+
+
+def test_rng_tracker_needs_the_layer_and_fork_restores_the_outer_cpu_stream(tracker):
+    cpu_compat.restore()
+    tracker.reset()
+    with pytest.raises(NO_CUDA):
+        tracker.add("cpu-compat-test", 4321)  # reads torch.cuda.get_rng_state()
+
+    cpu_compat.apply()
+    torch.manual_seed(7)
+    expected = torch.rand(6)  # the outer stream, with no tracker involved
+
+    torch.manual_seed(7)
+    tracker.reset()
+    tracker.add("cpu-compat-test", 4321)  # seeds its own state, leaves the outer stream alone
+    before = torch.rand(3)
+    with tracker.fork("cpu-compat-test"):
+        inside = torch.rand(5)
+    after = torch.rand(3)
+    assert torch.equal(torch.cat([before, after]), expected)
+    # inside the fork: the stream seeded by add(), and it advances from one fork to the next
+    seeded = torch.Generator().manual_seed(4321)
+    assert torch.equal(inside, torch.rand(5, generator=seeded))
+    with tracker.fork("cpu-compat-test"):
+        again = torch.rand(5)
+    assert torch.equal(again, torch.rand(5, generator=seeded))
+    assert not torch.equal(again, inside)

@@ -1,0 +1,283 @@
+"""Hugging Face <-> megatron-core: the architecture mapping, the name map, and (slow) real equivalence.
+
+The slow tests share one 4-process launch of tests/distributed/check_hf_equivalence.py (tiny random
+llama / qwen2 / tied-llama models at tp1pp1, tp2pp1, tp1pp2, tp2pp2, a checkpoint round trip and an
+export read back by `from_pretrained`); the fast ones are single-process unit tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.models.hf_layout import Shard, hf_sources, to_hf_state_dict
+from parallel.dims import ParallelDims
+from parallel.errors import ParallelConfigError
+from parallel.model import ModelArch
+from tests.distributed import run_ranks
+
+LOGITS_TOLERANCE = 1e-5
+MODELS = ("llama", "qwen2", "llama_tied")
+LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
+WORLD = 4
+
+
+# --- the 4-process run -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_ranks("check_hf_equivalence.py", WORLD, tmp_path_factory.mktemp("hf_equivalence"))
+
+
+@pytest.mark.slow
+def test_logits_match_hf_for_every_model_and_layout(reports):
+    for model in MODELS:
+        for tp, pp in LAYOUTS:
+            key = f"{model}/tp{tp}pp{pp}"
+            entries = [r["logits"][key] for r in reports if key in r["logits"]]
+            # every last-stage rank (tp x dp of them) reports, nobody else does
+            assert len(entries) == WORLD // pp, key
+            for entry in entries:
+                assert entry["shape"] == [4, 16, 256], key
+                assert entry["max_abs_diff"] <= LOGITS_TOLERANCE, (key, entry)
+                assert entry["ref_max_abs"] > 1.0, (key, entry)  # logits of a useful size, not ~0
+
+
+@pytest.mark.slow
+def test_logits_tolerance_would_catch_an_unmapped_field(reports):
+    """HF's own logits move by far more than the tolerance if eps/theta/llama3 scaling were dropped."""
+    sensitivity = reports[0]["sensitivity"]
+    assert set(sensitivity) == set(MODELS)
+    assert "no llama3 scaling" in sensitivity["llama"]
+    for model, moved in sensitivity.items():
+        for label, diff in moved.items():
+            assert diff > 100 * LOGITS_TOLERANCE, (model, label, diff)
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_gives_back_the_hf_tensors_exactly(reports):
+    for r in reports:  # every rank loaded the tp2pp2 checkpoint unsharded (tp1pp1 dp4)
+        assert set(r["roundtrip"]) == set(MODELS)
+        for model, entry in r["roundtrip"].items():
+            assert entry["arch_equal"], (r["rank"], model)
+            assert entry["missing"] == [] and entry["extra"] == [], (r["rank"], model, entry)
+            assert entry["unequal"] == [], (r["rank"], model, entry)
+    main = reports[0]["roundtrip"]
+    for model, entry in main.items():
+        assert entry["unequal_to_original"] == [], (model, entry)
+    # HF's state_dict() has a tied lm_head.weight that its safetensors file (and our export) leaves out
+    assert main["llama_tied"]["original_extra"] == ["lm_head.weight"]
+    assert main["llama"]["original_extra"] == [] and main["qwen2"]["original_extra"] == []
+    assert main["qwen2"]["num_tensors"] == main["llama"]["num_tensors"] + 2 * 3  # q/k/v biases x 2 layers
+
+
+@pytest.mark.slow
+def test_export_loads_with_from_pretrained_and_gives_the_same_logits(reports):
+    export = reports[0]["export"]
+    assert set(export) == set(MODELS)
+    for model, entry in export.items():
+        assert entry["class"] == entry["original_class"], (model, entry)
+        assert entry["max_abs_diff"] <= LOGITS_TOLERANCE, (model, entry)
+        assert entry["rms_norm_eps"] == entry["original_rms_norm_eps"], model
+        assert entry["rope_parameters"] == entry["original_rope_parameters"], model
+        assert entry["tie_word_embeddings"] == (model == "llama_tied")
+        # no tokenizer was given: the directory is still complete for from_pretrained
+        assert entry["files"] == ["config.json", "generation_config.json", "model.safetensors"]
+    assert all(r["export"] == {} for r in reports[1:])
+
+
+# --- ModelArch.from_hf_config ------------------------------------------------------------------
+
+
+def llama_config(**overrides: object) -> dict:
+    config = {
+        "model_type": "llama",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 16384,
+    }
+    return {**config, **overrides}
+
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def test_from_hf_config_reads_the_fields():
+    arch = ModelArch.from_hf_config(
+        llama_config(rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=True)
+    )
+    assert (arch.rope_theta, arch.rms_norm_eps, arch.tie_word_embeddings) == (5000.0, 1e-6, True)
+    assert (arch.num_key_value_heads, arch.head_dim, arch.ffn_hidden_size) == (2, 16, 96)
+    assert arch.rope_llama3_factor is None and not arch.qkv_bias
+    assert ModelArch.from_hf_config(llama_config(model_type="qwen2")).qkv_bias
+    assert ModelArch.from_hf_config(arch.to_hf_config()) == arch
+
+
+def test_llama3_rope_scaling_with_the_default_factors_is_accepted():
+    arch = ModelArch.from_hf_config(llama_config(rope_parameters={**LLAMA3, "rope_theta": 500000.0}))
+    assert (arch.rope_llama3_factor, arch.rope_theta) == (8.0, 500000.0)
+    # the transformers 4 spelling: rope_scaling with a top-level rope_theta
+    legacy = ModelArch.from_hf_config(
+        llama_config(rope_scaling={**LLAMA3, "factor": 32.0}, rope_theta=250000.0)
+    )
+    assert (legacy.rope_llama3_factor, legacy.rope_theta) == (32.0, 250000.0)
+    assert ModelArch.from_hf_config(arch.to_hf_config()) == arch
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"low_freq_factor": 2.0}, {"high_freq_factor": 8.0}, {"original_max_position_embeddings": 4096}],
+)
+def test_llama3_rope_scaling_with_other_factors_is_refused(change):
+    with pytest.raises(ParallelConfigError, match="llama3 RoPE scaling"):
+        ModelArch.from_hf_config(llama_config(rope_parameters={**LLAMA3, "rope_theta": 5e5, **change}))
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic"])
+def test_other_rope_types_are_refused(rope_type):
+    with pytest.raises(ParallelConfigError, match=f"RoPE type '{rope_type}' is not supported"):
+        ModelArch.from_hf_config(llama_config(rope_parameters={"rope_type": rope_type, "factor": 2.0}))
+
+
+def test_unsupported_model_type_is_refused_naming_the_supported_ones():
+    with pytest.raises(ParallelConfigError) as error:
+        ModelArch.from_hf_config(llama_config(model_type="gpt2"))
+    message = str(error.value)
+    assert "'gpt2'" in message
+    assert all(name in message for name in ("llama", "mistral", "qwen2"))
+
+
+def test_activation_other_than_silu_is_refused():
+    with pytest.raises(ParallelConfigError, match="hidden_act 'gelu'"):
+        ModelArch.from_hf_config(llama_config(hidden_act="gelu"))
+
+
+# --- ParallelDims ------------------------------------------------------------------------------
+
+
+def test_from_world_derives_dp():
+    assert ParallelDims.from_world(8, 2, 2) == ParallelDims(tp=2, pp=2, dp=2)
+
+
+def test_from_world_error_names_world_size_tp_and_pp():
+    with pytest.raises(ParallelConfigError) as error:
+        ParallelDims.from_world(6, 2, 2)
+    message = str(error.value)
+    assert "world size 6" in message and "tp x pp = 2 x 2 = 4" in message
+    with pytest.raises(ParallelConfigError, match=r"parallel\.tp \(0\)"):
+        ParallelDims.from_world(4, 0, 1)
+
+
+def test_check_model_names_every_dimension_that_does_not_divide():
+    with pytest.raises(ParallelConfigError) as error:
+        ParallelDims(tp=3, pp=3, dp=1).check_model(
+            num_layers=2, num_attention_heads=4, num_query_groups=2, vocab_size=256
+        )
+    message = str(error.value)
+    assert "tp=3, pp=3" in message
+    for part in (
+        "attention heads 4 % tp 3",
+        "key/value heads 2 % tp 3",
+        "vocabulary 256 % tp 3",
+        "layers 2 % pp 3",
+    ):
+        assert part in message
+
+    with pytest.raises(ParallelConfigError) as error:
+        ParallelDims(tp=2, pp=3, dp=1).check_model(
+            num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=256
+        )
+    assert "layers 4 % pp 3" in str(error.value)
+    assert "heads" not in str(error.value) and "vocabulary" not in str(error.value)
+    ParallelDims(tp=2, pp=2, dp=1).check_model(
+        num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=256
+    )
+
+
+# --- the qkv interleave ------------------------------------------------------------------------
+
+TINY = ModelArch(
+    model_type="qwen2",
+    vocab_size=8,
+    hidden_size=8,
+    num_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    ffn_hidden_size=6,
+    head_dim=2,
+    max_position_embeddings=16,
+    qkv_bias=True,
+)
+
+
+def numbered(*shape: int, start: int) -> torch.Tensor:
+    """Distinct values everywhere, so any misplaced row shows."""
+    count = 1
+    for size in shape:
+        count *= size
+    return torch.arange(start, start + count, dtype=torch.float32).reshape(shape)
+
+
+def test_to_hf_state_dict_inverts_the_qkv_interleave():
+    # 4 query heads in 2 groups, head_dim 2: group g is [q heads 2g, 2g+1; k head g; v head g]
+    q, k, v = numbered(8, 8, start=0), numbered(4, 8, start=1000), numbered(4, 8, start=2000)
+    qb, kb, vb = numbered(8, start=3000), numbered(4, start=4000), numbered(4, start=5000)
+    qkv = torch.cat([q[0:4], k[0:2], v[0:2], q[4:8], k[2:4], v[2:4]])
+    qkv_bias = torch.cat([qb[0:4], kb[0:2], vb[0:2], qb[4:8], kb[2:4], vb[2:4]])
+    gate, up = numbered(6, 8, start=6000), numbered(6, 8, start=7000)
+    full = {
+        "embedding.word_embeddings.weight": numbered(8, 8, start=8000),
+        "output_layer.weight": numbered(8, 8, start=9000),
+        "decoder.final_layernorm.weight": numbered(8, start=10000),
+        "decoder.layers.0.input_layernorm.weight": numbered(8, start=11000),
+        "decoder.layers.0.pre_mlp_layernorm.weight": numbered(8, start=12000),
+        "decoder.layers.0.self_attention.linear_qkv.weight": qkv,
+        "decoder.layers.0.self_attention.linear_qkv.bias": qkv_bias,
+        "decoder.layers.0.self_attention.linear_proj.weight": numbered(8, 8, start=13000),
+        "decoder.layers.0.mlp.linear_fc1.weight": torch.cat([gate, up]),
+        "decoder.layers.0.mlp.linear_fc2.weight": numbered(8, 6, start=14000),
+    }
+    hf = to_hf_state_dict(full, TINY)
+    attn = "model.layers.0.self_attn."
+    for name, expected in {"q_proj": q, "k_proj": k, "v_proj": v}.items():
+        assert torch.equal(hf[f"{attn}{name}.weight"], expected), name
+    for name, expected in {"q_proj": qb, "k_proj": kb, "v_proj": vb}.items():
+        assert torch.equal(hf[f"{attn}{name}.bias"], expected), name
+    assert torch.equal(hf["model.layers.0.mlp.gate_proj.weight"], gate)
+    assert torch.equal(hf["model.layers.0.mlp.up_proj.weight"], up)
+    assert torch.equal(hf["lm_head.weight"], full["output_layer.weight"])
+    assert torch.equal(
+        hf["model.layers.0.post_attention_layernorm.weight"],
+        full["decoder.layers.0.pre_mlp_layernorm.weight"],
+    )
+    assert len(hf) == 14
+
+    # and the importer's direction rebuilds the interleave, whole at tp1 and one group per rank at tp2
+    def read(name: str, rows: slice, cols: slice) -> torch.Tensor:
+        return hf[name][rows] if hf[name].dim() == 1 else hf[name][rows, cols]
+
+    name = "decoder.layers.0.self_attention.linear_qkv."
+    for kind, whole in (("weight", qkv), ("bias", qkv_bias)):
+        shard = Shard(TINY, ParallelDims(tp=1, pp=1, dp=1), tp_rank=0, pp_rank=0)
+        assert torch.equal(hf_sources(name + kind, shard)(read), whole)
+        halves = [
+            hf_sources(name + kind, Shard(TINY, ParallelDims(tp=2, pp=1, dp=1), tp_rank=r, pp_rank=0))(read)
+            for r in range(2)
+        ]
+        assert torch.equal(torch.cat(halves), whole)
+
+    tied = to_hf_state_dict(full, ModelArch(**{**TINY.to_json(), "tie_word_embeddings": True}))
+    assert "lm_head.weight" not in tied and len(tied) == 13

@@ -1,0 +1,168 @@
+"""Training on real gloo processes: equal losses at every layout, exact resume across layouts and after
+SIGKILL, a kill during a checkpoint save leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.checkpoint import latest_checkpoint, read_meta
+from distill.config import load_config
+from distill.data.prepare import prepare
+from tests.conftest import REPO, prepare_tree, write_config
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, small_corpus, tokenizer_dir) -> Path:
+    """Prepared data, a tiny HF Llama with the test tokenizer, and a training config over both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.models.hf_io import copy_tokenizer_files
+
+    work = tmp_path_factory.mktemp("training")
+    tree = prepare_tree(work / "data", small_corpus, tokenizer_dir, seq_len=32, heldout_sequences=2)
+    prepare(load_config(write_config(work / "prepare.yaml", tree)), progress=False)
+    torch.manual_seed(0)
+    hf = LlamaConfig(
+        vocab_size=640,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(hf).save_pretrained(work / "hf")
+    copy_tokenizer_files(tokenizer_dir, work / "hf")
+    tree.update(
+        student={"init": str(work / "hf")},
+        training={
+            "steps": STEPS,
+            "global_batch": 8,
+            "micro_batch": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_interval": 1,
+        },
+        checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
+        logging={"metrics": "${run.dir}/metrics.jsonl"},
+    )
+    write_config(work / "config.yaml", tree)
+    return work
+
+
+@pytest.fixture(scope="module")
+def losses(work, tmp_path_factory) -> dict[str, list[float]]:
+    out = tmp_path_factory.mktemp("reports")
+    found: dict[str, list[float]] = {}
+    for nproc, layouts in ((1, ["1,1"]), (2, ["2,1", "1,2", "1,1", "resume:2,1>1,2"]), (4, ["2,2"])):
+        found.update(
+            run_ranks("check_training.py", nproc, out / str(nproc), str(work), *layouts)[0]["losses"]
+        )
+    return found
+
+
+def test_same_losses_at_every_layout(losses):
+    reference = losses["tp1pp1dp1"]
+    assert len(reference) == STEPS and reference[-1] < reference[0]
+    for layout in ("tp2pp1dp1", "tp1pp2dp1", "tp1pp1dp2", "tp2pp2dp1"):
+        assert losses[layout] == pytest.approx(reference, abs=1e-5), layout
+
+
+def test_resume_at_another_layout_continues_exactly(losses):
+    full, resumed = losses["resume_21_12"], losses["resume_21_12_resumed"]
+    assert full == pytest.approx(losses["tp1pp1dp1"], abs=1e-5)
+    assert resumed == pytest.approx(full[3:], abs=1e-5)  # saved at tp2 pp1, resumed at tp1 pp2
+
+
+def train_command(work: Path, run_dir: Path, *overrides: str) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "launch",
+        "--nproc",
+        "2",
+        "--",
+        "train",
+        str(work / "config.yaml"),
+    ]
+    for item in (f"run.dir={run_dir}", "training.steps=8", *overrides):
+        command += ["--set", item]
+    return command
+
+
+def final_loss(run_dir: Path) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 8
+    return records[-1]["loss"]
+
+
+def kill_when(command: list[str], ready, timeout: float = 300) -> None:
+    """Start `command`, SIGKILL its whole process group as soon as `ready()` holds."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, (
+            f"the run ended before it could be killed: {proc.stderr.read().decode()[-3000:]}"
+        )
+        assert time.monotonic() < deadline, "timed out waiting to kill"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work) -> float:
+    run_dir = work / "uninterrupted"
+    subprocess.run(
+        train_command(work, run_dir, "checkpoint.interval=2"), cwd=REPO, check=True, capture_output=True
+    )
+    return final_loss(run_dir)
+
+
+def test_sigkill_between_checkpoints_then_resume(work, uninterrupted):
+    run_dir = work / "killed"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = train_command(work, run_dir, "checkpoint.interval=2")
+    latest = run_dir / "checkpoints" / "latest"
+    kill_when(command, lambda: latest.is_file() and latest.read_text().strip() >= "step_00000004")
+    assert int(read_meta(latest_checkpoint(run_dir / "checkpoints"))["step"]) < 8
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    assert final_loss(run_dir) == pytest.approx(uninterrupted, abs=1e-6)
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(work, uninterrupted):
+    run_dir = work / "killed_in_save"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = train_command(work, run_dir, "checkpoint.interval=1")
+    root = run_dir / "checkpoints"
+
+    def saving_after_first() -> bool:  # a save in progress, and a complete one before it
+        return (root / "latest").is_file() and any(p.name.endswith(".partial") for p in root.iterdir())
+
+    kill_when(command, saving_after_first)
+    partial = [p for p in root.iterdir() if p.name.endswith(".partial")]
+    assert partial, "the kill did not land during a save"
+    previous = latest_checkpoint(root)  # still complete and loadable
+    assert previous is not None and read_meta(previous)["has_optimizer"]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    assert final_loss(run_dir) == pytest.approx(uninterrupted, abs=1e-6)
+    assert not any(p.name.endswith(".partial") for p in root.iterdir())

@@ -46,6 +46,7 @@ def _quiet_known_warnings() -> None:
     """megatron-core warns on every import that Apex / Transformer Engine are absent (expected on CPU)."""
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,8 +18,12 @@ def run_demo(run_dir: Path) -> subprocess.CompletedProcess:
     overrides = [
         f"run.dir={run_dir}",
         "data.demo_corpus.max_bytes_per_domain=60000",
-        "data.tokenizer.train.vocab_size=512",
         "data.seq_len=64",
+        "training.steps=4",
+        "training.warmup_steps=1",
+        "training.global_batch=4",
+        "training.micro_batch=2",
+        "checkpoint.interval=2",
         "data.heldout_sequences=4",
         "data.heldout_fraction=1.0",  # tiny domains: the first document fills held-out
     ]
@@ -33,7 +37,7 @@ def run_demo(run_dir: Path) -> subprocess.CompletedProcess:
 def test_demo_campaign_runs_every_stage_then_skips_them(tmp_path):
     first = run_demo(tmp_path / "demo")
     assert first.returncode == 0, first.stderr
-    assert "corpus -> tokenizer -> prepare" in first.stderr
+    assert "corpus -> prepare -> train -> export" in first.stderr
     data = PreparedData(tmp_path / "demo" / "prepared")
     assert data.domains == ("code", "legal", "docs", "multilingual")
     for domain in data.domains:
@@ -44,6 +48,7 @@ def test_demo_campaign_runs_every_stage_then_skips_them(tmp_path):
 
     second = run_demo(tmp_path / "demo")
     assert second.returncode == 0, second.stderr
-    for stage in ("corpus", "tokenizer", "prepare"):
-        assert f"{stage}: " in second.stderr and "is complete, nothing to do" in second.stderr
+    for line in ("corpus: ", "prepare: ", "train: ", "export: "):
+        assert line in second.stderr
+    assert second.stderr.count("nothing to do") == 4
     assert PreparedData(tmp_path / "demo" / "prepared").fingerprint == data.fingerprint

@@ -44,7 +44,7 @@ def work(tmp_path_factory, small_corpus, tokenizer_dir) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,  # the shared embedding grads cross pipeline stages
     )
     LlamaForCausalLM(hf).save_pretrained(work / "hf")
     copy_tokenizer_files(tokenizer_dir, work / "hf")
@@ -69,7 +69,11 @@ def work(tmp_path_factory, small_corpus, tokenizer_dir) -> Path:
 def losses(work, tmp_path_factory) -> dict[str, list[float]]:
     out = tmp_path_factory.mktemp("reports")
     found: dict[str, list[float]] = {}
-    for nproc, layouts in ((1, ["1,1"]), (2, ["2,1", "1,2", "1,1", "resume:2,1>1,2"]), (4, ["2,2"])):
+    for nproc, layouts in (
+        (1, ["1,1", "resume:1,1>1,1@bf16"]),
+        (2, ["2,1", "1,2", "1,1", "resume:2,1>1,2"]),
+        (4, ["2,2"]),
+    ):
         found.update(
             run_ranks("check_training.py", nproc, out / str(nproc), str(work), *layouts)[0]["losses"]
         )
@@ -81,6 +85,13 @@ def test_same_losses_at_every_layout(losses):
     assert len(reference) == STEPS and reference[-1] < reference[0]
     for layout in ("tp2pp1dp1", "tp1pp2dp1", "tp1pp1dp2", "tp2pp2dp1"):
         assert losses[layout] == pytest.approx(reference, abs=1e-5), layout
+
+
+def test_bf16_weights_with_fp32_masters_train_and_resume_exactly(losses):
+    full, resumed = losses["resume_11_11bf16"], losses["resume_11_11bf16_resumed"]
+    assert full[0] == pytest.approx(losses["tp1pp1dp1"][0], abs=0.02)  # same weights up to bf16 rounding
+    assert full[-1] < full[0] - 0.1  # and it trains
+    assert resumed == full[3:]  # masters and moments restored bit for bit
 
 
 def test_resume_at_another_layout_continues_exactly(losses):

@@ -9,7 +9,6 @@ safetensors (split into files of at most `max_shard_bytes`, with an index), `con
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from distill.atomic import atomic_directory, atomic_write_json, read_json
-from distill.errors import DataError
+from distill.errors import DataError, OutputExistsError
 from distill.models.hf_layout import Shard, hf_sources
 from parallel.model import ModelArch
 
@@ -107,6 +106,8 @@ def write_hf_directory(
     """Write a complete HF model directory atomically (it appears only when every file is in it)."""
     from safetensors.torch import save_file
 
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another directory or pass --overwrite to replace it")
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -153,7 +154,3 @@ def generation_config(tokenizer_dir: Path | None) -> dict[str, Any]:
         "pad_token_id": tok.pad_token_id,
     }
     return {k: v for k, v in ids.items() if v is not None}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2) + "\n"

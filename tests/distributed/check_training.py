@@ -2,7 +2,7 @@
 
 argv: OUT_DIR WORK_DIR LAYOUTS... where a layout is `tp,pp` (dp follows from the world size) or
 `resume:tp,pp>tp,pp` (train to the end at the first layout with a checkpoint half-way, then resume
-from that checkpoint at the second layout). The shared fixtures (tokenizer, prepared data, tiny HF
+from that checkpoint at the second layout), optionally with `@bf16` for bf16 weights. The shared fixtures (tokenizer, prepared data, tiny HF
 Llama) are built by `tests/test_training.py` before the launch.
 """
 
@@ -40,19 +40,24 @@ def main() -> None:
     config_path = Path(work) / "config.yaml"
     results: dict[str, list[float]] = {}
     for layout in layouts:
+        layout, _, precision = layout.partition("@")  # e.g. resume:1,1>1,1@bf16
+        extra = [f"training.precision={precision}"] if precision else []
         if layout.startswith("resume:"):
             first, second = (tuple(map(int, part.split(","))) for part in layout[7:].split(">"))
-            name = f"resume_{first[0]}{first[1]}_{second[0]}{second[1]}"
-            full = run(config_path, Path(work), name, *first, ["checkpoint.interval=3"])
+            name = f"resume_{first[0]}{first[1]}_{second[0]}{second[1]}{precision}"
+            full = run(config_path, Path(work), name, *first, ["checkpoint.interval=3", *extra])
             ckpt = Path(work) / name / "checkpoints"
             if dist.get_rank() == 0:  # forget the end: resume from the step-3 checkpoint
                 shutil.rmtree(ckpt / "step_00000006")
                 (ckpt / "latest").write_text("step_00000003\n")
             dist.barrier()
-            config = load_config(
-                config_path,
-                [f"run.dir={Path(work) / name}", f"parallel.tp={second[0]}", f"parallel.pp={second[1]}"],
-            )
+            overrides = [
+                f"run.dir={Path(work) / name}",
+                f"parallel.tp={second[0]}",
+                f"parallel.pp={second[1]}",
+                *extra,
+            ]
+            config = load_config(config_path, overrides)
             ctx = init_parallel(second[0], second[1], seed=config.training.seed)
             resumed = [r.loss for r in Trainer(config, ctx).run()]
             results[name] = full
@@ -60,7 +65,9 @@ def main() -> None:
         else:
             tp, pp = map(int, layout.split(","))
             dp = int(os.environ["WORLD_SIZE"]) // (tp * pp)
-            results[f"tp{tp}pp{pp}dp{dp}"] = run(config_path, Path(work), f"layout_{tp}{pp}", tp, pp, [])
+            results[f"tp{tp}pp{pp}dp{dp}{precision}"] = run(
+                config_path, Path(work), f"layout_{tp}{pp}", tp, pp, extra
+            )
     report(out, dist.get_rank(), {"losses": results})
     shutdown()
 

@@ -32,7 +32,9 @@ def hf_steps(init_dir: Path, batches: list[torch.Tensor], micro_batch: int, cfg)
 
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     times = []
     for step, tokens in enumerate(batches):
         started = time.perf_counter()
@@ -85,7 +87,9 @@ def main() -> None:
         for _ in range(args.steps):
             ours.append(trainer.train_step().seconds)
         batches = [torch.from_numpy(trainer.batches.tokens(s, 0, 1)) for s in range(args.steps)]
-        theirs = hf_steps(trainer.config.student.init_dir, batches, config.training.micro_batch, config.training)
+        theirs = hf_steps(
+            trainer.config.student.init_dir, batches, config.training.micro_batch, config.training
+        )
         shutdown()
     ours_s, theirs_s = statistics.median(ours[args.warmup :]), statistics.median(theirs[args.warmup :])
     result = {

@@ -53,6 +53,15 @@ def _final_step(config: CampaignConfig) -> int | None:
     return None if latest is None else int(read_meta(latest)["step"])
 
 
+def _cache(config: CampaignConfig, options: RunOptions) -> object:
+    assert config.cache is not None and config.teacher is not None
+    nproc = options.nproc or config.teacher.parallel.tp * config.teacher.parallel.pp
+    code = launch_local(nproc, ["cache", str(config.run.dir / "config.yaml")])
+    if code != 0:
+        raise UserError(f"cache failed on {nproc} processes (exit code {code}); see the messages above")
+    return None
+
+
 def _train(config: CampaignConfig, options: RunOptions) -> object:
     assert config.training is not None
     if (_final_step(config) or 0) >= config.training.steps:
@@ -101,6 +110,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("corpus", lambda c: c.data.demo_corpus is not None, _corpus),
     Stage("tokenizer", lambda c: c.data.tokenizer.train is not None, lambda c, o: ensure_tokenizer(c.data)),
     Stage("prepare", lambda c: True, lambda c, o: prepare(c, progress=o.progress)),
+    Stage("cache", lambda c: c.cache is not None, _cache),
     Stage("train", lambda c: c.trains, _train),
     Stage("export", lambda c: c.export is not None, _export),
 )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from distill.errors import UserError
 from launcher.commands import (
+    cache_cmd,
     config_cmd,
     convert_cmd,
     corpus_cmd,
@@ -27,7 +28,17 @@ from launcher.commands import (
 )
 from parallel.errors import ParallelConfigError
 
-COMMANDS = (run_cmd, config_cmd, corpus_cmd, tokenizer_cmd, prepare_cmd, train_cmd, convert_cmd, launch_cmd)
+COMMANDS = (
+    run_cmd,
+    config_cmd,
+    corpus_cmd,
+    tokenizer_cmd,
+    prepare_cmd,
+    cache_cmd,
+    train_cmd,
+    convert_cmd,
+    launch_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,6 +127,15 @@ class ModelArch:
         return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embeddings + self.hidden_size
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """`auto`: bf16 where the hardware has it (CUDA with bf16), fp32 otherwise (CPU)."""
+    if precision == "auto":
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) -> Any:
     """The megatron-core TransformerConfig of `arch` under `dims` (no dropout: distillation is deterministic)."""
     from megatron.core.transformer import TransformerConfig

@@ -72,3 +72,40 @@ def prepare_tree(run_dir: Path, corpus: Path, tokenizer: Path, **data: object) -
     }
     section.update(data)
     return {"run": {"name": "test", "dir": str(run_dir)}, "data": section}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A tiny random HF Llama (tied embeddings, vocab 640 >= the test tokenizer's 600) with that tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.models.hf_io import copy_tokenizer_files
+
+    out = tmp_path_factory.mktemp("tiny") / "hf"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=640,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    copy_tokenizer_files(tokenizer_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_small(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, tokenizer_dir: Path) -> dict:
+    """`small_corpus` prepared at seq_len 32 (2 held-out sequences per domain); returns its config tree."""
+    from distill.config import load_config
+    from distill.data.prepare import prepare
+
+    work = tmp_path_factory.mktemp("prepared")
+    tree = prepare_tree(work / "data", small_corpus, tokenizer_dir, seq_len=32, heldout_sequences=2)
+    prepare(load_config(write_config(work / "prepare.yaml", tree)), progress=False)
+    return tree

@@ -3,6 +3,7 @@ SIGKILL, a kill during a checkpoint save leaves the previous checkpoint loadable
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -13,12 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from distill.checkpoint import latest_checkpoint, read_meta
-from distill.config import load_config
-from distill.data.prepare import prepare
-from tests.conftest import REPO, prepare_tree, write_config
+from tests.conftest import REPO, write_config
 from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -26,30 +24,12 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, small_corpus, tokenizer_dir) -> Path:
-    """Prepared data, a tiny HF Llama with the test tokenizer, and a training config over both."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.models.hf_io import copy_tokenizer_files
-
+def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
+    """A training config over the shared prepared data, starting from the tiny HF Llama."""
     work = tmp_path_factory.mktemp("training")
-    tree = prepare_tree(work / "data", small_corpus, tokenizer_dir, seq_len=32, heldout_sequences=2)
-    prepare(load_config(write_config(work / "prepare.yaml", tree)), progress=False)
-    torch.manual_seed(0)
-    hf = LlamaConfig(
-        vocab_size=640,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,  # the shared embedding grads cross pipeline stages
-    )
-    LlamaForCausalLM(hf).save_pretrained(work / "hf")
-    copy_tokenizer_files(tokenizer_dir, work / "hf")
+    tree = copy.deepcopy(prepared_small)
     tree.update(
-        student={"init": str(work / "hf")},
+        student={"init": str(tiny_model_dir)},
         training={
             "steps": STEPS,
             "global_batch": 8,

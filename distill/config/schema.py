@@ -21,16 +21,19 @@ from distill.config.data import (
     TokenizerTrainConfig,
 )
 from distill.config.train import (
+    CacheConfig,
     CheckpointConfig,
     ExportConfig,
     LoggingConfig,
     ParallelConfig,
     StudentArchConfig,
     StudentConfig,
+    TeacherConfig,
     TrainingConfig,
 )
 
 __all__ = [
+    "CacheConfig",
     "CampaignConfig",
     "CheckpointConfig",
     "DataConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "SourceConfig",
     "StudentArchConfig",
     "StudentConfig",
+    "TeacherConfig",
     "TokenizerConfig",
     "TokenizerTrainConfig",
     "TrainingConfig",
@@ -72,6 +76,8 @@ class CampaignConfig(Section):
     checkpoint: CheckpointConfig | None = None
     logging: LoggingConfig | None = None
     export: ExportConfig | None = None
+    teacher: TeacherConfig | None = None
+    cache: CacheConfig | None = None
 
     @model_validator(mode="after")
     def _training_sections_together(self) -> CampaignConfig:
@@ -89,6 +95,8 @@ class CampaignConfig(Section):
             )
         if self.export is not None and not present:
             raise ValueError("`export` needs the training sections (student, training, checkpoint, logging)")
+        if (self.cache is None) != (self.teacher is None):
+            raise ValueError("`cache` and `teacher` come together: the cache stage runs the teacher")
         return self
 
     @property

@@ -122,3 +122,26 @@ class LoggingConfig(Section):
 class ExportConfig(Section):
     dir: AbsPath = Field(description="Hugging Face directory the final student is written to.")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class TeacherConfig(Section):
+    """The teacher: an HF directory (Llama/Mistral/Qwen2) or a distillery checkpoint, and its own layout."""
+
+    path: AbsPath
+    parallel: ParallelConfig = ParallelConfig()
+    micro_batch: int = Field(default=8, gt=0, description="Sequences per teacher forward pass.")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class CacheConfig(Section):
+    """The offline teacher signal (`distillery cache`): top-k + tail, or sampled ids with counts."""
+
+    dir: AbsPath
+    mode: Literal["topk", "sampled"] = "topk"
+    k: int = Field(default=64, gt=0, description="top-k: ids kept per position.")
+    temperature: float = Field(
+        default=1.0, gt=0, description="top-k: softmax temperature of the stored log-probs."
+    )
+    samples: int = Field(default=50, gt=0, le=255, description="sampled: draws per position (RS-KD).")
+    seed: int = Field(default=0, description="sampled: seed of the draws (per sequence, layout-independent).")
+    sequences_per_shard: int = Field(default=256, gt=0)

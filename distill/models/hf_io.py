@@ -107,7 +107,9 @@ def write_hf_directory(
     from safetensors.torch import save_file
 
     if Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another directory or pass --overwrite to replace it")
+        raise OutputExistsError(
+            f"{out} already exists; choose another directory or pass --overwrite to replace it"
+        )
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

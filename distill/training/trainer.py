@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distill.cache.reader import CachedSignal
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import CampaignConfig
 from distill.data.prepared import PreparedData
@@ -32,7 +33,7 @@ from distill.models.hf_layout import Shard
 from distill.training.batches import GlobalBatches
 from distill.training.optimizer import DistillOptimizer
 from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.model import ModelArch, build_gpt
+from parallel.model import ModelArch, build_gpt, precision_dtype
 from parallel.schedule import run_schedule
 
 
@@ -44,14 +45,6 @@ class StepResult:
     lr: float
     tokens: int
     seconds: float
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    if precision == "auto":
-        return (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def student_source(config: CampaignConfig, ctx: ParallelContext) -> Path:
@@ -117,6 +110,7 @@ class Trainer:
             vocab_start=ctx.tp_rank * arch.vocab_size // ctx.dims.tp, tp_group=ctx.tp_group
         )
         self.batches = GlobalBatches(self.data, self.cfg.global_batch, self.cfg.seed)
+        self.signal = self._open_cache() if config.cache is not None else None
         self.step = 0
         resume = latest_checkpoint(config.checkpoint.dir)
         if resume is not None:
@@ -155,6 +149,24 @@ class Trainer:
             raise DataError(
                 f"tokenizer has {ours.vocab_size} tokens but the student's vocabulary is {self.arch.vocab_size}"
             )
+
+    def _open_cache(self) -> CachedSignal:
+        """The teacher cache, checked against this run and checksummed (each rank a share of the shards)."""
+        assert self.config.cache is not None
+        signal = CachedSignal(
+            self.config.cache.dir,
+            prepared=self.data,
+            tokenizer_sha256=self.data.tokenizer_sha256,
+            vocab_size=self.arch.vocab_size,
+        )
+        found: list[list[str]] = [[] for _ in range(self.ctx.dims.world_size)]
+        dist.all_gather_object(found, signal.verify(self.ctx.rank, self.ctx.dims.world_size))
+        errors = sorted(e for errors in found for e in errors)
+        if errors:
+            raise DataError(
+                f"teacher cache {self.config.cache.dir} is damaged, refusing to train: " + "; ".join(errors)
+            )
+        return signal
 
     def _forward_step(self, batch: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         # batch [mb, seq_len + 1] -> inputs and labels [mb, seq_len]

@@ -1,0 +1,1 @@
+"""The offline teacher logit cache: format, extraction under tensor parallelism, writer, reader."""

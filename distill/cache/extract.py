@@ -1,0 +1,103 @@
+"""Teacher signal extraction from vocabulary-sharded logits, without gathering the vocabulary.
+
+The teacher's last pipeline stage holds logits `[N, V/tp]` per tensor-parallel rank. Per token only
+a few numbers cross the tp group: the max and the sum of exponentials (log-normaliser), each rank's
+local top-k candidates (k values and ids; the global top-k is among their union), each rank's share of
+the probability mass (to route sampling draws), and the drawn ids. Tokens are processed in chunks so
+no `[tokens, V/tp]` temporary grows with the batch. The same uniforms give the same draws at any tp:
+rank r owns the draws that fall in its slice [sum of masses of ranks < r, + its mass) of the CDF.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+CHUNK_TOKENS = 1024
+
+
+def _log_normalizer(z: torch.Tensor, group: Any) -> torch.Tensor:
+    """Global logsumexp over the sharded last dimension: `[n, V/tp] -> [n]`."""
+    m = z.max(dim=-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = (z - m.unsqueeze(-1)).exp().sum(dim=-1)
+    dist.all_reduce(s, group=group)
+    return m + s.log()
+
+
+def target_logprob(
+    logits: torch.Tensor, target: torch.Tensor, *, vocab_start: int, group: Any
+) -> torch.Tensor:
+    """log softmax(logits)[target] at temperature 1: `[N, V/tp], [N] -> [N]`."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for lo in range(0, logits.shape[0], CHUNK_TOKENS):
+        z = logits[lo : lo + CHUNK_TOKENS].float()
+        local = target[lo : lo + CHUNK_TOKENS] - vocab_start
+        mine = (local >= 0) & (local < z.shape[-1])
+        picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * mine
+        dist.all_reduce(picked, group=group)
+        out[lo : lo + CHUNK_TOKENS] = picked - _log_normalizer(z, group)
+    return out
+
+
+def topk_with_tail(
+    logits: torch.Tensor, k: int, *, temperature: float, vocab_start: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global top-k of softmax(logits / T): ids `[N, k]` (descending), log-probs `[N, k]`, tail mass `[N]`."""
+    tp = dist.get_world_size(group)
+    n = logits.shape[0]
+    ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    for lo in range(0, n, CHUNK_TOKENS):
+        z = logits[lo : lo + CHUNK_TOKENS].float() / temperature
+        lse = _log_normalizer(z, group)
+        local_k = min(k, z.shape[-1])
+        values, index = z.topk(local_k, dim=-1)  # [c, local_k]
+        candidates = [torch.empty_like(values) for _ in range(tp)]
+        candidate_ids = [torch.empty_like(index) for _ in range(tp)]
+        dist.all_gather(candidates, values, group=group)
+        dist.all_gather(candidate_ids, index + vocab_start, group=group)
+        all_values, all_ids = torch.cat(candidates, dim=-1), torch.cat(candidate_ids, dim=-1)
+        best, where = all_values.topk(k, dim=-1)
+        ids[lo : lo + CHUNK_TOKENS] = all_ids.gather(-1, where)
+        logprobs[lo : lo + CHUNK_TOKENS] = best - lse.unsqueeze(-1)
+    tail = (1.0 - logprobs.double().exp().sum(dim=-1)).clamp(0.0, 1.0).float()
+    return ids, logprobs, tail
+
+
+def sample_ids(logits: torch.Tensor, uniforms: torch.Tensor, *, vocab_start: int, group: Any) -> torch.Tensor:
+    """Draws from softmax(logits) (T = 1) by inverse CDF of the given uniforms `[N, n]` -> ids `[N, n]`."""
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    out = torch.empty(uniforms.shape, dtype=torch.int64, device=logits.device)
+    for lo in range(0, logits.shape[0], CHUNK_TOKENS):
+        z = logits[lo : lo + CHUNK_TOKENS].double()
+        p = (z - _log_normalizer(z, group).unsqueeze(-1)).exp()  # [c, V/tp], this rank's slice of p
+        mass = p.sum(dim=-1)
+        masses = [torch.empty_like(mass) for _ in range(tp)]
+        dist.all_gather(masses, mass, group=group)
+        starts = torch.cumsum(torch.stack([torch.zeros_like(mass), *masses[:-1]]), dim=0)  # [tp, c]
+        u = uniforms[lo : lo + CHUNK_TOKENS].double()
+        start = starts[rank].unsqueeze(-1)
+        mine = u >= start
+        if rank < tp - 1:
+            mine &= u < starts[rank + 1].unsqueeze(-1)
+        cdf = torch.cumsum(p, dim=-1)
+        local = torch.searchsorted(cdf, (u - start).clamp(min=0.0).contiguous(), right=True).clamp(
+            max=z.shape[-1] - 1
+        )
+        drawn = torch.where(mine, local + vocab_start, torch.zeros_like(local))
+        dist.all_reduce(drawn, group=group)
+        out[lo : lo + CHUNK_TOKENS] = drawn
+    return out
+
+
+def distinct_with_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draws `[L, n]` -> distinct ids per position `[L]`, ids and counts `[sum]` (position by position, ascending)."""
+    ordered = draws.sort(dim=-1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    starts = first.reshape(-1).nonzero().squeeze(-1)
+    counts = torch.diff(starts, append=torch.tensor([ordered.numel()], device=starts.device))
+    return first.sum(dim=-1), ordered.reshape(-1)[starts], counts

@@ -1,0 +1,398 @@
+"""`distillery cache`: run the teacher once over every prepared sequence and write its signal.
+
+Work is split into shards of `cache.sequences_per_shard` consecutive sequences of one (domain, split)
+store; data-parallel rank r takes shards r, r + dp, ...; inside a replica the teacher runs sharded
+(any tp x pp, independent of the student's) and the last stage's tp rank 0 writes. A shard is written
+to `.tmp`, fsynced, renamed, and only then gets its `.json` marker (size, sha256), so a finished shard
+is skipped on restart and an interrupted one is redone from the start. Draws of the sampled mode are
+seeded per sequence, so the cache bytes do not depend on the layout, the shard split or restarts.
+The manifest (written last by rank 0) records the teacher hash, the prepared data's fingerprint and
+tokenizer hash, the mode and its parameters and every shard's checksum; see `format.py` for records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from distill.atomic import atomic_write_bytes, atomic_write_json, read_json
+from distill.cache import extract
+from distill.cache.format import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    SampledLayout,
+    TopKLayout,
+    encode_sampled,
+    encode_topk,
+)
+from distill.config import CampaignConfig
+from distill.data.prepared import SPLITS, PreparedData
+from distill.data.tokenizer import load_tokenizer
+from distill.errors import DataError, OutputExistsError
+from distill.models.convert import start_weights, tokenizer_of
+from distill.models.hf_io import HFCheckpoint
+from distill.models.hf_layout import Shard
+from parallel.distributed import ParallelContext, init_parallel, shutdown
+from parallel.model import build_gpt, precision_dtype
+from parallel.schedule import run_schedule
+
+SPEC = ".spec.json"
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    domain: str
+    split: str
+    index: int
+    start: int
+    end: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.domain}/{self.split}/shard_{self.index:05d}"
+
+
+def shard_plan(data: PreparedData, per_shard: int) -> list[ShardWork]:
+    """Every (domain, split) store cut into shards, in a fixed order."""
+    plan = []
+    for domain in data.domains:
+        for split in SPLITS:
+            count = data.num_sequences(domain, split)
+            for index, start in enumerate(range(0, count, per_shard)):
+                plan.append(ShardWork(domain, split, index, start, min(count, start + per_shard)))
+    return plan
+
+
+def directory_sha256(path: Path) -> str:
+    """Content hash of a model directory (config + weights), independent of its location."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in Path(path).rglob("*")
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".distcp", ".pt")
+    )
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sequence_seed(seed: int, domain: str, split: str, index: int) -> int:
+    key = f"{seed}/{domain}/{split}/{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+class CacheWriter:
+    def __init__(self, config: CampaignConfig, ctx: ParallelContext, *, overwrite: bool) -> None:
+        assert config.teacher is not None and config.cache is not None
+        self.config, self.ctx, self.cfg = config, ctx, config.cache
+        self.data = PreparedData(config.data.dir)
+        self.arch, source, kind = start_weights(config.teacher.path)
+        teacher_tokenizer = load_tokenizer(tokenizer_of(source, kind))
+        if teacher_tokenizer.sha256 != self.data.tokenizer_sha256:
+            raise DataError(
+                f"teacher.path {config.teacher.path}: its tokenizer (sha256 {teacher_tokenizer.sha256[:12]}) is not the "
+                f"one {self.data.directory} was prepared with ({self.data.tokenizer_sha256[:12]}); cross-tokenizer "
+                "distillation needs ULD, not this cache"
+            )
+        digest = [directory_sha256(source) if ctx.is_main else None]
+        dist.broadcast_object_list(digest, src=0)
+        self.spec = self._spec(str(digest[0]))
+        self.out = self.cfg.dir
+        self.complete = self._check_output(overwrite)
+        self.model = None if self.complete else self._load_teacher(source, kind)
+
+    def _spec(self, teacher_sha: str) -> dict[str, Any]:
+        cfg = self.cfg
+        params = (
+            {"k": cfg.k, "temperature": cfg.temperature}
+            if cfg.mode == "topk"
+            else {"samples": cfg.samples, "seed": cfg.seed}
+        )
+        return {
+            "mode": cfg.mode,
+            **params,
+            "teacher_sha256": teacher_sha,
+            "teacher_vocab_size": self.arch.vocab_size,
+            "prepared_fingerprint": self.data.fingerprint,
+            "tokenizer_sha256": self.data.tokenizer_sha256,
+            "seq_len": self.data.seq_len,
+            "sequences_per_shard": cfg.sequences_per_shard,
+        }
+
+    def _check_output(self, overwrite: bool) -> bool:
+        """True if the cache is already complete; refuses another config's cache (main rank decides)."""
+        decision: list[Any] = [None]
+        if self.ctx.is_main:
+            try:
+                decision[0] = self._decide(overwrite)
+            except (DataError, OutputExistsError) as exc:
+                decision[0] = exc
+        dist.broadcast_object_list(decision, src=0)
+        if isinstance(decision[0], Exception):
+            raise decision[0]
+        return bool(decision[0])
+
+    def _decide(self, overwrite: bool) -> bool:
+        out = self.out
+        recorded = out / MANIFEST if (out / MANIFEST).is_file() else out / SPEC
+        if recorded.is_file():
+            found = read_json(recorded)
+            found_spec = found.get("spec", found)
+            if found_spec == self.spec:
+                return recorded.name == MANIFEST
+            if not overwrite:
+                diff = ", ".join(
+                    f"{k}: {found_spec.get(k)!r} on disk vs {v!r}"
+                    for k, v in self.spec.items()
+                    if found_spec.get(k) != v
+                )
+                raise OutputExistsError(
+                    f"{out} holds a cache of a different config ({diff}); pass --overwrite to replace it"
+                )
+            shutil.rmtree(out)
+        elif out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise OutputExistsError(
+                    f"{out} is not empty and holds no distillery cache; choose another cache.dir"
+                )
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / SPEC, self.spec)
+        return False
+
+    def _load_teacher(self, source: Path, kind: str) -> torch.nn.Module:
+        from distill.checkpoint import load_checkpoint
+
+        ctx = self.ctx
+        model = build_gpt(
+            self.arch, ctx.dims, pp_rank=ctx.pp_rank, dtype=precision_dtype(self.config.teacher.precision)
+        )
+        if kind == "hf":
+            HFCheckpoint(source).load_into(model, Shard(self.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank))
+        else:
+            load_checkpoint(source, model=model, optimizer=None, ctx=ctx)
+        return model.eval()
+
+    @property
+    def writes(self) -> bool:
+        return self.ctx.is_last_stage and self.ctx.tp_rank == 0
+
+    def run(self) -> None:
+        if self.complete:
+            if self.ctx.is_main:
+                print(f"cache: {self.out} is complete, nothing to do", file=sys.stderr)
+            return
+        plan = shard_plan(self.data, self.cfg.sequences_per_shard)
+        mine = [w for i, w in enumerate(plan) if i % self.ctx.dims.dp == self.ctx.dp_rank]
+        todo = [w for w in mine if not (self.out / f"{w.stem}.json").is_file()]
+        show = self.writes and self.ctx.dp_rank == 0
+        positions = sum(w.end - w.start for w in todo) * self.data.seq_len
+        with tqdm(
+            total=positions, unit="tok", unit_scale=True, desc="cache", disable=not show, file=sys.stderr
+        ) as bar:
+            for work in todo:
+                self._write_shard(work)
+                bar.update((work.end - work.start) * self.data.seq_len)
+        dist.barrier()
+        if self.ctx.is_main:
+            self._write_manifest(plan)
+
+    def _write_shard(self, work: ShardWork) -> None:
+        tokens = torch.from_numpy(
+            self.data.store(work.domain, work.split).batch(np.arange(work.start, work.end))
+        )
+        micro = list(tokens.to(self.ctx.device).split(self.config.teacher.micro_batch))
+        first = [work.start + i * self.config.teacher.micro_batch for i in range(len(micro))]
+        path = self.out / f"{work.stem}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".bin.tmp")
+        sink = _ShardSink(tmp) if self.writes else None
+        batches = list(zip(micro, first, strict=True))
+
+        def forward(batch: tuple[torch.Tensor, int], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+            seqs, start = batch
+            inputs, labels = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+            positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
+            output = model(inputs, positions, attention_mask=None)
+
+            def extract_signal(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                records = self._records(logits, labels, work, start)
+                if sink is not None:
+                    sink.add(records)
+                return logits.sum() * 0.0, torch.tensor(labels.numel(), dtype=torch.int), {}
+
+            return output, extract_signal
+
+        with torch.no_grad():  # the pipeline needs equal micro-batches: a short last one runs on its own
+            for size in sorted({len(m) for m, _ in batches}, reverse=True):
+                group = [b for b in batches if len(b[0]) == size]
+                run_schedule(
+                    self.model,
+                    group,
+                    forward,
+                    seq_length=self.data.seq_len,
+                    micro_batch_size=size,
+                    forward_only=True,
+                )
+        if sink is not None:
+            sink.finish(path, self.out / f"{work.stem}.json", work)
+
+    def _records(
+        self, logits: torch.Tensor, labels: torch.Tensor, work: ShardWork, start: int
+    ) -> list[bytes]:
+        """One record blob per sequence of this micro-batch (collective over the teacher's tp group)."""
+        ctx, cfg = self.ctx, self.cfg
+        b, s, _ = logits.shape  # [b, s, V/tp]
+        flat, targets = logits.reshape(b * s, -1), labels.reshape(-1)
+        vocab_start = ctx.tp_rank * self.arch.vocab_size // ctx.dims.tp
+        target = extract.target_logprob(flat, targets, vocab_start=vocab_start, group=ctx.tp_group).view(b, s)
+        if cfg.mode == "topk":
+            ids, lps, tail = extract.topk_with_tail(
+                flat, cfg.k, temperature=cfg.temperature, vocab_start=vocab_start, group=ctx.tp_group
+            )
+            layout = TopKLayout(self.arch.vocab_size, cfg.k)
+            ids, lps, tail = (
+                ids.view(b, s, -1).cpu().numpy(),
+                lps.view(b, s, -1).cpu().numpy(),
+                tail.view(b, s).cpu().numpy(),
+            )
+            return [encode_topk(ids[i], lps[i], tail[i], target[i].cpu().numpy(), layout) for i in range(b)]
+        uniforms = torch.stack(
+            [
+                torch.rand(
+                    s,
+                    cfg.samples,
+                    generator=torch.Generator().manual_seed(
+                        sequence_seed(cfg.seed, work.domain, work.split, start + i)
+                    ),
+                )
+                for i in range(b)
+            ]
+        ).to(flat.device)
+        draws = extract.sample_ids(
+            flat, uniforms.view(b * s, -1), vocab_start=vocab_start, group=ctx.tp_group
+        ).view(b, s, -1)
+        layout = SampledLayout(self.arch.vocab_size, cfg.samples)
+        blobs = []
+        for i in range(b):
+            distinct, unique, counts = extract.distinct_with_counts(draws[i])
+            blobs.append(
+                encode_sampled(
+                    unique.cpu().numpy(),
+                    counts.cpu().numpy(),
+                    distinct.cpu().numpy(),
+                    target[i].cpu().numpy(),
+                    layout,
+                )
+            )
+        return blobs
+
+    def _write_manifest(self, plan: list[ShardWork]) -> None:
+        shards = []
+        for work in plan:
+            marker = self.out / f"{work.stem}.json"
+            if not marker.is_file():
+                raise DataError(
+                    f"cache shard {work.stem} is missing after the run; re-run `distillery cache`"
+                )
+            shards.append(
+                {"file": f"{work.stem}.bin", "domain": work.domain, "split": work.split, **read_json(marker)}
+            )
+        total_bytes = sum(s["bytes"] for s in shards)
+        positions = sum(s["end"] - s["start"] for s in shards) * self.data.seq_len
+        layout = self._layout_json()
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": self.spec,
+            "layout": layout,
+            "teacher": {"path": str(self.config.teacher.path), "arch": self.arch.to_json()},
+            "prepared": {"dir": str(self.data.directory)},
+            "positions": positions,
+            "bytes": total_bytes,
+            "bytes_per_token": total_bytes / max(1, positions),
+            "shards": shards,
+        }
+        atomic_write_json(self.out / MANIFEST, manifest)
+        (self.out / SPEC).unlink(missing_ok=True)
+        print(
+            f"cache: {positions:,} positions, {manifest['bytes_per_token']:.1f} bytes/token into {self.out}",
+            file=sys.stderr,
+        )
+
+    def _layout_json(self) -> dict[str, Any]:
+        if self.cfg.mode == "topk":
+            layout = TopKLayout(self.arch.vocab_size, self.cfg.k)
+            return {
+                "id_bits": layout.id_bits,
+                "entry_bytes": layout.entry_bytes,
+                "value_bits": layout.value_bits,
+                "record_bytes": layout.record_bytes,
+            }
+        sampled = SampledLayout(self.arch.vocab_size, self.cfg.samples)
+        return {
+            "id_bits": sampled.id_bits,
+            "entry_bytes": sampled.entry_bytes,
+            "count_bits": sampled.count_bits,
+        }
+
+
+class _ShardSink:
+    """Appends sequence blobs to a temporary file, hashing as it goes; `finish` makes the shard real."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.file = open(tmp, "wb")
+        self.digest = hashlib.sha256()
+        self.offsets = [0]
+
+    def add(self, blobs: list[bytes]) -> None:
+        for blob in blobs:
+            self.file.write(blob)
+            self.digest.update(blob)
+            self.offsets.append(self.offsets[-1] + len(blob))
+
+    def finish(self, path: Path, marker: Path, work: ShardWork) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, path)
+        index = np.asarray(self.offsets, dtype="<u8").tobytes()
+        atomic_write_bytes(path.with_suffix(".idx"), index)
+        atomic_write_json(
+            marker,
+            {
+                "shard": work.index,
+                "start": work.start,
+                "end": work.end,
+                "bytes": self.offsets[-1],
+                "sha256": self.digest.hexdigest(),
+                "idx_sha256": hashlib.sha256(index).hexdigest(),
+            },
+        )
+
+
+def build_cache(config: CampaignConfig, *, overwrite: bool = False) -> None:
+    """The cache stage on this process (one per teacher rank: tp x pp x dp)."""
+    if config.teacher is None or config.cache is None:
+        raise DataError("this config has no `teacher` and `cache` sections")
+    teacher = config.teacher
+    ctx = init_parallel(teacher.parallel.tp, teacher.parallel.pp, seed=0)
+    try:
+        CacheWriter(config, ctx, overwrite=overwrite).run()
+    finally:
+        shutdown()

@@ -1,0 +1,71 @@
+"""`distillery cache CONFIG` writes the teacher cache; `cache verify DIR` and `cache inspect DIR` check it.
+
+argparse cannot tell a CONFIG from the words `verify`/`inspect` in the same position, so `cache` takes
+its arguments whole and hands them to one of three small parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from distill.errors import DataError
+from launcher.commands.common import add_config_arguments, add_overwrite_argument, config_from
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="`cache CONFIG`: run the teacher over the prepared data into a top-k or sampled logit cache "
+        "(several ranks: `distillery launch --nproc N -- cache CONFIG`); `cache verify DIR`; `cache inspect DIR`",
+        add_help=False,
+    )
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=_dispatch)
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    build = argparse.ArgumentParser(prog="distillery cache", description="Write the teacher logit cache.")
+    add_config_arguments(build)
+    add_overwrite_argument(build)
+    verify = argparse.ArgumentParser(prog="distillery cache verify", description="Check a cache's shards.")
+    verify.add_argument("directory", type=Path)
+    inspect = argparse.ArgumentParser(prog="distillery cache inspect", description="Statistics of a cache.")
+    inspect.add_argument("directory", type=Path)
+    inspect.add_argument("--sequences", type=int, default=8, help="sequences compared with the dense teacher")
+    return {"build": build, "verify": verify, "inspect": inspect}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    words = list(args.arguments)
+    parsers = _parsers()
+    action = words[0] if words and words[0] in ("verify", "inspect") else "build"
+    if action == "build" and (not words or words[0] in ("-h", "--help")):
+        for parser in parsers.values():
+            parser.print_help()
+        return 0 if words else 2
+    options = parsers[action].parse_args(words[1:] if action != "build" else words)
+    if action == "verify":
+        return _verify(options.directory)
+    if action == "inspect":
+        from distill.cache.inspect import inspect_cache
+
+        print(json.dumps(inspect_cache(options.directory, sequences=options.sequences), indent=2))
+        return 0
+    from distill.cache.writer import build_cache  # torch + megatron-core: imported only when used
+
+    build_cache(config_from(options), overwrite=options.overwrite)
+    return 0
+
+
+def _verify(directory: Path) -> int:
+    from distill.cache.reader import read_cache_manifest, shard_checksum_errors
+
+    manifest = read_cache_manifest(directory)
+    errors = shard_checksum_errors(directory, manifest["shards"])
+    if errors:
+        raise DataError(f"cache {directory} failed verification:\n" + "\n".join(f"  {e}" for e in errors))
+    print(f"cache {directory}: {len(manifest['shards'])} shards complete, checksums match", file=sys.stderr)
+    return 0

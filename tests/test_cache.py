@@ -1,0 +1,324 @@
+"""The teacher logit cache: format, extraction against dense references, layouts, resume, integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from distill.cache import extract
+from distill.cache.format import (
+    SampledLayout,
+    TopKLayout,
+    decode_sampled,
+    decode_topk,
+    encode_sampled,
+    encode_topk,
+    pack_entries,
+    unpack_entries,
+)
+from distill.cache.reader import CachedSignal
+from distill.data.prepared import PreparedData
+from distill.errors import DataError
+from tests.conftest import REPO, write_config
+from tests.distributed import run_ranks
+
+# --- format ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [8192, 128256, 151936, 262144])
+def test_bit_packing_round_trips_any_vocabulary(vocab):
+    rng = np.random.default_rng(0)
+    layout = TopKLayout(vocab, 64)
+    ids = rng.integers(0, vocab, size=(7, 64))
+    values = rng.integers(0, layout.max_value + 1, size=(7, 64))
+    low, high = unpack_entries(
+        pack_entries(ids, values, layout.id_bits, layout.entry_bytes), layout.id_bits, layout.entry_bytes
+    )
+    assert np.array_equal(low, ids) and np.array_equal(high, values)
+
+
+def test_storage_targets():
+    assert TopKLayout(128256, 64).record_bytes == 198 <= 200  # k=64 at V=128k
+    assert SampledLayout(128256, 50).entry_bytes == 3  # 3 + 12 distinct ids * 3 = 39 <= 48 bytes/token
+
+
+def dense_logprobs(vocab: int, positions: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(size=(positions, vocab)) * scale
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("vocab", [8192, 128256])
+def test_topk_quantization_error_within_documented_bound(vocab):
+    layout = TopKLayout(vocab, 64)
+    lp = dense_logprobs(vocab, 6)
+    ids = np.argsort(-lp, axis=-1)[:, :64]
+    top = np.take_along_axis(lp, ids, -1)
+    tail = 1 - np.exp(top).sum(-1)
+    raw = np.frombuffer(encode_topk(ids, top, tail, lp[:, 0], layout), dtype=np.uint8).reshape(
+        6, layout.record_bytes
+    )
+    decoded = decode_topk(raw, layout)
+    assert np.array_equal(decoded["ids"], ids)
+    bound = layout.max_abs_prob_error() + 2.0**-11 * tail.max() / (1 - tail.max())
+    assert np.abs(np.exp(decoded["logprobs"]) - np.exp(top)).max() <= bound * np.exp(top[:, 0]).max()
+    np.testing.assert_allclose(np.exp(decoded["logprobs"]).sum(-1) + decoded["tail"], 1.0, atol=1e-9)
+    np.testing.assert_allclose(decoded["target_logprob"], lp[:, 0], rtol=2.0**-11)  # float16
+
+
+def test_sampled_record_round_trips():
+    layout = SampledLayout(151936, 50)
+    distinct = np.array([2, 1, 3])
+    unique, counts = np.array([5, 151935, 7, 0, 9, 100000]), np.array([49, 1, 50, 1, 1, 48])
+    raw = np.frombuffer(
+        encode_sampled(unique, counts, distinct, np.array([-0.5, -1.0, -2.0]), layout), dtype=np.uint8
+    )
+    assert len(raw) == 3 * 3 + 6 * layout.entry_bytes
+    decoded = decode_sampled(raw, 3, layout)
+    assert np.array_equal(decoded["ids"], unique) and np.array_equal(decoded["counts"], counts)
+    assert np.array_equal(decoded["distinct"], distinct)
+
+
+# --- extraction against dense references (a gloo world of one) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        yield dist.group.WORLD
+        dist.destroy_process_group()
+    else:
+        yield dist.group.WORLD
+
+
+def test_topk_with_k_equal_v_reproduces_the_dense_distribution(world_of_one):
+    vocab = 512
+    logits = torch.randn(300, vocab) * 4
+    ids, lps, tail = extract.topk_with_tail(logits, vocab, temperature=1.5, vocab_start=0, group=world_of_one)
+    layout = TopKLayout(vocab, vocab)
+    target = torch.zeros(300)
+    raw = np.frombuffer(
+        encode_topk(ids.numpy(), lps.numpy(), tail.numpy(), target.numpy(), layout), dtype=np.uint8
+    )
+    decoded = decode_topk(raw.reshape(300, layout.record_bytes), layout)
+    p_hat = np.zeros((300, vocab))
+    np.put_along_axis(p_hat, decoded["ids"], np.exp(decoded["logprobs"]), -1)
+    p = torch.softmax(logits.double() / 1.5, -1).numpy()
+    assert np.abs(decoded["tail"]).max() < 1e-6
+    assert np.abs(p_hat - p).max() <= layout.max_abs_prob_error() * p.max()
+    kl = (p * (np.log(p) - np.log(np.clip(p_hat, 1e-30, None)))).sum(-1)
+    assert kl.max() < 1e-3
+
+
+def test_sampled_target_is_unbiased(world_of_one):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64) * 2
+    p = torch.softmax(logits.double(), -1)[0]
+    draws = 200_000
+    ids = extract.sample_ids(
+        logits.expand(draws // 50, -1), torch.rand(draws // 50, 50), vocab_start=0, group=world_of_one
+    )
+    frequency = torch.bincount(ids.reshape(-1), minlength=64).double() / draws
+    assert (frequency - p).abs().max() < 4 * (p * (1 - p) / draws).sqrt().max() + 1e-4
+
+
+def test_target_logprob_matches_dense(world_of_one):
+    logits = torch.randn(50, 300)
+    target = torch.randint(0, 300, (50,))
+    got = extract.target_logprob(logits, target, vocab_start=0, group=world_of_one)
+    torch.testing.assert_close(
+        got, torch.log_softmax(logits, -1)[torch.arange(50), target], atol=1e-5, rtol=0
+    )
+
+
+# --- the cache stage on real processes -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_work(tmp_path_factory, small_corpus, tokenizer_dir, tiny_model_dir) -> Path:
+    """A few documents per domain prepared at seq_len 32 (a few hundred sequences), teacher + cache sections."""
+    from distill.config import load_config
+    from distill.data.prepare import prepare
+    from tests.conftest import prepare_tree
+
+    work = tmp_path_factory.mktemp("cache")
+    domains = {
+        "code": {"sources": [{"files": str(small_corpus / "code" / "*.jsonl"), "max_documents": 2}]},
+        "prose": {"sources": [{"files": str(small_corpus / "prose" / "*.txt"), "max_documents": 3}]},
+    }
+    tree = prepare_tree(
+        work / "data",
+        small_corpus,
+        tokenizer_dir,
+        seq_len=32,
+        heldout_sequences=3,
+        heldout_fraction=0.5,
+        domains=domains,
+    )
+    prepare(load_config(write_config(work / "prepare.yaml", tree)), progress=False)
+    tree.update(
+        teacher={"path": str(tiny_model_dir), "micro_batch": 4},
+        cache={"dir": str(work / "cache"), "mode": "topk", "k": 16, "sequences_per_shard": 8, "samples": 50},
+    )
+    write_config(work / "config.yaml", tree)
+    return work
+
+
+@pytest.mark.slow
+def test_cache_is_the_same_at_every_teacher_layout(cache_work, tmp_path):
+    results = run_ranks("check_cache.py", 2, tmp_path, str(cache_work), "1,1", "2,1", "1,2")[0]["results"]
+    for name, found in results.items():
+        assert found["max_target_diff"] <= 0.01, name  # one float16 step of log p(target)
+        if name.startswith("topk"):
+            assert (
+                found["id_mismatch"] < 1e-3
+                and found["max_logprob_diff"] <= 0.01
+                and found["max_tail_diff"] <= 1e-3
+            ), name
+        else:
+            assert found["identical_sequences"] == 1.0, name
+
+
+def distillery(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def cache_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_killed_cache_resumes_byte_identical(cache_work, tmp_path, mode):
+    config = str(cache_work / "config.yaml")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    first = distillery("cache", config, "--set", f"cache.dir={reference}", "--set", f"cache.mode={mode}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "cache",
+        config,
+        "--set",
+        f"cache.dir={killed}",
+        "--set",
+        f"cache.mode={mode}",
+    ]
+    proc = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while len(list(killed.rglob("shard_*.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the cache finished before it could be killed"
+        )
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists()
+    resumed = distillery(*command[3:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert cache_files(killed) == cache_files(reference)
+    info = json.loads(distillery("cache", "inspect", str(killed), "--sequences", "4").stdout)
+    assert info["mode"] == mode and info["bytes_per_token"] > 0
+    assert set(info["teacher_heldout_perplexity"]) == {"code", "prose"}
+
+
+@pytest.mark.slow
+def test_flipped_byte_is_named_by_verify_and_refused_by_train(cache_work, tmp_path, tiny_model_dir):
+    config = str(cache_work / "config.yaml")
+    cache = tmp_path / "cache"
+    assert distillery("cache", config, "--set", f"cache.dir={cache}").returncode == 0
+    assert distillery("cache", "verify", str(cache)).returncode == 0
+    victim = cache / "prose" / "train" / "shard_00001.bin"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    verify = distillery("cache", "verify", str(cache))
+    assert verify.returncode == 2 and "prose/train/shard_00001.bin: checksum mismatch" in verify.stderr
+    tree_overrides = [
+        f"cache.dir={cache}",
+        f"run.dir={tmp_path / 'run'}",
+        f"student.init={tiny_model_dir}",
+    ]
+    train = distillery(
+        "train", config, *[a for o in tree_overrides for a in ("--set", o)], *_training_sets(tmp_path)
+    )
+    assert train.returncode == 2 and "damaged" in train.stderr and "shard_00001.bin" in train.stderr
+
+
+def _training_sets(tmp_path: Path) -> list[str]:
+    items = [
+        "training.steps=2",
+        "training.global_batch=4",
+        "training.micro_batch=2",
+        "training.lr=1e-3",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+        f"logging.metrics={tmp_path / 'metrics.jsonl'}",
+    ]
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_cache_of_other_prepared_data_is_refused(
+    cache_work, tmp_path, prepared_small, small_corpus, tokenizer_dir
+):
+    from distill.config import load_config
+    from distill.data.prepare import prepare
+    from tests.conftest import prepare_tree
+
+    manifest = {
+        "format": "distillery.cache",
+        "version": 1,
+        "shards": [],
+        "spec": {
+            "mode": "topk",
+            "k": 4,
+            "temperature": 1.0,
+            "teacher_vocab_size": 640,
+            "seq_len": 32,
+            "prepared_fingerprint": PreparedData(Path(prepared_small["data"]["dir"])).fingerprint,
+            "tokenizer_sha256": PreparedData(Path(prepared_small["data"]["dir"])).tokenizer_sha256,
+        },
+    }
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    other = prepare(
+        load_config(
+            write_config(
+                tmp_path / "p.yaml", prepare_tree(tmp_path / "other", small_corpus, tokenizer_dir, seq_len=16)
+            )
+        ),
+        progress=False,
+    )
+    data = PreparedData(tmp_path / "other" / "prepared")
+    assert other["fingerprint"] == data.fingerprint
+    with pytest.raises(DataError, match=r"written from prepared data with fingerprint .* but .* has"):
+        CachedSignal(
+            tmp_path / "cache", prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640
+        )
+    with pytest.raises(DataError, match=r"teacher's vocabulary \(640\) exceeds the student's \(600\)"):
+        same = PreparedData(Path(prepared_small["data"]["dir"]))
+        CachedSignal(
+            tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=600
+        )
+    shutil.rmtree(tmp_path / "cache")

@@ -37,7 +37,7 @@ def run_demo(run_dir: Path) -> subprocess.CompletedProcess:
 def test_demo_campaign_runs_every_stage_then_skips_them(tmp_path):
     first = run_demo(tmp_path / "demo")
     assert first.returncode == 0, first.stderr
-    assert "corpus -> prepare -> train -> export" in first.stderr
+    assert "corpus -> prepare -> cache -> train -> export" in first.stderr
     data = PreparedData(tmp_path / "demo" / "prepared")
     assert data.domains == ("code", "legal", "docs", "multilingual")
     for domain in data.domains:
@@ -48,7 +48,7 @@ def test_demo_campaign_runs_every_stage_then_skips_them(tmp_path):
 
     second = run_demo(tmp_path / "demo")
     assert second.returncode == 0, second.stderr
-    for line in ("corpus: ", "prepare: ", "train: ", "export: "):
+    for line in ("corpus: ", "prepare: ", "cache: ", "train: ", "export: "):
         assert line in second.stderr
-    assert second.stderr.count("nothing to do") == 4
+    assert second.stderr.count("nothing to do") == 5
     assert PreparedData(tmp_path / "demo" / "prepared").fingerprint == data.fingerprint

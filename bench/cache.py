@@ -1,0 +1,115 @@
+"""Teacher cache costs, side by side in one run on the demo campaign's teacher and data.
+
+    .venv/bin/python bench/cache.py [--sequences 64]
+
+1. bytes per token of each mode (top-k k=64 + tail, sampled N=50) vs a float16 dense row (2 V bytes);
+2. (teacher forward + extraction + encode + write) / (teacher forward alone) on the same sequences and
+   micro-batches (target <= 1.15);
+3. reader throughput (sequences/s decoded into loss tensors, random order, from the demo campaign's
+   cache: run `distillery run configs/demo.yaml` first) / training consumption (sequences/s of the demo
+   student's training step at tp1) (target >= 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "cache.json"))
+    args = parser.parse_args()
+
+    from distill.cache.reader import CachedSignal
+    from distill.cache.writer import CacheWriter, ShardWork
+    from distill.config import load_config
+    from distill.training.trainer import Trainer
+    from launcher.campaign import STAGES, RunOptions
+    from parallel.distributed import init_parallel, shutdown
+    from parallel.schedule import run_schedule
+
+    base = load_config(args.config)
+    for stage in STAGES:
+        if stage.name in ("corpus", "tokenizer", "prepare") and stage.applies(base):
+            stage.run(base, RunOptions(progress=False))
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = init_parallel(1, 1, seed=0)
+        domain = base.data.domains and next(iter(base.data.domains))
+        work = ShardWork(domain, "train", 0, 0, args.sequences)
+        for mode in ("topk", "sampled"):
+            config = load_config(args.config, [f"cache.dir={tmp}/{mode}", f"cache.mode={mode}", "cache.k=64", "cache.samples=50"])
+            writer = CacheWriter(config, ctx, overwrite=True)
+            (writer.out / domain / "train").mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            writer._write_shard(work)
+            with_extraction = time.perf_counter() - started
+            tokens = torch.from_numpy(writer.data.store(domain, "train").batch(np.arange(args.sequences)))
+            micro = list(tokens.split(config.teacher.micro_batch))
+
+            def forward(batch: torch.Tensor, model: torch.nn.Module) -> tuple:
+                inputs = batch[:, :-1]
+                positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+                return model(inputs, positions, attention_mask=None), lambda logits: (logits.sum() * 0, torch.tensor(1), {})
+
+            started = time.perf_counter()
+            with torch.no_grad():
+                run_schedule(writer.model, micro, forward, seq_length=writer.data.seq_len,
+                             micro_batch_size=config.teacher.micro_batch, forward_only=True)
+            forward_only = time.perf_counter() - started
+            marker = json.loads((writer.out / f"{work.stem}.json").read_text())
+            positions = args.sequences * writer.data.seq_len
+            vocab = writer.arch.vocab_size
+            result[mode] = {
+                "bytes_per_token": marker["bytes"] / positions,
+                "dense_fp16_bytes_per_token": 2 * vocab,
+                "cache_seconds": with_extraction,
+                "forward_only_seconds": forward_only,
+                "cache_over_forward": with_extraction / forward_only,
+            }
+        # training consumption: the demo student's step at tp1 (sequences per second)
+        trainer_config = load_config(args.config, [f"run.dir={tmp}/run", "training.steps=4", "checkpoint.interval=1000",
+                                                    "parallel.tp=1", f"cache.dir={base.cache.dir}"])
+        trainer = Trainer(trainer_config.model_copy(update={"cache": None}), ctx)
+        step_times = [trainer.train_step().seconds for _ in range(4)][1:]
+        consumption = trainer_config.training.global_batch / statistics.median(step_times)
+        shutdown()
+    signal_dir = base.cache.dir
+    if (signal_dir / "manifest.json").is_file():
+        from distill.data.prepared import PreparedData
+
+        data = PreparedData(base.data.dir)
+        signal = CachedSignal(signal_dir, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=vocab)
+        rng = np.random.default_rng(0)
+        keys = [(d, "train", int(rng.integers(data.num_sequences(d)))) for d in rng.choice(data.domains, 256)]
+        started = time.perf_counter()
+        for i in range(0, len(keys), 16):
+            signal.batch(keys[i : i + 16])
+        reader = len(keys) / (time.perf_counter() - started)
+        result["reader"] = {
+            "mode": signal.mode,
+            "reader_sequences_per_s": reader,
+            "training_sequences_per_s": consumption,
+            "reader_over_training": reader / consumption,
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

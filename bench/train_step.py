@@ -75,12 +75,13 @@ def main() -> None:
                 f"run.dir={tmp}",
                 f"data.dir={base.data.dir}",
                 f"training.steps={args.steps}",
+                "training.warmup_steps=1",
                 "training.log_interval=1000000",
                 "checkpoint.interval=1000000",
                 "parallel.tp=1",
                 "parallel.pp=1",
             ],
-        )
+        ).model_copy(update={"cache": None, "teacher": None})  # CE only: the step without a teacher
         ctx = init_parallel(1, 1, seed=config.training.seed)
         trainer = Trainer(config, ctx)
         ours = []

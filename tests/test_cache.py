@@ -106,7 +106,14 @@ def world_of_one():
 def test_topk_with_k_equal_v_reproduces_the_dense_distribution(world_of_one):
     vocab = 512
     logits = torch.randn(300, vocab) * 4
-    ids, lps, tail = extract.topk_with_tail(logits, vocab, temperature=1.5, vocab_start=0, group=world_of_one)
+    ids, lps, tail, _ = extract.topk_with_tail(
+        logits,
+        vocab,
+        temperature=1.5,
+        target=torch.zeros(300, dtype=torch.long),
+        vocab_start=0,
+        group=world_of_one,
+    )
     layout = TopKLayout(vocab, vocab)
     target = torch.zeros(300)
     raw = np.frombuffer(
@@ -127,8 +134,10 @@ def test_sampled_target_is_unbiased(world_of_one):
     logits = torch.randn(1, 64) * 2
     p = torch.softmax(logits.double(), -1)[0]
     draws = 200_000
-    ids = extract.sample_ids(
-        logits.expand(draws // 50, -1), torch.rand(draws // 50, 50), vocab_start=0, group=world_of_one
+    rows = draws // 50
+    target = torch.zeros(rows, dtype=torch.long)
+    ids, _ = extract.sample_ids(
+        logits.expand(rows, -1), torch.rand(rows, 50), target=target, vocab_start=0, group=world_of_one
     )
     frequency = torch.bincount(ids.reshape(-1), minlength=64).double() / draws
     assert (frequency - p).abs().max() < 4 * (p * (1 - p) / draws).sqrt().max() + 1e-4

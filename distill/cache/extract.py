@@ -18,13 +18,24 @@ import torch.distributed as dist
 CHUNK_TOKENS = 1024
 
 
-def _log_normalizer(z: torch.Tensor, group: Any) -> torch.Tensor:
-    """Global logsumexp over the sharded last dimension: `[n, V/tp] -> [n]`."""
+def _normalize(z: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global softmax pieces over the sharded last dimension: `exp(z - max)` `[n, V/tp]`, the global
+    max `[n]` and log-normaliser `[n]` (one exp per element; two all-reduces of a scalar per token)."""
     m = z.max(dim=-1).values
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    s = (z - m.unsqueeze(-1)).exp().sum(dim=-1)
+    e = (z - m.unsqueeze(-1)).exp_()
+    s = e.sum(dim=-1)
     dist.all_reduce(s, group=group)
-    return m + s.log()
+    return e, m, m + s.log()
+
+
+def _picked(z: torch.Tensor, target: torch.Tensor, vocab_start: int, group: Any) -> torch.Tensor:
+    """z[target] for global ids `target` `[n]` whose column lives on one tp rank."""
+    local = target - vocab_start
+    mine = (local >= 0) & (local < z.shape[-1])
+    picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * mine
+    dist.all_reduce(picked, group=group)
+    return picked
 
 
 def target_logprob(
@@ -34,63 +45,72 @@ def target_logprob(
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for lo in range(0, logits.shape[0], CHUNK_TOKENS):
         z = logits[lo : lo + CHUNK_TOKENS].float()
-        local = target[lo : lo + CHUNK_TOKENS] - vocab_start
-        mine = (local >= 0) & (local < z.shape[-1])
-        picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * mine
-        dist.all_reduce(picked, group=group)
-        out[lo : lo + CHUNK_TOKENS] = picked - _log_normalizer(z, group)
+        lse = _normalize(z, group)[2]
+        out[lo : lo + CHUNK_TOKENS] = _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group) - lse
     return out
 
 
 def topk_with_tail(
-    logits: torch.Tensor, k: int, *, temperature: float, vocab_start: int, group: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global top-k of softmax(logits / T): ids `[N, k]` (descending), log-probs `[N, k]`, tail mass `[N]`."""
+    logits: torch.Tensor, k: int, *, temperature: float, target: torch.Tensor, vocab_start: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global top-k of softmax(logits / T): ids `[N, k]` (descending), log-probs `[N, k]`, tail mass `[N]`,
+    and log p(target) at T = 1 `[N]`."""
     tp = dist.get_world_size(group)
     n = logits.shape[0]
     ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    target_lp = torch.empty(n, dtype=torch.float32, device=logits.device)
     for lo in range(0, n, CHUNK_TOKENS):
-        z = logits[lo : lo + CHUNK_TOKENS].float() / temperature
-        lse = _log_normalizer(z, group)
-        local_k = min(k, z.shape[-1])
-        values, index = z.topk(local_k, dim=-1)  # [c, local_k]
+        raw = logits[lo : lo + CHUNK_TOKENS].float()
+        z = raw / temperature if temperature != 1.0 else raw
+        lse = _normalize(z, group)[2]
+        lse_1 = lse if temperature == 1.0 else _normalize(raw, group)[2]
+        target_lp[lo : lo + CHUNK_TOKENS] = (
+            _picked(raw, target[lo : lo + CHUNK_TOKENS], vocab_start, group) - lse_1
+        )
+        values, index = z.topk(min(k, z.shape[-1]), dim=-1)  # this rank's candidates [c, k]
         candidates = [torch.empty_like(values) for _ in range(tp)]
         candidate_ids = [torch.empty_like(index) for _ in range(tp)]
         dist.all_gather(candidates, values, group=group)
         dist.all_gather(candidate_ids, index + vocab_start, group=group)
-        all_values, all_ids = torch.cat(candidates, dim=-1), torch.cat(candidate_ids, dim=-1)
-        best, where = all_values.topk(k, dim=-1)
-        ids[lo : lo + CHUNK_TOKENS] = all_ids.gather(-1, where)
+        best, where = torch.cat(candidates, dim=-1).topk(k, dim=-1)
+        ids[lo : lo + CHUNK_TOKENS] = torch.cat(candidate_ids, dim=-1).gather(-1, where)
         logprobs[lo : lo + CHUNK_TOKENS] = best - lse.unsqueeze(-1)
     tail = (1.0 - logprobs.double().exp().sum(dim=-1)).clamp(0.0, 1.0).float()
-    return ids, logprobs, tail
+    return ids, logprobs, tail, target_lp
 
 
-def sample_ids(logits: torch.Tensor, uniforms: torch.Tensor, *, vocab_start: int, group: Any) -> torch.Tensor:
-    """Draws from softmax(logits) (T = 1) by inverse CDF of the given uniforms `[N, n]` -> ids `[N, n]`."""
+def sample_ids(
+    logits: torch.Tensor, uniforms: torch.Tensor, *, target: torch.Tensor, vocab_start: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws from softmax(logits) (T = 1) by inverse CDF of the given uniforms `[N, n]` -> ids `[N, n]`,
+    and log p(target) `[N]`."""
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     out = torch.empty(uniforms.shape, dtype=torch.int64, device=logits.device)
+    target_lp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for lo in range(0, logits.shape[0], CHUNK_TOKENS):
-        z = logits[lo : lo + CHUNK_TOKENS].double()
-        p = (z - _log_normalizer(z, group).unsqueeze(-1)).exp()  # [c, V/tp], this rank's slice of p
+        z = logits[lo : lo + CHUNK_TOKENS].float()
+        e, m, lse = _normalize(z, group)
+        target_lp[lo : lo + CHUNK_TOKENS] = (
+            _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group) - lse
+        )
+        p = e.mul_((m - lse).exp().unsqueeze(-1))  # this rank's slice of the distribution [c, V/tp]
         mass = p.sum(dim=-1)
         masses = [torch.empty_like(mass) for _ in range(tp)]
         dist.all_gather(masses, mass, group=group)
         starts = torch.cumsum(torch.stack([torch.zeros_like(mass), *masses[:-1]]), dim=0)  # [tp, c]
-        u = uniforms[lo : lo + CHUNK_TOKENS].double()
+        u = uniforms[lo : lo + CHUNK_TOKENS].float()
         start = starts[rank].unsqueeze(-1)
         mine = u >= start
         if rank < tp - 1:
             mine &= u < starts[rank + 1].unsqueeze(-1)
         cdf = torch.cumsum(p, dim=-1)
-        local = torch.searchsorted(cdf, (u - start).clamp(min=0.0).contiguous(), right=True).clamp(
-            max=z.shape[-1] - 1
-        )
+        local = torch.searchsorted(cdf, (u - start).clamp(min=0.0).contiguous(), right=True)
+        local = local.clamp(max=z.shape[-1] - 1)
         drawn = torch.where(mine, local + vocab_start, torch.zeros_like(local))
         dist.all_reduce(drawn, group=group)
         out[lo : lo + CHUNK_TOKENS] = drawn
-    return out
+    return out, target_lp
 
 
 def distinct_with_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

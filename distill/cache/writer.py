@@ -259,33 +259,24 @@ class CacheWriter:
         b, s, _ = logits.shape  # [b, s, V/tp]
         flat, targets = logits.reshape(b * s, -1), labels.reshape(-1)
         vocab_start = ctx.tp_rank * self.arch.vocab_size // ctx.dims.tp
-        target = extract.target_logprob(flat, targets, vocab_start=vocab_start, group=ctx.tp_group).view(b, s)
+        group = ctx.tp_group
         if cfg.mode == "topk":
-            ids, lps, tail = extract.topk_with_tail(
-                flat, cfg.k, temperature=cfg.temperature, vocab_start=vocab_start, group=ctx.tp_group
+            ids, lps, tail, target = extract.topk_with_tail(
+                flat, cfg.k, temperature=cfg.temperature, target=targets, vocab_start=vocab_start, group=group
             )
             layout = TopKLayout(self.arch.vocab_size, cfg.k)
-            ids, lps, tail = (
-                ids.view(b, s, -1).cpu().numpy(),
-                lps.view(b, s, -1).cpu().numpy(),
-                tail.view(b, s).cpu().numpy(),
-            )
-            return [encode_topk(ids[i], lps[i], tail[i], target[i].cpu().numpy(), layout) for i in range(b)]
-        uniforms = torch.stack(
-            [
-                torch.rand(
-                    s,
-                    cfg.samples,
-                    generator=torch.Generator().manual_seed(
-                        sequence_seed(cfg.seed, work.domain, work.split, start + i)
-                    ),
-                )
-                for i in range(b)
-            ]
-        ).to(flat.device)
-        draws = extract.sample_ids(
-            flat, uniforms.view(b * s, -1), vocab_start=vocab_start, group=ctx.tp_group
-        ).view(b, s, -1)
+            ids, lps = ids.view(b, s, -1).cpu().numpy(), lps.view(b, s, -1).cpu().numpy()
+            tail, target = tail.view(b, s).cpu().numpy(), target.view(b, s).cpu().numpy()
+            return [encode_topk(ids[i], lps[i], tail[i], target[i], layout) for i in range(b)]
+        generators = [
+            torch.Generator().manual_seed(sequence_seed(cfg.seed, work.domain, work.split, start + i))
+            for i in range(b)
+        ]
+        uniforms = torch.stack([torch.rand(s, cfg.samples, generator=g) for g in generators]).to(flat.device)
+        draws, target = extract.sample_ids(
+            flat, uniforms.view(b * s, -1), target=targets, vocab_start=vocab_start, group=group
+        )
+        draws, target = draws.view(b, s, -1), target.view(b, s).cpu().numpy()
         layout = SampledLayout(self.arch.vocab_size, cfg.samples)
         blobs = []
         for i in range(b):
@@ -295,7 +286,7 @@ class CacheWriter:
                     unique.cpu().numpy(),
                     counts.cpu().numpy(),
                     distinct.cpu().numpy(),
-                    target[i].cpu().numpy(),
+                    target[i],
                     layout,
                 )
             )

@@ -89,17 +89,18 @@ def sample_ids(
     out = torch.empty(uniforms.shape, dtype=torch.int64, device=logits.device)
     target_lp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for lo in range(0, logits.shape[0], CHUNK_TOKENS):
-        z = logits[lo : lo + CHUNK_TOKENS].float()
+        # float64: the cumulative sums then agree across tp layouts to ~1e-16, so the same uniforms
+        # give the same draws at any layout (float32 flips a draw in a few percent of sequences)
+        z = logits[lo : lo + CHUNK_TOKENS].double()
         e, m, lse = _normalize(z, group)
-        target_lp[lo : lo + CHUNK_TOKENS] = (
-            _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group) - lse
-        )
+        picked = _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group)
+        target_lp[lo : lo + CHUNK_TOKENS] = (picked - lse).float()
         p = e.mul_((m - lse).exp().unsqueeze(-1))  # this rank's slice of the distribution [c, V/tp]
         mass = p.sum(dim=-1)
         masses = [torch.empty_like(mass) for _ in range(tp)]
         dist.all_gather(masses, mass, group=group)
         starts = torch.cumsum(torch.stack([torch.zeros_like(mass), *masses[:-1]]), dim=0)  # [tp, c]
-        u = uniforms[lo : lo + CHUNK_TOKENS].float()
+        u = uniforms[lo : lo + CHUNK_TOKENS].double()
         start = starts[rank].unsqueeze(-1)
         mine = u >= start
         if rank < tp - 1:

@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, ensure_data_stages
 
 
 def forward_only_step(batch: torch.Tensor, model: torch.nn.Module) -> tuple:
@@ -75,14 +72,10 @@ def main() -> None:
     from distill.cache.writer import CacheWriter, ShardWork
     from distill.config import load_config
     from distill.training.trainer import Trainer
-    from launcher.campaign import STAGES, RunOptions
     from parallel.distributed import init_parallel, shutdown
     from parallel.schedule import run_schedule
 
-    base = load_config(args.config)
-    for stage in STAGES:
-        if stage.name in ("corpus", "tokenizer", "prepare") and stage.applies(base):
-            stage.run(base, RunOptions(progress=False))
+    base = ensure_data_stages(args.config)
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ctx = init_parallel(1, 1, seed=0)

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, ensure_data_stages
 
 
 def hf_steps(init_dir: Path, batches: list[torch.Tensor], micro_batch: int, cfg) -> list[float]:
@@ -61,13 +58,9 @@ def main() -> None:
 
     from distill.config import load_config
     from distill.training.trainer import Trainer
-    from launcher.campaign import STAGES, RunOptions
     from parallel.distributed import init_parallel, shutdown
 
-    base = load_config(args.config)
-    for stage in STAGES:
-        if stage.name in ("corpus", "tokenizer", "prepare") and stage.applies(base):
-            stage.run(base, RunOptions(progress=False))
+    base = ensure_data_stages(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             args.config,

@@ -1,0 +1,24 @@
+"""Shared set-up of the benchmarks: the demo campaign's data stages, run (or skipped) before measuring."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def ensure_data_stages(
+    config_path: str, stages: tuple[str, ...] = ("corpus", "tokenizer", "prepare")
+) -> object:
+    """Load the campaign config and run the data stages it has (complete ones are skipped)."""
+    from distill.config import load_config
+    from launcher.campaign import STAGES, RunOptions
+
+    config = load_config(config_path)
+    for stage in STAGES:
+        if stage.name in stages and stage.applies(config):
+            stage.run(config, RunOptions(progress=False))
+    return config

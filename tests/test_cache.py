@@ -331,3 +331,16 @@ def test_cache_of_other_prepared_data_is_refused(
             tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=600
         )
     shutil.rmtree(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_reader_prefetch_matches_direct_reads(cache_work, tmp_path):
+    cache = tmp_path / "cache"
+    assert distillery("cache", str(cache_work / "config.yaml"), "--set", f"cache.dir={cache}").returncode == 0
+    data = PreparedData(cache_work / "data" / "prepared")
+    signal = CachedSignal(cache, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640)
+    batches = [[("code", "train", i), ("prose", "heldout", i % 3)] for i in range(5)]
+    for fetched, keys in zip(signal.prefetch(batches), batches, strict=True):
+        direct = signal.batch(keys)
+        assert fetched.keys() == direct.keys() and all(torch.equal(fetched[k], direct[k]) for k in direct)
+        assert fetched["ids"].shape[:2] == (2, 32) and fetched["logprobs"].shape == (2, 32, 16)

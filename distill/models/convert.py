@@ -16,7 +16,7 @@ import torch
 
 from distill.checkpoint import TOKENIZER, load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint
 from distill.errors import DataError
-from distill.models.hf_io import HFCheckpoint, copy_tokenizer_files, generation_config, write_hf_directory
+from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
 from distill.models.hf_layout import Shard, to_hf_state_dict
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.model import ModelArch, build_gpt
@@ -118,14 +118,3 @@ def start_weights(path: Path) -> tuple[ModelArch, Path, str]:
 
 def tokenizer_of(path: Path, kind: str) -> Path:
     return path / TOKENIZER if kind == "checkpoint" else path
-
-
-__all__ = [
-    "copy_tokenizer_files",
-    "export_hf",
-    "full_state_dict",
-    "import_hf",
-    "start_weights",
-    "tokenizer_of",
-    "write_random_student",
-]

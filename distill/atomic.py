@@ -52,6 +52,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary files of writes a crash interrupted (`*.tmp` below `root`); returns them."""
+    stale = [p for p in Path(root).rglob("*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

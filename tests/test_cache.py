@@ -245,6 +245,7 @@ def test_killed_cache_resumes_byte_identical(cache_work, tmp_path, mode):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "manifest.json").exists()
+    (killed / "code" / "train" / ".shard_00099.idx.x1y2.tmp").write_bytes(b"half")  # as if killed mid-write
     resumed = distillery(*command[3:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert cache_files(killed) == cache_files(reference)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill.atomic import atomic_write_bytes, atomic_write_json, read_json
+from distill.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries
 from distill.cache import extract
 from distill.cache.format import (
     FORMAT,
@@ -153,6 +153,8 @@ class CacheWriter:
             found = read_json(recorded)
             found_spec = found.get("spec", found)
             if found_spec == self.spec:
+                if recorded.name == SPEC:
+                    remove_temporaries(out)  # files a killed run was writing; their shards are redone
                 return recorded.name == MANIFEST
             if not overwrite:
                 diff = ", ".join(

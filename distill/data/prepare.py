@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from distill.atomic import atomic_write_json, atomic_write_text, read_json
+from distill.atomic import atomic_write_json, atomic_write_text, read_json, remove_temporaries
 from distill.config.loader import config_to_yaml
 from distill.config.schema import CampaignConfig, DataConfig
 from distill.data import encode_worker
@@ -83,6 +83,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
     partial = out / PARTIAL
     inputs = _input_stats(sources)
     _check_partial(partial, spec, inputs)
+    remove_temporaries(out)  # half-written files of a killed run; what they held is redone
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(partial / "spec.json", {"spec": spec, "inputs": inputs})
 

@@ -13,8 +13,25 @@ def distillery(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 def test_help_lists_the_existing_subcommands():
     result = distillery("--help")
     assert result.returncode == 0
-    for command in ("run", "config", "corpus", "tokenizer", "prepare"):
+    for command in (
+        "run",
+        "config",
+        "corpus",
+        "tokenizer",
+        "prepare",
+        "cache",
+        "train",
+        "import",
+        "export",
+        "launch",
+    ):
         assert f"    {command}" in result.stdout
+    cache = distillery("cache", "--help")
+    assert (
+        cache.returncode == 0
+        and "distillery cache verify" in cache.stdout
+        and "distillery cache inspect" in cache.stdout
+    )
 
 
 def test_validate_and_show_the_demo_config():

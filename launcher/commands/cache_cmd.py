@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(several ranks: `distillery launch --nproc N -- cache CONFIG`); `cache verify DIR`; `cache inspect DIR`",
         add_help=False,
     )
+    parser.add_argument("-h", "--help", action="store_true", dest="show_help", help="show the three usages")
     parser.add_argument("arguments", nargs=argparse.REMAINDER)
     parser.set_defaults(handler=_dispatch)
 
@@ -42,10 +43,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     words = list(args.arguments)
     parsers = _parsers()
     action = words[0] if words and words[0] in ("verify", "inspect") else "build"
-    if action == "build" and (not words or words[0] in ("-h", "--help")):
+    if args.show_help or not words:
         for parser in parsers.values():
             parser.print_help()
-        return 0 if words else 2
+            print()
+        return 0 if args.show_help else 2
     options = parsers[action].parse_args(words[1:] if action != "build" else words)
     if action == "verify":
         return _verify(options.directory)

@@ -52,3 +52,21 @@ def test_demo_campaign_runs_every_stage_then_skips_them(tmp_path):
         assert line in second.stderr
     assert second.stderr.count("nothing to do") == 5
     assert PreparedData(tmp_path / "demo" / "prepared").fingerprint == data.fingerprint
+
+    resolved = str(tmp_path / "demo" / "config.yaml")
+    changed = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "train",
+        resolved,
+        "--set",
+        "parallel.tp=1",
+        "--set",
+        "student.arch.hidden_size=64",
+    ]
+    third = subprocess.run(changed, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (
+        third.returncode == 2
+        and "holds a student of another architecture (hidden_size: 96 there vs 64" in third.stderr
+    )

@@ -24,7 +24,7 @@ from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from distill.config import CampaignConfig
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import load_tokenizer
-from distill.errors import DataError
+from distill.errors import DataError, OutputExistsError
 from distill.losses.cross_entropy import CrossEntropyLoss
 from distill.metrics import MetricsLogger
 from distill.models.convert import checkpoint_meta, start_weights, tokenizer_of, write_random_student
@@ -47,34 +47,56 @@ class StepResult:
     seconds: float
 
 
+def configured_arch(config: CampaignConfig) -> ModelArch:
+    """The architecture `student.arch` describes, with the tokenizer's vocabulary padded to 128."""
+    arch = config.student.arch if config.student else None
+    assert arch is not None
+    vocab = load_tokenizer(config.data.tokenizer.path).vocab_size
+    return ModelArch(
+        model_type=arch.model_type,
+        vocab_size=-(-vocab // 128) * 128,  # padded so any tp up to 128 splits it
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        head_dim=arch.hidden_size // arch.num_attention_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        qkv_bias=arch.model_type == "qwen2",
+    )
+
+
 def student_source(config: CampaignConfig, ctx: ParallelContext) -> Path:
-    """The student's initial weights; a random student is written once (main rank) as an HF dir."""
+    """The student's initial weights; a random student is written once (main rank) as an HF dir,
+    and an existing one must have the configured architecture."""
     student = config.student
     assert student is not None
     if student.init is not None:
         return student.init
-    assert student.arch is not None and student.init_dir is not None
-    if ctx.is_main and not (student.init_dir / "config.json").is_file():
-        vocab = load_tokenizer(config.data.tokenizer.path).vocab_size
-        arch = ModelArch(
-            model_type=student.arch.model_type,
-            vocab_size=-(-vocab // 128) * 128,  # padded so any tp up to 128 splits it
-            hidden_size=student.arch.hidden_size,
-            num_layers=student.arch.num_layers,
-            num_attention_heads=student.arch.num_attention_heads,
-            num_key_value_heads=student.arch.num_key_value_heads or student.arch.num_attention_heads,
-            ffn_hidden_size=student.arch.ffn_hidden_size,
-            head_dim=student.arch.hidden_size // student.arch.num_attention_heads,
-            max_position_embeddings=student.arch.max_position_embeddings,
-            rope_theta=student.arch.rope_theta,
-            rms_norm_eps=student.arch.rms_norm_eps,
-            tie_word_embeddings=student.arch.tie_word_embeddings,
-            qkv_bias=student.arch.model_type == "qwen2",
-        )
-        write_random_student(
-            arch, student.init_dir, tokenizer_dir=config.data.tokenizer.path, seed=config.training.seed
-        )
-    dist.barrier()
+    assert student.init_dir is not None
+    problem: list[str | None] = [None]
+    if ctx.is_main:
+        wanted = configured_arch(config)
+        if not (student.init_dir / "config.json").is_file():
+            write_random_student(
+                wanted, student.init_dir, tokenizer_dir=config.data.tokenizer.path, seed=config.training.seed
+            )
+        elif (found := HFCheckpoint(student.init_dir).arch) != wanted:
+            diff = [
+                f"{k}: {v!r} there vs {wanted.to_json()[k]!r}"
+                for k, v in found.to_json().items()
+                if v != wanted.to_json()[k]
+            ]
+            problem[0] = (
+                f"student.init_dir {student.init_dir} holds a student of another architecture ({', '.join(diff)}); "
+                "delete it or choose another init_dir"
+            )
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise OutputExistsError(problem[0])
     return student.init_dir
 
 

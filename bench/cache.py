@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, ensure_data_stages
+from common import REPO, ensure_data_stages, write_result
 
 
 def forward_only_step(batch: torch.Tensor, model: torch.nn.Module) -> tuple:
@@ -163,9 +163,7 @@ def main() -> None:
             "training_sequences_per_s": consumption,
             "reader_over_training": reader / consumption,
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

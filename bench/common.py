@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,3 +23,10 @@ def ensure_data_stages(
         if stage.name in stages and stage.applies(config):
             stage.run(config, RunOptions(progress=False))
     return config
+
+
+def write_result(out: str, result: dict) -> None:
+    """Write a benchmark's JSON result (bench/results/...) and print it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))

@@ -13,14 +13,13 @@ dominate) and tokenizer, built first if missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, ensure_data_stages
+from common import REPO, ensure_data_stages, write_result
 
 
 def main() -> None:
@@ -69,9 +68,7 @@ def main() -> None:
         "prepare_tokens_per_s": tokens / statistics.median(ours),
     }
     result["ratio"] = result["prepare_tokens_per_s"] / result["baseline_tokens_per_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ Runs at tp1 pp1 in one process; uses the demo campaign's prepared data (built fi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import REPO, ensure_data_stages
+from common import REPO, ensure_data_stages, write_result
 
 
 def hf_steps(init_dir: Path, batches: list[torch.Tensor], micro_batch: int, cfg) -> list[float]:
@@ -96,9 +95,7 @@ def main() -> None:
         "hf_step_s": theirs_s,
         "ratio_distillery_over_hf": ours_s / theirs_s,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -146,10 +146,15 @@ def test_sampled_target_is_unbiased(world_of_one):
 def test_target_logprob_matches_dense(world_of_one):
     logits = torch.randn(50, 300)
     target = torch.randint(0, 300, (50,))
-    got = extract.target_logprob(logits, target, vocab_start=0, group=world_of_one)
-    torch.testing.assert_close(
-        got, torch.log_softmax(logits, -1)[torch.arange(50), target], atol=1e-5, rtol=0
+    dense = torch.log_softmax(logits, -1)[torch.arange(50), target]
+    *_, from_topk = extract.topk_with_tail(
+        logits, 8, temperature=2.0, target=target, vocab_start=0, group=world_of_one
     )
+    _, from_sampling = extract.sample_ids(
+        logits, torch.rand(50, 4), target=target, vocab_start=0, group=world_of_one
+    )
+    for got in (from_topk, from_sampling):  # at temperature 1 whatever the top-k temperature
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=0)
 
 
 # --- the cache stage on real processes -------------------------------------------------------------

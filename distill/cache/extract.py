@@ -38,18 +38,6 @@ def _picked(z: torch.Tensor, target: torch.Tensor, vocab_start: int, group: Any)
     return picked
 
 
-def target_logprob(
-    logits: torch.Tensor, target: torch.Tensor, *, vocab_start: int, group: Any
-) -> torch.Tensor:
-    """log softmax(logits)[target] at temperature 1: `[N, V/tp], [N] -> [N]`."""
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for lo in range(0, logits.shape[0], CHUNK_TOKENS):
-        z = logits[lo : lo + CHUNK_TOKENS].float()
-        lse = _normalize(z, group)[2]
-        out[lo : lo + CHUNK_TOKENS] = _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group) - lse
-    return out
-
-
 def topk_with_tail(
     logits: torch.Tensor, k: int, *, temperature: float, target: torch.Tensor, vocab_start: int, group: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,8 +29,9 @@ That is 3 + u_t * entry_bytes bytes per position (entries of 3 bytes for V <= 2^
 A shard's `.idx` holds the byte offset of every sequence (uint64, n + 1 values), so a reader reaches
 any sequence in O(1).
 
-All multi-byte values are little-endian. Shards are `<domain>/<split>/shard_NNNNN.bin` (+ `.idx` in
-sampled mode) with a sha256 per shard in the manifest.
+All multi-byte values are little-endian. Shards are `<domain>/<split>/shard_NNNNN.bin` with a `.idx`
+of sequence byte offsets (both modes; top-k offsets are also `i * seq_len * record_bytes`) and a
+sha256 of both in the manifest.
 """
 
 from __future__ import annotations

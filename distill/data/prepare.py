@@ -156,8 +156,8 @@ def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> dict[st
         return None
     manifest = read_prepared_manifest(out)
     if manifest is None:
-        foreign = [p.name for p in out.iterdir() if p.name != PARTIAL and not (p / "domain.json").is_file()]
-        foreign = [n for n in foreign if n not in ("config.yaml",)]
+        ours = (PARTIAL, "config.yaml")  # what an unfinished prepare leaves besides finished domains
+        foreign = [p.name for p in out.iterdir() if p.name not in ours and not (p / "domain.json").is_file()]
         if foreign and not overwrite:
             raise OutputExistsError(
                 f"{out} holds files that are not a distillery prepare ({', '.join(sorted(foreign)[:5])}); "

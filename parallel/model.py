@@ -198,3 +198,22 @@ def build_gpt(
         rope_scaling_factor=arch.rope_llama3_factor or 8.0,
     )
     return model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+
+
+def emit_hidden_states(model: Any) -> None:
+    """Make this GPTModel's last stage return its final (normed) hidden states `[b, s, h]` instead of
+    logits, so a fused loss can apply the output layer chunk by chunk (`output_weight` gives the layer's
+    weight). The output layer stays in the module tree, so checkpoints and DDP see it unchanged; the
+    gradient all-reduce over tp that its forward would have set up is the fused loss's job."""
+    if model.post_process:
+        model.output_layer.forward = lambda input_, weight=None, runtime_gather_output=None, **_: (
+            input_,
+            None,
+        )
+
+
+def output_weight(model: Any) -> torch.Tensor:
+    """The last stage's output-layer weight slice `[V/tp, h]` (the embedding when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

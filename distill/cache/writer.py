@@ -38,13 +38,9 @@ from distill.cache.format import (
 )
 from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
-from distill.data.tokenizer import load_tokenizer
 from distill.errors import DataError, OutputExistsError
-from distill.models.convert import start_weights, tokenizer_of
-from distill.models.hf_io import HFCheckpoint
-from distill.models.hf_layout import Shard
+from distill.models.teacher import load_teacher, open_teacher
 from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.model import build_gpt, precision_dtype
 from parallel.schedule import run_schedule
 
 SPEC = ".spec.json"
@@ -100,20 +96,17 @@ class CacheWriter:
         assert config.teacher is not None and config.cache is not None
         self.config, self.ctx, self.cfg = config, ctx, config.cache
         self.data = PreparedData(config.data.dir)
-        self.arch, source, kind = start_weights(config.teacher.path)
-        teacher_tokenizer = load_tokenizer(tokenizer_of(source, kind))
-        if teacher_tokenizer.sha256 != self.data.tokenizer_sha256:
-            raise DataError(
-                f"teacher.path {config.teacher.path}: its tokenizer (sha256 {teacher_tokenizer.sha256[:12]}) is not the "
-                f"one {self.data.directory} was prepared with ({self.data.tokenizer_sha256[:12]}); cross-tokenizer "
-                "distillation needs ULD, not this cache"
-            )
+        self.arch, source, kind = open_teacher(
+            config.teacher.path, tokenizer_sha256=self.data.tokenizer_sha256, data_dir=self.data.directory
+        )
         digest = [directory_sha256(source) if ctx.is_main else None]
         dist.broadcast_object_list(digest, src=0)
         self.spec = self._spec(str(digest[0]))
         self.out = self.cfg.dir
         self.complete = self._check_output(overwrite)
-        self.model = None if self.complete else self._load_teacher(source, kind)
+        self.model = (
+            None if self.complete else load_teacher(self.arch, source, kind, ctx, config.teacher.precision)
+        )
 
     def _spec(self, teacher_sha: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -175,19 +168,6 @@ class CacheWriter:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / SPEC, self.spec)
         return False
-
-    def _load_teacher(self, source: Path, kind: str) -> torch.nn.Module:
-        from distill.checkpoint import load_checkpoint
-
-        ctx = self.ctx
-        model = build_gpt(
-            self.arch, ctx.dims, pp_rank=ctx.pp_rank, dtype=precision_dtype(self.config.teacher.precision)
-        )
-        if kind == "hf":
-            HFCheckpoint(source).load_into(model, Shard(self.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank))
-        else:
-            load_checkpoint(source, model=model, optimizer=None, ctx=ctx)
-        return model.eval()
 
     @property
     def writes(self) -> bool:
@@ -384,7 +364,7 @@ def build_cache(config: CampaignConfig, *, overwrite: bool = False) -> None:
     if config.teacher is None or config.cache is None:
         raise DataError("this config has no `teacher` and `cache` sections")
     teacher = config.teacher
-    ctx = init_parallel(teacher.parallel.tp, teacher.parallel.pp, seed=0)
+    ctx = init_parallel(teacher.layout.tp, teacher.layout.pp, seed=0)
     try:
         CacheWriter(config, ctx, overwrite=overwrite).run()
     finally:

@@ -20,6 +20,7 @@ from distill.config.data import (
     TokenizerConfig,
     TokenizerTrainConfig,
 )
+from distill.config.loss import LossConfig, LossWeightsConfig, TaidConfig
 from distill.config.train import (
     CacheConfig,
     CheckpointConfig,
@@ -41,12 +42,15 @@ __all__ = [
     "DomainConfig",
     "ExportConfig",
     "LoggingConfig",
+    "LossConfig",
+    "LossWeightsConfig",
     "ParallelConfig",
     "RunConfig",
     "Section",
     "SourceConfig",
     "StudentArchConfig",
     "StudentConfig",
+    "TaidConfig",
     "TeacherConfig",
     "TokenizerConfig",
     "TokenizerTrainConfig",
@@ -78,6 +82,7 @@ class CampaignConfig(Section):
     export: ExportConfig | None = None
     teacher: TeacherConfig | None = None
     cache: CacheConfig | None = None
+    loss: LossConfig = LossConfig()
 
     @model_validator(mode="after")
     def _training_sections_together(self) -> CampaignConfig:
@@ -95,9 +100,63 @@ class CampaignConfig(Section):
             )
         if self.export is not None and not present:
             raise ValueError("`export` needs the training sections (student, training, checkpoint, logging)")
-        if (self.cache is None) != (self.teacher is None):
-            raise ValueError("`cache` and `teacher` come together: the cache stage runs the teacher")
+        self._check_teacher()
+        self._check_loss()
         return self
+
+    def _check_teacher(self) -> None:
+        teacher, cache = self.teacher, self.cache
+        if cache is not None and teacher is None:
+            raise ValueError("`cache` needs a `teacher` section: the cache stage runs the teacher")
+        if teacher is None:
+            return
+        if teacher.mode == "cached" and cache is None:
+            raise ValueError(
+                "teacher.mode is 'cached' (the default), which needs a `cache` section; "
+                "set teacher.mode: online to run the teacher live during training"
+            )
+        if teacher.mode == "online":
+            if cache is not None:
+                raise ValueError(
+                    "teacher.mode 'online' trains against the live teacher: remove the `cache` section "
+                    "or set teacher.mode: cached"
+                )
+            if not self.trains:
+                raise ValueError("teacher.mode 'online' needs the training sections (student, training, ...)")
+            if teacher.parallel is not None and teacher.parallel != self.parallel:
+                raise ValueError(
+                    f"teacher.parallel (tp {teacher.parallel.tp}, pp {teacher.parallel.pp}) differs from parallel "
+                    f"(tp {self.parallel.tp}, pp {self.parallel.pp}): an online teacher is sharded like the "
+                    "student; remove teacher.parallel"
+                )
+
+    def _check_loss(self) -> None:
+        kd = self.loss.weights.kd_terms()
+        if not kd or not self.trains:
+            return
+        names = ", ".join(f"loss.weights.{name}" for name in kd)
+        if self.teacher is None:
+            raise ValueError(
+                f"{names} need a teacher: add a `teacher` section (and a `cache`, or mode online)"
+            )
+        if self.teacher.mode == "online" or self.cache is None:
+            return
+        if self.cache.mode == "sampled":
+            other = [f"loss.weights.{name}" for name in kd if name != "forward_kl"]
+            if other:
+                raise ValueError(
+                    f"{', '.join(other)}: a sampled (RS-KD) cache holds draws, not a distribution; it supports "
+                    "forward_kl only (use cache.mode topk or teacher.mode online)"
+                )
+            if self.loss.temperature != 1.0:
+                raise ValueError(
+                    f"loss.temperature is {self.loss.temperature}, but RS-KD draws are taken at temperature 1"
+                )
+        elif self.loss.temperature != self.cache.temperature:
+            raise ValueError(
+                f"loss.temperature ({self.loss.temperature}) differs from cache.temperature "
+                f"({self.cache.temperature}) the teacher's log-probs were stored at"
+            )
 
     @property
     def trains(self) -> bool:

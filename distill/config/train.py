@@ -88,6 +88,12 @@ class TrainingConfig(Section):
     )
     seed: int = 1234
     log_interval: int = Field(default=10, gt=0)
+    eval_interval: int = Field(
+        default=0, ge=0, description="Held-out evaluation every this many steps (0: only at the end)."
+    )
+    eval_sequences: int = Field(
+        default=32, ge=0, description="Held-out sequences per domain in each evaluation (0: no evaluation)."
+    )
 
     @model_validator(mode="after")
     def _batch_and_schedule(self) -> TrainingConfig:
@@ -125,12 +131,26 @@ class ExportConfig(Section):
 
 
 class TeacherConfig(Section):
-    """The teacher: an HF directory (Llama/Mistral/Qwen2) or a distillery checkpoint, and its own layout."""
+    """The teacher: an HF directory (Llama/Mistral/Qwen2) or a distillery checkpoint.
+
+    `mode: cached` (default): `distillery cache` runs it once, at its own `parallel` layout, and training
+    reads the cache. `mode: online`: it runs live inside the training job, sharded with the student's
+    tp/pp (each pipeline stage holds its slice of both), without gradients.
+    """
 
     path: AbsPath
-    parallel: ParallelConfig = ParallelConfig()
+    mode: Literal["cached", "online"] = "cached"
+    parallel: ParallelConfig | None = Field(
+        default=None,
+        description="The cache job's tp/pp (default tp 1, pp 1); online teachers use the student's.",
+    )
     micro_batch: int = Field(default=8, gt=0, description="Sequences per teacher forward pass.")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @property
+    def layout(self) -> ParallelConfig:
+        """The layout of the cache job."""
+        return self.parallel or ParallelConfig()
 
 
 class CacheConfig(Section):

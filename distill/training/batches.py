@@ -36,13 +36,13 @@ class GlobalBatches:
         positions = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
         return np.array([self._permutation(int(p // self.total))[p % self.total] for p in positions])
 
-    def tokens(self, step: int, dp_rank: int, dp: int) -> np.ndarray:
-        """This rank's slice of batch `step`: `[global_batch / dp, seq_len + 1]` int64."""
+    def rows(self, step: int, dp_rank: int, dp: int) -> list[tuple[str, int]]:
+        """This rank's slice of batch `step` as (domain, training-sequence index) pairs."""
         per_rank = self.global_batch // dp
         ids = self.global_ids(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         domains = np.searchsorted(self.offsets, ids, side="right") - 1
-        rows = [
-            self.data.sequence(self.data.domains[d], int(i - self.offsets[d]))
-            for d, i in zip(domains, ids, strict=True)
-        ]
-        return np.stack(rows)
+        return [(self.data.domains[d], int(i - self.offsets[d])) for d, i in zip(domains, ids, strict=True)]
+
+    def tokens(self, rows: list[tuple[str, int]]) -> np.ndarray:
+        """The sequences of `rows`: `[len(rows), seq_len + 1]` int64."""
+        return np.stack([self.data.sequence(domain, index) for domain, index in rows])

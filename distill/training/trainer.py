@@ -3,13 +3,17 @@
 `train(config)` is the whole `distillery train` stage: join the world, build this rank's shard of the
 student, start from the latest checkpoint of the run (resume) or from the configured initial weights,
 then run `training.steps` optimizer steps. Each step: this rank's slice of the global batch, split
-into micro-batches, forward/backward through the pipeline schedule with the pluggable loss, a DDP
-gradient reduction, our AdamW step. Every `checkpoint.interval` steps (and at the end) a sharded
-checkpoint; every `training.log_interval` steps a metrics record.
+into micro-batches, the teacher signal of those micro-batches (cache rows read ahead, or a forward pass
+of the online teacher), forward/backward through the pipeline schedule with the fused output-layer
+loss (`objective.py`), a DDP gradient reduction, our AdamW step, TAID's tau update. Every
+`checkpoint.interval` steps (and at the end) a sharded checkpoint; every `training.log_interval` steps
+a metrics record with each loss term; every `training.eval_interval` steps (and at the end) the
+held-out perplexity of each domain.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -19,22 +23,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distill.cache.reader import CachedSignal
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import CampaignConfig
+from distill.config.loss import LossConfig, LossWeightsConfig
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import load_tokenizer
 from distill.errors import DataError, OutputExistsError
-from distill.losses.cross_entropy import CrossEntropyLoss
+from distill.losses.teacher import Teacher
 from distill.metrics import MetricsLogger
 from distill.models.convert import checkpoint_meta, start_weights, tokenizer_of, write_random_student
 from distill.models.hf_io import HFCheckpoint
 from distill.models.hf_layout import Shard
 from distill.training.batches import GlobalBatches
+from distill.training.evaluate import heldout_cross_entropy
+from distill.training.objective import Objective
 from distill.training.optimizer import DistillOptimizer
+from distill.training.teacher_signal import CachedTeacher, OnlineTeacher, open_cache
 from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.model import ModelArch, build_gpt, precision_dtype
+from parallel.model import ModelArch, build_gpt, emit_hidden_states, output_weight, precision_dtype
 from parallel.schedule import run_schedule
+from parallel.vocab import VocabShard
 
 
 @dataclass
@@ -45,6 +53,8 @@ class StepResult:
     lr: float
     tokens: int
     seconds: float
+    terms: dict[str, float]  # token-mean of each loss term (unweighted)
+    tau: float | None = None  # TAID's tau used in this step
 
 
 def configured_arch(config: CampaignConfig) -> ModelArch:
@@ -128,16 +138,21 @@ class Trainer:
         model.config.no_sync_func = self.ddp.no_sync
         model.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = DistillOptimizer(model, self.cfg, mp_group=ctx.mp_group, tp_rank=ctx.tp_rank)
-        self.loss = CrossEntropyLoss(
-            vocab_start=ctx.tp_rank * arch.vocab_size // ctx.dims.tp, tp_group=ctx.tp_group
+        emit_hidden_states(model)  # the last stage hands hidden states to the fused loss
+        self.shard = VocabShard.of(arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)
+        self.objective = Objective(config.loss, shard=self.shard, total_steps=self.cfg.steps)
+        self.eval_objective = Objective(
+            LossConfig(weights=LossWeightsConfig(ce=1.0), chunk_tokens=config.loss.chunk_tokens),
+            shard=self.shard,
+            total_steps=self.cfg.steps,
         )
         self.batches = GlobalBatches(self.data, self.cfg.global_batch, self.cfg.seed)
-        self.signal = self._open_cache() if config.cache is not None else None
         self.step = 0
         resume = latest_checkpoint(config.checkpoint.dir)
         if resume is not None:
             state = load_checkpoint(resume, model=model, optimizer=self.optimizer, ctx=ctx)["training_state"]
             self.step = int(state["step"])
+            self.objective.load_state_dict(state.get("objective", {}))
             self._say(f"train: resumed from {resume} at step {self.step}")
         elif kind == "checkpoint":
             load_checkpoint(source, model=model, optimizer=None, ctx=ctx)
@@ -147,6 +162,7 @@ class Trainer:
             self._say(
                 f"train: starting from {source} ({arch.num_parameters() / 1e6:.1f}M parameters, {ctx.dims})"
             )
+        self.teacher = self._open_teacher() if self.objective.needs_teacher else None
         self.metrics = MetricsLogger(
             config.logging,
             enabled=ctx.is_main,
@@ -172,58 +188,89 @@ class Trainer:
                 f"tokenizer has {ours.vocab_size} tokens but the student's vocabulary is {self.arch.vocab_size}"
             )
 
-    def _open_cache(self) -> CachedSignal:
-        """The teacher cache, checked against this run and checksummed (each rank a share of the shards)."""
-        assert self.config.cache is not None
-        signal = CachedSignal(
-            self.config.cache.dir,
-            prepared=self.data,
-            tokenizer_sha256=self.data.tokenizer_sha256,
-            vocab_size=self.arch.vocab_size,
-        )
-        found: list[list[str]] = [[] for _ in range(self.ctx.dims.world_size)]
-        dist.all_gather_object(found, signal.verify(self.ctx.rank, self.ctx.dims.world_size))
-        errors = sorted(e for errors in found for e in errors)
-        if errors:
-            raise DataError(
-                f"teacher cache {self.config.cache.dir} is damaged, refusing to train: " + "; ".join(errors)
+    def _open_teacher(self) -> CachedTeacher | OnlineTeacher:
+        teacher = self.config.teacher
+        assert teacher is not None
+        if teacher.mode == "online":
+            online = OnlineTeacher(self.config, self.data, self.ctx, self.arch)
+            self._say(
+                f"train: online teacher {teacher.path} ({online.arch.num_parameters() / 1e6:.1f}M parameters)"
             )
-        return signal
+            return online
+        signal = open_cache(self.config, self.data, self.arch.vocab_size, self.ctx)
+        self._say(f"train: teacher signal from cache {signal.directory} ({signal.mode})")
+        return CachedTeacher(signal, self._micro_batch_keys(), active=self.ctx.is_last_stage)
 
-    def _forward_step(self, batch: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        # batch [mb, seq_len + 1] -> inputs and labels [mb, seq_len]
-        inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    def _micro_batch_keys(self) -> Any:
+        """Cache keys of every micro-batch from the current step on, in the order the steps use them."""
+        for step in range(self.step, self.cfg.steps):
+            rows = self.batches.rows(step, self.ctx.dp_rank, self.ctx.dims.dp)
+            for first in range(0, len(rows), self.cfg.micro_batch):
+                yield [
+                    (domain, "train", index) for domain, index in rows[first : first + self.cfg.micro_batch]
+                ]
+
+    def _forward_step(
+        self,
+        batch: tuple[torch.Tensor, Teacher | None],
+        model: torch.nn.Module,
+        objective: Objective | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        # batch: tokens [mb, seq_len + 1] -> inputs and labels [mb, seq_len], and the teacher signal
+        tokens, teacher = batch if isinstance(batch, tuple) else (batch, None)
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
-        output = model(inputs, positions, attention_mask=None)  # last stage: logits [mb, s, V/tp]
-        return output, lambda logits: self.loss(logits, labels)
+        output = model(inputs, positions, attention_mask=None)  # last stage: hidden [mb, s, h]
+        loss = objective or self.objective
+        return output, lambda hidden: loss(hidden, output_weight(self.model), labels, teacher)
 
     def train_step(self) -> StepResult:
         started = time.perf_counter()
-        tokens = torch.from_numpy(self.batches.tokens(self.step, self.ctx.dp_rank, self.ctx.dims.dp))
-        micro = list(tokens.to(self.ctx.device).split(self.cfg.micro_batch))
+        rows = self.batches.rows(self.step, self.ctx.dp_rank, self.ctx.dims.dp)
+        tokens = torch.from_numpy(self.batches.tokens(rows)).to(self.ctx.device)
+        micro = list(tokens.split(self.cfg.micro_batch))
+        teachers = self.teacher.for_step(micro) if self.teacher is not None else [None] * len(micro)
+        tau = self.objective.tau if self.objective.taid is not None else None
         self.ddp.zero_grad_buffer()
         reports = run_schedule(
             self.ddp,
-            micro,
+            list(zip(micro, teachers, strict=True)),
             self._forward_step,
             seq_length=self.seq_len,
             micro_batch_size=self.cfg.micro_batch,
             forward_only=False,
         )
         grad_norm, lr = self.optimizer.step(self.step)
-        loss, count = self._reduce_reports(reports)
+        means, count = self._reduce_reports(reports)
         self.step += 1
-        return StepResult(self.step, loss, grad_norm, lr, count, time.perf_counter() - started)
+        self.objective.after_step(means, self.step)
+        loss = means.pop("loss")
+        return StepResult(self.step, loss, grad_norm, lr, count, time.perf_counter() - started, means, tau)
 
-    def _reduce_reports(self, reports: list[dict]) -> tuple[float, int]:
-        """Global token-mean loss: the last stage's sums (tp rank 0 only, so each counts once), over all ranks."""
-        sums = torch.zeros(2, dtype=torch.float64)
+    def _reduce_reports(self, reports: list[dict]) -> tuple[dict[str, float], int]:
+        """Global token means of the loss and each term: the last stage's sums (tp rank 0 only, so each
+        counts once), reduced over all ranks."""
+        keys = self.objective.report_keys
+        sums = torch.zeros(len(keys), dtype=torch.float64)
         if self.ctx.is_last_stage and self.ctx.tp_rank == 0:
             for r in reports:
-                sums[0] += float(r["ce_sum"])
-                sums[1] += float(r["tokens"])
+                sums += torch.tensor([float(r[k]) for k in keys], dtype=torch.float64)
         dist.all_reduce(sums)
-        return float(sums[0] / sums[1]), int(sums[1])
+        tokens = float(sums[-1])
+        return {k: float(v) / tokens for k, v in zip(keys[:-1], sums[:-1], strict=True)}, int(tokens)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity per domain (every rank gets the same numbers)."""
+        ce = heldout_cross_entropy(
+            self.ddp,
+            self._forward_step,
+            self.eval_objective,
+            self.data,
+            self.ctx,
+            sequences=self.cfg.eval_sequences,
+            micro_batch=self.cfg.micro_batch,
+        )
+        return {domain: math.exp(value) for domain, value in ce.items()}
 
     def save(self) -> Path:
         assert self.config.checkpoint is not None
@@ -232,12 +279,43 @@ class Trainer:
             self.step,
             model=self.model,
             optimizer=self.optimizer,
-            training_state={"step": self.step, "consumed_sequences": self.step * self.cfg.global_batch},
+            training_state={
+                "step": self.step,
+                "consumed_sequences": self.step * self.cfg.global_batch,
+                "objective": self.objective.state_dict(),
+            },
             meta=checkpoint_meta(self.arch, self.config.run.name),
             ctx=self.ctx,
             tokenizer_dir=self.tokenizer_dir,
             keep_last=self.config.checkpoint.keep_last,
         )
+
+    def _log(self, result: StepResult) -> None:
+        record = {
+            "loss": result.loss,
+            **{f"loss/{name}": value for name, value in result.terms.items()},
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            "tokens_per_s": result.tokens / result.seconds,
+            "step_seconds": result.seconds,
+        }
+        if result.tau is not None:
+            record["taid/tau"] = result.tau
+        self.metrics.log(result.step, record)
+        terms = " ".join(f"{name} {value:.4f}" for name, value in result.terms.items())
+        tau = f" tau {result.tau:.4f}" if result.tau is not None else ""
+        self._say(
+            f"train: step {result.step}/{self.cfg.steps} loss {result.loss:.4f} ({terms}){tau} "
+            f"grad_norm {result.grad_norm:.3f} lr {result.lr:.2e} {result.tokens / result.seconds:,.0f} tok/s"
+        )
+
+    def _log_eval(self) -> dict[str, float]:
+        perplexity = self.evaluate()
+        if perplexity:
+            self.metrics.log(self.step, {f"eval/{domain}/ppl": value for domain, value in perplexity.items()})
+            shown = ", ".join(f"{domain} {value:.2f}" for domain, value in perplexity.items())
+            self._say(f"train: held-out perplexity at step {self.step}: {shown}")
+        return perplexity
 
     def run(self) -> list[StepResult]:
         assert self.config.checkpoint is not None
@@ -245,23 +323,14 @@ class Trainer:
         while self.step < self.cfg.steps:
             result = self.train_step()
             results.append(result)
-            if result.step % self.cfg.log_interval == 0 or result.step == self.cfg.steps:
-                self.metrics.log(
-                    result.step,
-                    {
-                        "loss": result.loss,
-                        "grad_norm": result.grad_norm,
-                        "lr": result.lr,
-                        "tokens_per_s": result.tokens / result.seconds,
-                        "step_seconds": result.seconds,
-                    },
-                )
-                self._say(
-                    f"train: step {result.step}/{self.cfg.steps} loss {result.loss:.4f} grad_norm {result.grad_norm:.3f} "
-                    f"lr {result.lr:.2e} {result.tokens / result.seconds:,.0f} tok/s"
-                )
-            if result.step % self.config.checkpoint.interval == 0 or result.step == self.cfg.steps:
+            last = result.step == self.cfg.steps
+            if result.step % self.cfg.log_interval == 0 or last:
+                self._log(result)
+            if result.step % self.config.checkpoint.interval == 0 or last:
                 self.save()
+            interval = self.cfg.eval_interval
+            if self.cfg.eval_sequences and ((interval and result.step % interval == 0) or last):
+                self._log_eval()
         self.metrics.close()
         return results
 

@@ -1,0 +1,85 @@
+"""The teacher's signal for one micro-batch, in the form the losses read it chunk by chunk.
+
+Three kinds (DESIGN.md: "the teacher behind one interface, cached or live"):
+
+- `LiveTeacher`: the online teacher's final hidden states `[N, h_t]` and its output-layer slice
+  `[V/tp, h_t]`; each chunk's logits are computed on demand, so the teacher never holds a
+  `[tokens, V]` tensor either.
+- `TopKTeacher`: the cached k largest log-probs per token with their ids and the tail mass.
+- `SampledTeacher`: the cached RS-KD draws, ids with weights count / N.
+
+Every kind gives `logprobs(rows, temperature, shard)`, the teacher's log-probabilities on this rank's
+vocabulary slice, where it is defined: exact for the live teacher; for top-k + tail the *completed*
+distribution, which keeps the k stored values and spreads the tail mass uniformly over the unkept ids
+of the teacher's vocabulary (ids beyond the teacher's vocabulary get probability 0). With k = V the
+tail is empty and the completion is the teacher's exact distribution. RS-KD draws define no
+distribution beyond the estimate itself, so the sampled kind has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parallel.vocab import VocabShard, log_softmax, scatter
+
+IMPOSSIBLE = -1.0e4  # log-probability of ids outside the teacher's vocabulary (exp underflows to 0)
+
+
+@dataclass
+class LiveTeacher:
+    hidden: torch.Tensor  # [N, h_t]
+    weight: torch.Tensor  # [V/tp, h_t]
+
+    kind = "live"
+
+    def logits(self, rows: slice) -> torch.Tensor:
+        return self.hidden[rows].float() @ self.weight.float().t()  # [c, V/tp]
+
+    def logprobs(self, rows: slice, temperature: float, shard: VocabShard) -> torch.Tensor:
+        return log_softmax(self.logits(rows) / temperature, shard)
+
+
+@dataclass
+class TopKTeacher:
+    ids: torch.Tensor  # [N, k] global ids
+    logprobs_kept: torch.Tensor  # [N, k]
+    tail: torch.Tensor  # [N]
+    vocab_size: int  # the teacher's vocabulary: where the tail mass is spread
+
+    kind = "topk"
+
+    def logprobs(self, rows: slice, temperature: float, shard: VocabShard) -> torch.Tensor:
+        del temperature  # the cache's values are already at the cache's temperature (checked in the config)
+        ids, kept_lp, tail = self.ids[rows], self.logprobs_kept[rows], self.tail[rows]
+        unkept = max(self.vocab_size - ids.shape[-1], 1)
+        fill = (tail.clamp_min(1e-30) / unkept).log()  # [c]
+        outside = torch.arange(shard.start, shard.start + shard.size, device=ids.device) >= self.vocab_size
+        base = fill.unsqueeze(-1).expand(ids.shape[0], shard.size).masked_fill(outside, IMPOSSIBLE)
+        kept = scatter(torch.ones_like(kept_lp), ids, shard, torch.zeros_like(base))
+        values = scatter(kept_lp, ids, shard, torch.zeros_like(base))
+        completed = torch.where(kept > 0, values, base)
+        return log_softmax(completed, shard)  # renormalised: quantized values need not sum to exactly 1
+
+
+@dataclass
+class SampledTeacher:
+    ids: torch.Tensor  # [N, n] global ids, -1 = padding
+    weights: torch.Tensor  # [N, n] count / N, 0 for padding
+
+    kind = "sampled"
+
+    def logprobs(self, rows: slice, temperature: float, shard: VocabShard) -> torch.Tensor:
+        raise ValueError("a sampled cache defines no teacher distribution beyond its draws")
+
+
+Teacher = LiveTeacher | TopKTeacher | SampledTeacher
+
+
+def from_cache_rows(rows: dict[str, torch.Tensor], teacher_vocab: int) -> Teacher:
+    """A micro-batch of `CachedSignal.batch` output (`[b, s, ...]`) as a flat-token teacher."""
+    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in rows.items()}
+    if "tail" in flat:
+        return TopKTeacher(flat["ids"].long(), flat["logprobs"], flat["tail"], teacher_vocab)
+    return SampledTeacher(flat["ids"].long(), flat["weights"])

@@ -1,0 +1,76 @@
+"""The training objective: the `loss` section made into megatron's loss-function contract.
+
+For each micro-batch the last pipeline stage calls the objective with its final hidden states, the
+output-layer weight slice, the labels and the teacher signal; it returns `(loss_sum, num_tokens,
+report)` as megatron's `calculate_per_token_loss` expects (gradients are of the token mean over the
+global batch). The report carries the weighted total and each term's unweighted sum, so metrics show
+every component. After each optimizer step `after_step` advances TAID's tau from the step's mean TAID
+loss over all ranks; tau and its schedule state are part of the checkpointed training state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distill.config.loss import LossConfig
+from distill.losses.fused import Terms, fused_output_loss
+from distill.losses.taid import TaidSchedule
+from distill.losses.teacher import Teacher
+from parallel.vocab import VocabShard
+
+
+class Objective:
+    def __init__(self, config: LossConfig, *, shard: VocabShard, total_steps: int) -> None:
+        self.shard = shard
+        self.terms = Terms(
+            weights=config.weights.active(),
+            temperature=config.temperature,
+            skew_alpha=config.skew_alpha,
+            jsd_beta=config.jsd_beta,
+            chunk_tokens=None if config.chunk_tokens == "auto" else config.chunk_tokens,
+        )
+        self.taid = TaidSchedule(config.taid, total_steps) if "taid" in self.terms.weights else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(name != "ce" for name in self.terms.weights)
+
+    @property
+    def report_keys(self) -> list[str]:
+        """Keys of the per-micro-batch report, in order (the same on every rank)."""
+        return ["loss", *self.terms.weights, "tokens"]
+
+    @property
+    def tau(self) -> float:
+        return self.taid.tau if self.taid is not None else 0.0
+
+    def __call__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: Teacher | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        # hidden [b, s, h], weight [V/tp, h], labels [b, s]
+        loss_sum, term_sums = fused_output_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            labels.reshape(-1),
+            terms=self.terms,
+            shard=self.shard,
+            teacher=teacher,
+            tau=self.tau,
+        )
+        tokens = torch.tensor(labels.numel(), dtype=torch.int)
+        report = {"loss": loss_sum.detach().double(), **term_sums, "tokens": tokens.clone()}
+        return loss_sum, tokens, report
+
+    def after_step(self, means: dict[str, float], step: int) -> None:
+        """Advance TAID with the step's global mean TAID loss (identical on every rank)."""
+        if self.taid is not None:
+            self.taid.update(means["taid"], step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taid": self.taid.state_dict()} if self.taid is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.taid is not None and "taid" in state:
+            self.taid.load_state_dict(state["taid"])

@@ -1,0 +1,73 @@
+"""Reductions over a vocabulary split across the tensor-parallel group (the megatron-core pattern).
+
+Each tp rank holds a contiguous slice `[start, start + size)` of the vocabulary, so a logit row is
+`[tokens, V/tp]` there. Everything a loss needs per token is a handful of scalars: the global max
+(all-reduce MAX), the global sum of exponentials (all-reduce SUM), and the values at given global ids
+(masked local gather, all-reduce SUM). No function here ever gathers the vocabulary. The group is
+always passed in; nothing reads a global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of the vocabulary and the group that holds the other slices."""
+
+    start: int
+    size: int
+    group: Any  # the tensor-parallel process group (None: one process holds everything)
+
+    @classmethod
+    def of(cls, vocab_size: int, tp_rank: int, tp: int, group: Any) -> VocabShard:
+        size = vocab_size // tp
+        return cls(start=tp_rank * size, size=size, group=group)
+
+    def local(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ids `[...]` -> (local index clamped into range, mask of ids this rank holds)."""
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.size)
+        return local.clamp(0, self.size - 1), mine
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_max(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
+
+def log_softmax(logits: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Log-probabilities over the whole vocabulary of sharded `logits [c, V/tp]`, returned sharded."""
+    row_max = shard.all_max(logits.max(dim=-1).values)  # [c]
+    shifted = logits - row_max.unsqueeze(-1)
+    sum_exp = shard.all_sum(shifted.exp().sum(dim=-1))  # [c]
+    return shifted - sum_exp.log().unsqueeze(-1)
+
+
+def row_sum(values: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Sum over the whole vocabulary of sharded `values [c, V/tp]` -> `[c]`."""
+    return shard.all_sum(values.sum(dim=-1))
+
+
+def gather(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """`values [c, V/tp]` at global `ids [c, k]` (negative ids: padding, give 0) -> `[c, k]` on every rank."""
+    local, mine = shard.local(ids)
+    picked = values.gather(-1, local) * mine
+    return shard.all_sum(picked)
+
+
+def scatter(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard, out: torch.Tensor) -> torch.Tensor:
+    """Add `values [c, k]` at global `ids [c, k]` into this rank's `out [c, V/tp]` (ids held elsewhere
+    and negative padding ids are skipped). Ids of one row must be distinct."""
+    local, mine = shard.local(ids)
+    return out.scatter_add_(-1, local, values * mine)

@@ -1,0 +1,92 @@
+"""Dense single-process reference losses, written straight from ALGORITHMS.md with full-vocabulary
+tensors and autograd. The sharded, chunked, hand-differentiated losses are checked against these."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per row from log-probabilities (0 log 0 = 0)."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    skew: float = 0.1,
+    beta: float = 0.5,
+    tau: float = 0.0,
+) -> torch.Tensor:
+    """Per-token divergence `[N]` between dense student/teacher logits `[N, V]` at temperature T."""
+    lq = F.log_softmax(student_logits / temperature, -1)
+    lp = F.log_softmax(teacher_logits / temperature, -1)
+    q, p = lq.exp(), lp.exp()
+    if name == "forward_kl":
+        return _kl(lp, lq)
+    if name == "reverse_kl":
+        return _kl(lq, lp)
+    if name == "skew_forward_kl":
+        return _kl(lp, (skew * p + (1 - skew) * q).log())
+    if name == "skew_reverse_kl":
+        return _kl(lq, (skew * q + (1 - skew) * p).log())
+    if name == "jsd":
+        m = (beta * p + (1 - beta) * q).log()
+        return beta * _kl(lp, m) + (1 - beta) * _kl(lq, m)
+    if name == "taid":
+        p_tau = F.softmax(
+            (1 - tau) * (student_logits / temperature).detach() + tau * teacher_logits / temperature, -1
+        )
+        return -(p_tau * lq).sum(-1)
+    raise ValueError(name)
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(student_logits, labels, reduction="none")
+
+
+def topk_tail_forward_kl(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """sum_k p_k (log p_k - log q_k) + r (log r - log(1 - sum_k q_k)), q over the full vocabulary."""
+    q = F.softmax(student_logits / temperature, -1)
+    q_kept = q.gather(-1, ids)
+    p_kept = logprobs.exp()
+    student_tail = 1 - q_kept.sum(-1)
+    tail_term = torch.where(
+        tail > 0, tail * (tail.clamp_min(1e-30).log() - student_tail.clamp_min(1e-30).log()), 0.0
+    )
+    return (p_kept * (logprobs - q_kept.log())).sum(-1) + tail_term
+
+
+def sampled_cross_entropy(
+    student_logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy against the count-normalised target built as a dense vector."""
+    target = torch.zeros_like(student_logits)
+    valid = ids >= 0
+    target.scatter_add_(-1, ids.clamp_min(0), weights * valid)
+    return -(target * F.log_softmax(student_logits, -1)).sum(-1)
+
+
+def completed_teacher_logits(
+    ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, vocab: int, teacher_vocab: int
+) -> torch.Tensor:
+    """The documented completion of a top-k teacher: kept values, tail spread uniformly over the unkept
+    ids of the teacher's vocabulary, nothing beyond it."""
+    k = ids.shape[-1]
+    fill = (tail.clamp_min(1e-30) / max(teacher_vocab - k, 1)).log()
+    full = fill.unsqueeze(-1).repeat(1, vocab)
+    full[:, teacher_vocab:] = -1.0e4
+    full.scatter_(-1, ids, logprobs)
+    return full

@@ -72,6 +72,10 @@ def _kd_value_and_grad(
         )
     if name == "forward_kl" and teacher.kind == "sampled":
         return divergences.sampled_cross_entropy(u, teacher.ids[rows], teacher.weights[rows], shard)
+    if teacher.kind == "sampled":
+        raise ValueError(
+            f"loss term {name} needs the teacher's distribution; a sampled cache holds draws only (forward_kl)"
+        )
     if name == "taid":
         return divergences.taid_cross_entropy(u, s, teacher_logprobs(), tau, shard)
     return divergences.dense(

@@ -1,0 +1,87 @@
+"""Distillation training on real gloo processes: online vs cached teacher, layouts, TAID resume.
+
+argv: OUT_DIR WORK_DIR. WORK_DIR holds `online.yaml` (teacher.mode online), `cached.yaml` (top-k cache
+with k = V), `sampled.yaml` (RS-KD cache), all over the same data, student and teacher; the caches are
+built by `tests/test_distill.py` before the launch. Every run trains a few steps from the same initial
+student; the report has the per-step losses, term means and TAID's tau.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from distill.config import load_config
+from distill.training.trainer import StepResult, Trainer
+from parallel.distributed import init_parallel, shutdown
+from tests.distributed import report
+
+
+def summary(results: list[StepResult]) -> dict[str, list]:
+    return {
+        "loss": [r.loss for r in results],
+        "terms": [r.terms for r in results],
+        "tau": [r.tau for r in results],
+    }
+
+
+def trainer(work: Path, config_name: str, run: str, tp: int, pp: int, *overrides: str, fresh: bool = True) -> Trainer:
+    run_dir = work / "runs" / run
+    config = load_config(
+        work / config_name, [f"run.dir={run_dir}", f"parallel.tp={tp}", f"parallel.pp={pp}", *overrides]
+    )
+    ctx = init_parallel(tp, pp, seed=config.training.seed)
+    if fresh and ctx.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    return Trainer(config, ctx)
+
+
+def main() -> None:
+    out, work = sys.argv[1], Path(sys.argv[2])
+    found: dict[str, dict] = {}
+    fkl = ["loss.weights.ce=0.5", "loss.weights.forward_kl=1.0"]
+    for name, config, tp, pp in (
+        ("online_tp1pp1", "online.yaml", 1, 1),
+        ("online_tp2pp1", "online.yaml", 2, 1),
+        ("online_tp1pp2", "online.yaml", 1, 2),
+        ("cached_tp1pp1", "cached.yaml", 1, 1),
+        ("cached_tp2pp1", "cached.yaml", 2, 1),
+        ("cached_tp1pp2", "cached.yaml", 1, 2),
+    ):
+        found[name] = summary(trainer(work, config, name, tp, pp, *fkl).run())
+    found["sampled_tp2pp1"] = summary(
+        trainer(work, "sampled.yaml", "sampled", 2, 1, "loss.weights.forward_kl=1.0").run()
+    )
+    # every dense divergence and TAID at once, online at tp2 vs tp1 (the fused loss under tp, in training)
+    mix = [
+        "loss.weights.ce=0.2",
+        "loss.weights.reverse_kl=0.3",
+        "loss.weights.skew_forward_kl=0.2",
+        "loss.weights.skew_reverse_kl=0.2",
+        "loss.weights.jsd=0.3",
+        "loss.weights.taid=0.5",
+        "loss.temperature=2.0",
+    ]
+    found["mix_tp1pp1"] = summary(trainer(work, "online.yaml", "mix1", 1, 1, *mix).run())
+    found["mix_tp2pp1"] = summary(trainer(work, "online.yaml", "mix2", 2, 1, *mix).run())
+
+    # TAID: uninterrupted, then stopped after 2 steps (checkpoint) and resumed at another layout
+    taid = ["loss.weights.ce=0.0", "loss.weights.taid=1.0", "training.steps=5"]
+    found["taid_online"] = summary(trainer(work, "online.yaml", "taid_full", 1, 1, *taid).run())
+    found["taid_cached"] = summary(trainer(work, "cached.yaml", "taid_cached", 2, 1, *taid).run())
+    first = trainer(work, "online.yaml", "taid_resume", 1, 1, *taid)
+    stopped = [first.train_step(), first.train_step()]
+    first.save()
+    first.metrics.close()
+    resumed = trainer(work, "online.yaml", "taid_resume", 2, 1, *taid, fresh=False).run()
+    found["taid_resumed"] = summary(stopped + resumed)
+    report(out, dist.get_rank(), found)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The vocabulary-sharded fused losses at tp=2 against dense single-process references, in one launch.
+
+argv: OUT_DIR. Both ranks (gloo, a `new_group([0, 1])` as the tensor-parallel group) build the same
+seeded full tensors (generated in float64, cast to float32), keep their vocabulary slice of the
+student's output weight `[V, h] -> [V/2, h]` (and of the live teacher's), and run `fused_output_loss`
+on `VocabShard.of(V, rank, 2, group)` with `chunk_tokens` not dividing the token count. Each case is
+compared to the dense references of tests/loss_reference.py, evaluated locally in float64 on the full
+vocabulary from the same float32 values:
+
+- the loss per token (sum / N) and every unweighted per-term sum per token,
+- the gradient with respect to the (full, replicated) hidden states,
+- the gradient with respect to this rank's weight slice (the reference's gradient, sliced),
+- the value under `torch.no_grad` (the path without gradients) against the value with them.
+
+Cases: ce and every divergence against a live teacher at T = 1 and T = 2, a mixed weighting, top-k +
+tail with k < V (true top-k ids, and ids chosen so that some rows sit on one shard only) and k = V
+(against the dense forward KL), RS-KD draws with padding, TAID and JSD on the top-k completion
+(also with a teacher vocabulary smaller than the student's), and everything at once on a top-k
+teacher. Each rank reports the max abs errors per case, plus how the ids fall on the shards.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distill.losses.fused import Terms, fused_output_loss
+from distill.losses.teacher import LiveTeacher, SampledTeacher, Teacher, TopKTeacher
+from parallel.vocab import VocabShard
+from tests import loss_reference as ref
+from tests.distributed import report
+
+SEED = 20240611
+V, TEACHER_VOCAB, H, H_TEACHER, N, K, DRAWS = 48, 40, 16, 12, 30, 10, 8
+CHUNK = 7  # does not divide N
+TP = 2
+SKEW, BETA, TAU = 0.25, 0.3, 0.4  # not the defaults, so a parameter that is not passed on shows
+KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid")
+
+Reference = Callable[[torch.Tensor], torch.Tensor]  # dense student logits [N, V] (float64) -> [N]
+
+
+@dataclass
+class Data:
+    hidden: torch.Tensor  # [N, H] float32
+    weight: torch.Tensor  # [V, H]
+    labels: torch.Tensor  # [N]
+    teacher_hidden: torch.Tensor  # [N, H_TEACHER]
+    teacher_weight: torch.Tensor  # [V, H_TEACHER]
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:  # [N, V] float64
+        return self.teacher_hidden.double() @ self.teacher_weight.double().t()
+
+
+@dataclass
+class Case:
+    terms: Terms
+    teacher: Callable[[slice], Teacher | None]  # this rank's vocabulary slice -> the teacher signal
+    refs: dict[str, Reference]  # unweighted per-token reference of every term in terms.weights
+    tau: float = TAU  # TAID's interpolation parameter
+
+
+def make_data(seed: int = SEED) -> Data:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).float()
+
+    return Data(
+        hidden=randn(N, H),
+        weight=randn(V, H, scale=0.5),
+        labels=torch.randint(0, V, (N,), generator=gen),
+        teacher_hidden=randn(N, H_TEACHER),
+        teacher_weight=randn(V, H_TEACHER, scale=0.6),
+    )
+
+
+def topk_signal(
+    teacher_logits: torch.Tensor,
+    k: int,
+    *,
+    teacher_vocab: int = V,
+    temperature: float = 1.0,
+    ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a top-k cache holds: ids `[N, k]` (the k largest, unless given), their log-probs over the
+    teacher's vocabulary at `temperature` and the tail mass; float32 values."""
+    logprobs = F.log_softmax(teacher_logits[:, :teacher_vocab].double() / temperature, -1)
+    if ids is None:
+        ids = logprobs.topk(k, -1).indices
+    kept = logprobs.gather(-1, ids)
+    if k == teacher_vocab:
+        tail = torch.zeros(ids.shape[0], dtype=torch.float64)
+    else:
+        tail = (1 - kept.exp().sum(-1)).clamp_min(0)
+    return ids, kept.float(), tail.float()
+
+
+def one_shard_ids(gen: torch.Generator, k: int) -> torch.Tensor:
+    """Distinct ids per row: rows 0, 3, ... only on shard 0, rows 1, 4, ... only on shard 1, others anywhere."""
+    half = V // TP
+    rows = []
+    for i in range(N):
+        low, high = [(0, half), (half, V), (0, V)][i % 3]
+        rows.append(low + torch.randperm(high - low, generator=gen)[:k])
+    return torch.stack(rows)
+
+
+def sampled_signal(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """RS-KD draws: distinct ids per row, the last `i % 4` slots padding (-1, weight 0), weights count / n."""
+    ids = torch.stack([torch.randperm(V, generator=gen)[:DRAWS] for _ in range(N)])
+    counts = torch.randint(1, 5, (N, DRAWS), generator=gen).double()
+    for i in range(N):
+        pad = i % 4
+        if pad:
+            ids[i, -pad:] = -1
+            counts[i, -pad:] = 0
+    return ids, (counts / counts.sum(-1, keepdim=True)).float()
+
+
+def terms(weights: dict[str, float], temperature: float = 1.0) -> Terms:
+    return Terms(weights=weights, temperature=temperature, skew_alpha=SKEW, jsd_beta=BETA, chunk_tokens=CHUNK)
+
+
+def dense_ref(name: str, teacher_logits: torch.Tensor, temperature: float, tau: float = TAU) -> Reference:
+    def fn(zs: torch.Tensor) -> torch.Tensor:
+        return ref.divergence(
+            name, zs, teacher_logits.double(), temperature=temperature, skew=SKEW, beta=BETA, tau=tau
+        )
+
+    return fn
+
+
+def build_cases(data: Data) -> dict[str, Case]:
+    gen = torch.Generator().manual_seed(SEED + 1)
+    zt = data.teacher_logits
+    labels = data.labels
+
+    def live(sl: slice) -> Teacher:
+        return LiveTeacher(data.teacher_hidden, data.teacher_weight[sl])
+
+    def ce(zs: torch.Tensor) -> torch.Tensor:
+        return ref.cross_entropy(zs, labels)
+
+    cases: dict[str, Case] = {}
+    for t in (1.0, 2.0):
+        tag = f"T{t:g}"
+        cases[f"ce_{tag}"] = Case(terms({"ce": 1.0}, t), lambda sl: None, {"ce": ce})
+        for name in KD_TERMS:
+            cases[f"{name}_{tag}"] = Case(terms({name: 1.0}, t), live, {name: dense_ref(name, zt, t)})
+        cases[f"mixed_ce_forward_kl_jsd_{tag}"] = Case(
+            terms({"ce": 0.5, "forward_kl": 0.3, "jsd": 0.2}, t),
+            live,
+            {"ce": ce, "forward_kl": dense_ref("forward_kl", zt, t), "jsd": dense_ref("jsd", zt, t)},
+        )
+
+    def topk_case(signal: tuple[torch.Tensor, ...], t: float, vocab: int = V) -> Case:
+        ids, kept, tail = signal
+
+        def fkl(zs: torch.Tensor) -> torch.Tensor:
+            return ref.topk_tail_forward_kl(zs, ids, kept.double(), tail.double(), temperature=t)
+
+        return Case(
+            terms({"forward_kl": 1.0}, t), lambda sl: TopKTeacher(ids, kept, tail, vocab), {"forward_kl": fkl}
+        )
+
+    cases["topk_k10_T1"] = topk_case(topk_signal(zt, K), 1.0)
+    cases["topk_k10_T2"] = topk_case(topk_signal(zt, K, temperature=2.0), 2.0)
+    cases["topk_k10_one_shard_rows"] = topk_case(topk_signal(zt, K, ids=one_shard_ids(gen, K)), 1.0)
+    for t in (1.0, 2.0):  # k = V: no tail, exactly the dense forward KL
+        ids, kept, tail = topk_signal(zt, V, temperature=t)
+        cases[f"topk_kV_vs_dense_forward_kl_T{t:g}"] = Case(
+            terms({"forward_kl": 1.0}, t),
+            lambda sl, s=(ids, kept, tail): TopKTeacher(*s, V),
+            {"forward_kl": dense_ref("forward_kl", zt, t)},
+        )
+
+    # dense terms on the top-k completion (the cache's values are at T = 1 here)
+    def completion_case(names: dict[str, float], k: int, vocab: int, ids: torch.Tensor | None = None) -> Case:
+        ids, kept, tail = topk_signal(zt, k, teacher_vocab=vocab, ids=ids)
+        completed = ref.completed_teacher_logits(ids, kept.double(), tail.double(), V, vocab)
+        refs: dict[str, Reference] = {}
+        for name in names:
+            if name == "ce":
+                refs[name] = ce
+            elif name == "forward_kl":  # the sparse term, not the completion
+
+                def fkl(zs: torch.Tensor, s=(ids, kept, tail)) -> torch.Tensor:
+                    return ref.topk_tail_forward_kl(zs, s[0], s[1].double(), s[2].double(), temperature=1.0)
+
+                refs[name] = fkl
+            else:
+                refs[name] = dense_ref(name, completed, 1.0)
+        return Case(terms(names), lambda sl: TopKTeacher(ids, kept, tail, vocab), refs)
+
+    cases["taid_topk_k10"] = completion_case({"taid": 1.0}, K, V)
+    cases["taid_topk_k10_one_shard_rows"] = completion_case({"taid": 1.0}, K, V, ids=one_shard_ids(gen, K))
+    cases["taid_topk_kV_vs_dense"] = completion_case({"taid": 1.0}, V, V)
+    cases["taid_topk_kV_vs_dense"].refs["taid"] = dense_ref("taid", zt, 1.0)  # = against the live teacher
+    cases[f"taid_topk_k10_teacher_vocab{TEACHER_VOCAB}"] = completion_case({"taid": 1.0}, K, TEACHER_VOCAB)
+    cases[f"jsd_topk_k10_teacher_vocab{TEACHER_VOCAB}"] = completion_case({"jsd": 1.0}, K, TEACHER_VOCAB)
+    cases["mixed_all_topk_k10"] = completion_case(
+        {"ce": 0.2, "forward_kl": 0.3, "jsd": 0.1, "reverse_kl": 0.1, "taid": 0.3}, K, V
+    )
+
+    sampled_ids, sampled_weights = sampled_signal(gen)
+
+    def sampled_ce(zs: torch.Tensor) -> torch.Tensor:
+        return ref.sampled_cross_entropy(zs, sampled_ids, sampled_weights.double())
+
+    def sampled(sl: slice) -> Teacher:
+        return SampledTeacher(sampled_ids, sampled_weights)
+
+    cases["sampled"] = Case(terms({"forward_kl": 1.0}), sampled, {"forward_kl": sampled_ce})
+    cases["sampled_with_ce"] = Case(
+        terms({"ce": 0.4, "forward_kl": 0.6}), sampled, {"ce": ce, "forward_kl": sampled_ce}
+    )
+    return cases
+
+
+def run_case(case: Case, data: Data, shard: VocabShard) -> dict[str, float]:
+    sl = slice(shard.start, shard.start + shard.size)
+    hidden = data.hidden.clone().requires_grad_()
+    weight = data.weight[sl].clone().requires_grad_()
+    kwargs: dict[str, Any] = {
+        "terms": case.terms,
+        "shard": shard,
+        "teacher": case.teacher(sl),
+        "tau": case.tau,
+    }
+    loss, sums = fused_output_loss(hidden, weight, data.labels, **kwargs)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, [hidden, weight])
+    with torch.no_grad():
+        loss_no_grad, _ = fused_output_loss(hidden, weight, data.labels, **kwargs)
+
+    hidden64 = data.hidden.double().requires_grad_()
+    weight64 = data.weight.double().requires_grad_()
+    zs = hidden64 @ weight64.t()
+    temperature = case.terms.temperature
+    per_term = {name: fn(zs) for name, fn in case.refs.items()}
+    assert set(per_term) == set(case.terms.weights), (set(per_term), case.terms.weights)
+    total = sum(
+        w * (1.0 if name == "ce" else temperature**2) * per_term[name].sum()
+        for name, w in case.terms.weights.items()
+    )
+    ref_grad_hidden, ref_grad_weight = torch.autograd.grad(total, [hidden64, weight64])
+    return {
+        "loss_per_token": loss.item() / N,
+        "ref_loss_per_token": total.item() / N,
+        "loss_err": abs(loss.item() - total.item()) / N,
+        "term_err": max(abs(sums[name].item() - per_term[name].sum().item()) / N for name in per_term),
+        "grad_hidden_err": (grad_hidden.double() - ref_grad_hidden).abs().max().item(),
+        "grad_weight_err": (grad_weight.double() - ref_grad_weight[sl]).abs().max().item(),
+        "no_grad_err": abs(loss_no_grad.item() - loss.item()) / N,
+        "ref_grad_max": max(ref_grad_hidden.abs().max().item(), ref_grad_weight[sl].abs().max().item()),
+    }
+
+
+def shard_coverage(ids: torch.Tensor) -> dict[str, float]:
+    """Fractions of rows whose (non-padding) ids lie on both shards / on one only."""
+    valid = ids >= 0
+    low = ((ids < V // TP) & valid).any(-1)
+    high = ((ids >= V // TP) & valid).any(-1)
+    return {"both": (low & high).double().mean().item(), "one": (low ^ high).double().mean().item()}
+
+
+def main() -> None:
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert dist.get_world_size() == TP, dist.get_world_size()
+    group = dist.new_group(list(range(TP)))
+    shard = VocabShard.of(V, rank, TP, group)
+    torch.manual_seed(0)
+
+    data = make_data()
+    cases = build_cases(data)
+    results = {name: run_case(case, data, shard) for name, case in cases.items()}
+
+    coverage = {}
+    for name in ("topk_k10_T1", "topk_k10_one_shard_rows", "sampled"):
+        teacher = cases[name].teacher(slice(0, V))
+        coverage[name] = shard_coverage(teacher.ids)
+    coverage["labels"] = {"on_shard_0": (data.labels < V // TP).double().mean().item()}
+
+    report(out, rank, {"shard": [shard.start, shard.size], "results": results, "coverage": coverage})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,9 @@ def summary(results: list[StepResult]) -> dict[str, list]:
     }
 
 
-def trainer(work: Path, config_name: str, run: str, tp: int, pp: int, *overrides: str, fresh: bool = True) -> Trainer:
+def trainer(
+    work: Path, config_name: str, run: str, tp: int, pp: int, *overrides: str, fresh: bool = True
+) -> Trainer:
     run_dir = work / "runs" / run
     config = load_config(
         work / config_name, [f"run.dir={run_dir}", f"parallel.tp={tp}", f"parallel.pp={pp}", *overrides]

@@ -1,12 +1,16 @@
-"""Training step time: distillery (megatron-core GPTModel, DDP, pipeline schedule, our AdamW) vs the same
-model as plain Hugging Face `LlamaForCausalLM` with `torch.optim.AdamW`, side by side in one run.
+"""Training step time, side by side in one run:
+
+- distillery with CE only (megatron-core GPTModel, DDP, pipeline schedule, fused output-layer loss, our
+  AdamW) vs the same model as plain Hugging Face `LlamaForCausalLM` with `torch.optim.AdamW`;
+- distillery with cached KD (the demo's teacher cache, forward KL) vs distillery with CE;
+- distillery with the online teacher (the demo teacher run live, forward KL) vs distillery with CE.
 
     .venv/bin/python bench/train_step.py [--steps 12] [--config configs/demo.yaml]
 
-Both sides start from the same weights (the campaign's random student init), train on the same global
+All start from the same weights (the campaign's random student init) and train on the same global
 batches (gradient accumulation over the same micro-batches), clip gradients and step AdamW. Reported:
-median step seconds of each after warm-up and the ratio distillery / HF (< 1 means we are faster).
-Runs at tp1 pp1 in one process; uses the demo campaign's prepared data (built first if missing).
+median step seconds of each after warm-up and the ratios. Runs at tp1 pp1 in one process; uses the
+demo campaign's prepared data and cache (built first if missing).
 """
 
 from __future__ import annotations
@@ -59,41 +63,62 @@ def main() -> None:
     from distill.training.trainer import Trainer
     from parallel.distributed import init_parallel, shutdown
 
-    base = ensure_data_stages(args.config)
+    base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
+    variants = {
+        "ce": ["loss.weights.ce=1.0", "loss.weights.forward_kl=0.0"],
+        "cached_kd": ["loss.weights.ce=0.0", "loss.weights.forward_kl=1.0"],
+        "online_kd": [
+            "loss.weights.ce=0.0",
+            "loss.weights.forward_kl=1.0",
+            "cache=null",
+            "teacher.mode=online",
+            "teacher.parallel=null",
+        ],
+    }
+    ours: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(
-            args.config,
-            [
-                f"run.dir={tmp}",
-                f"data.dir={base.data.dir}",
-                f"training.steps={args.steps}",
-                "training.warmup_steps=1",
-                "training.log_interval=1000000",
-                "checkpoint.interval=1000000",
-                "parallel.tp=1",
-                "parallel.pp=1",
-            ],
-        ).model_copy(update={"cache": None, "teacher": None})  # CE only: the step without a teacher
-        ctx = init_parallel(1, 1, seed=config.training.seed)
-        trainer = Trainer(config, ctx)
-        ours = []
-        for _ in range(args.steps):
-            ours.append(trainer.train_step().seconds)
-        batches = [torch.from_numpy(trainer.batches.tokens(s, 0, 1)) for s in range(args.steps)]
-        theirs = hf_steps(
-            trainer.config.student.init_dir, batches, config.training.micro_batch, config.training
-        )
-        shutdown()
-    ours_s, theirs_s = statistics.median(ours[args.warmup :]), statistics.median(theirs[args.warmup :])
+        for name, overrides in variants.items():
+            config = load_config(
+                args.config,
+                [
+                    f"run.dir={tmp}/{name}",
+                    f"data.dir={base.data.dir}",
+                    f"student.init_dir={tmp}/student-init",
+                    f"training.steps={args.steps}",
+                    "training.warmup_steps=1",
+                    "training.log_interval=1000000",
+                    "training.eval_sequences=0",
+                    "checkpoint.interval=1000000",
+                    "parallel.tp=1",
+                    "parallel.pp=1",
+                    *([f"cache.dir={base.cache.dir}"] if name == "cached_kd" else []),
+                    *overrides,
+                ],
+            )
+            ctx = init_parallel(1, 1, seed=config.training.seed)
+            trainer = Trainer(config, ctx)
+            times = [trainer.train_step().seconds for _ in range(args.steps)]
+            ours[name] = statistics.median(times[args.warmup :])
+            if name == "ce":
+                rows = [trainer.batches.rows(s, 0, 1) for s in range(args.steps)]
+                batches = [torch.from_numpy(trainer.batches.tokens(r)) for r in rows]
+                arch, init_dir, seq_len = trainer.arch, config.student.init_dir, trainer.seq_len
+            shutdown()
+        theirs = hf_steps(init_dir, batches, config.training.micro_batch, config.training)
+    theirs_s = statistics.median(theirs[args.warmup :])
     result = {
-        "model_parameters": trainer.arch.num_parameters(),
+        "model_parameters": arch.num_parameters(),
         "global_batch": config.training.global_batch,
         "micro_batch": config.training.micro_batch,
-        "seq_len": trainer.seq_len,
+        "seq_len": seq_len,
         "steps_timed": args.steps - args.warmup,
-        "distillery_step_s": ours_s,
-        "hf_step_s": theirs_s,
-        "ratio_distillery_over_hf": ours_s / theirs_s,
+        "distillery_ce_step_s": ours["ce"],
+        "distillery_cached_kd_step_s": ours["cached_kd"],
+        "distillery_online_kd_step_s": ours["online_kd"],
+        "hf_ce_step_s": theirs_s,
+        "ratio_distillery_ce_over_hf": ours["ce"] / theirs_s,
+        "ratio_cached_kd_over_ce": ours["cached_kd"] / ours["ce"],
+        "ratio_online_kd_over_ce": ours["online_kd"] / ours["ce"],
     }
     write_result(args.out, result)
 

@@ -111,3 +111,65 @@ def test_bad_files_and_overrides(tmp_path):
     path = write_config(tmp_path / "c.yaml", minimal(tmp_path))
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(path, ["data.seq_len"])
+
+
+def training_tree(tmp_path: Path) -> dict:
+    tree = minimal(tmp_path)
+    tree.update(
+        student={"init": str(tmp_path / "student")},
+        training={"steps": 10, "global_batch": 4, "micro_batch": 2, "lr": 1e-3},
+        checkpoint={"dir": "${run.dir}/ckpt"},
+        logging={"metrics": "${run.dir}/m.jsonl"},
+    )
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"loss": {"weights": {"forward_kl": 1.0}}}, "loss.weights.forward_kl need a teacher"),
+        ({"teacher": {"path": "t"}}, "teacher.mode is 'cached' (the default), which needs a `cache` section"),
+        ({"cache": {"dir": "c"}}, "`cache` needs a `teacher` section"),
+        (
+            {"teacher": {"path": "t", "mode": "online"}, "cache": {"dir": "c"}},
+            "teacher.mode 'online' trains against the live teacher: remove the `cache` section",
+        ),
+        (
+            {"teacher": {"path": "t", "mode": "online", "parallel": {"tp": 2}}},
+            "teacher.parallel (tp 2, pp 1) differs from parallel (tp 1, pp 1)",
+        ),
+        (
+            {
+                "teacher": {"path": "t"},
+                "cache": {"dir": "c", "mode": "sampled"},
+                "loss": {"weights": {"jsd": 1.0, "forward_kl": 1.0}},
+            },
+            "loss.weights.jsd: a sampled (RS-KD) cache holds draws",
+        ),
+        (
+            {"teacher": {"path": "t"}, "cache": {"dir": "c", "temperature": 2.0}, "loss": {"weights": {"forward_kl": 1}}},
+            "loss.temperature (1.0) differs from cache.temperature (2.0)",
+        ),
+        ({"loss": {"weights": {"ce": 0.0}}}, "loss.weights: every loss weight is 0"),
+        ({"loss": {"taid": {"tau_start": 0.9, "tau_end": 0.5}}}, "loss.taid: tau_start 0.9 is above tau_end 0.5"),
+        ({"loss": {"weights": {"taid": -1}}}, "loss.weights.taid: Input should be greater than or equal to 0"),
+        ({"loss": {"chunk_tokens": 0}}, "loss: chunk_tokens must be positive or 'auto'"),
+    ],
+)
+def test_loss_and_teacher_errors_name_the_keys(tmp_path, change, expected):
+    tree = training_tree(tmp_path)
+    tree.update(change)
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path / "c.yaml", tree))
+    assert expected in str(err.value)
+
+
+def test_online_teacher_and_kd_weights_validate(tmp_path):
+    tree = training_tree(tmp_path)
+    tree.update(
+        teacher={"path": "t", "mode": "online"},
+        loss={"weights": {"ce": 0.5, "reverse_kl": 1.0, "taid": 0.5}, "temperature": 2.0},
+    )
+    config = load_config(write_config(tmp_path / "c.yaml", tree))
+    assert config.loss.weights.kd_terms() == {"reverse_kl": 1.0, "taid": 0.5}
+    assert config.teacher.layout.tp == 1

@@ -83,10 +83,12 @@ def _describe(exc: ValidationError, path: Path, overrides: Sequence[str]) -> str
             message = "unknown key" + _suggestion(loc)
         elif err["type"] == "missing":
             message = "required key is missing"
+        elif isinstance(err.get("input"), dict):  # a whole section's check: its message names the keys
+            message = err["msg"].removeprefix("Value error, ")
         else:
             message = f"{err['msg'].removeprefix('Value error, ')} (got {_short(err.get('input'))})"
         origin = " (from --set)" if any(key == k or key.startswith(k + ".") for k in override_keys) else ""
-        lines.append(f"  {key}: {message}{origin}")
+        lines.append(f"  {key or 'config'}: {message}{origin}")
     return f"{path}: invalid config\n" + "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ Every function takes the student's log-probabilities `u = log q` on this rank's 
 
 The caller turns `g_u` into the gradient with respect to the student's (scaled) logits through the
 log-softmax Jacobian, `dL/ds = g_u - q * sum_v g_u` (one more all-reduce per token), which is linear,
-so several weighted divergences share that step. Written this way, no loss needs autograd over a
+so several weighted divergences share that step. The cached signals' `g_u` is non-zero only at the
+kept ids: they return it as `Sparse` (global ids and values, the same on every rank), so a cached
+KD step costs about what a CE step costs (no extra `[c, V/tp]` temporaries). Written this way, no loss needs autograd over a
 `[tokens, V]` graph, and every formula holds unchanged when the vocabulary is split.
 
 Dense teachers arrive as log-probabilities `lt [c, V/tp]`; the cached signals as ids and values.
@@ -17,10 +19,23 @@ Dense teachers arrive as log-probabilities `lt [c, V/tp]`; the cached signals as
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from parallel.vocab import VocabShard, gather, log_softmax, row_sum, scatter
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """A gradient that is non-zero only at `ids [c, k]` (global; -1 = padding with value 0)."""
+
+    ids: torch.Tensor
+    values: torch.Tensor  # [c, k], identical on every tp rank
+
+    def scaled(self, factor: float) -> Sparse:
+        return Sparse(self.ids, self.values * factor)
+
 
 DENSE_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
 
@@ -98,14 +113,15 @@ def dense(
 
 def topk_tail_forward_kl(
     u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, shard: VocabShard
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, Sparse]]:
     """Forward KL over the k kept ids plus one tail bucket (ALGORITHMS.md, sparse teacher 1).
 
     ids, logprobs `[c, k]` (teacher log-probs over the full vocabulary), tail `[c]` = 1 - sum of kept p.
     The student's tail is the mass it puts on the unkept ids, `t = sum_{j not kept} q_j`, summed
     directly (not `1 - sum kept q`, which cancels catastrophically when the kept mass is near 1).
     The student is normalised over the whole vocabulary, never over the kept ids. With k = V the
-    tail is empty and this is the dense forward KL exactly.
+    tail is empty and this is the dense forward KL exactly. d/du: `-p` at kept ids (sparse), and
+    `-r q_j / t` at unkept ids (dense).
     """
     q = u.exp()
     p_kept = logprobs.exp()  # [c, k]
@@ -117,19 +133,18 @@ def topk_tail_forward_kl(
     tail_term = torch.where(has_tail, tail * (tail.clamp_min(1e-30).log() - student_tail.log()), 0.0)
     value = _xlogy_diff(p_kept, logprobs, u_kept).sum(-1) + tail_term
     ratio = torch.where(has_tail, tail / student_tail, 0.0)  # [c]
-    g_u = scatter(-p_kept, ids, shard, -ratio.unsqueeze(-1) * unkept_q)
-    return value, g_u
+    return value, (-ratio.unsqueeze(-1) * unkept_q, Sparse(ids, -p_kept))
 
 
 def sampled_cross_entropy(
     u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shard: VocabShard
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Sparse]:
     """RS-KD: -sum_i p_hat(i) log q(i) with p_hat = count / N (ids `[c, n]`, padding id -1 weight 0).
 
     The cross-entropy form: it equals KL(p_hat || q) plus the entropy of p_hat, which does not depend on
     the student, so the gradient is the KL's."""
     value = -(weights * gather(u, ids, shard)).sum(-1)
-    return value, scatter(-weights, ids, shard, torch.zeros_like(u))
+    return value, Sparse(ids, -weights)
 
 
 def taid_cross_entropy(

@@ -83,6 +83,32 @@ def _kd_value_and_grad(
     )
 
 
+def _through_log_softmax(
+    u: torch.Tensor,
+    dense: torch.Tensor | None,
+    sparse: list[divergences.Sparse],
+    shard: VocabShard,
+    temperature: float,
+    grad_z: torch.Tensor | None,
+) -> torch.Tensor:
+    """dL/dz from dL/du (dense part and sparse parts): `(g_u - q * sum_v g_u) / T`, added to `grad_z`."""
+    total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)  # sum_v g_u  [c]
+    if dense is not None:
+        total += row_sum(dense, shard)
+    for part in sparse:  # the values are the same on every rank: their sum is already global
+        total += part.values.sum(-1)
+    grad_s = u.exp().mul_(-total.unsqueeze(-1))  # [c, V/tp]
+    if dense is not None:
+        grad_s += dense
+    for part in sparse:
+        scatter(part.values, part.ids, shard, grad_s)
+    if temperature != 1.0:
+        grad_s /= temperature
+    if grad_z is None:
+        return grad_s
+    return grad_z.add_(grad_s)
+
+
 def chunked_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -113,7 +139,7 @@ def chunked_loss(
         h = hidden[rows].float()  # [c, h]
         z = h @ w32.t()  # [c, V/tp]
         total = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)  # [c]
-        grad_z = torch.zeros_like(z) if need_grad else None
+        grad_z: torch.Tensor | None = None
         u_t1 = None
         if ce_weight:
             u_t1 = log_softmax(z, shard)
@@ -121,25 +147,31 @@ def chunked_loss(
             ce = -gather(u_t1, target, shard).squeeze(-1)  # [c]
             total += ce_weight * ce
             sums["ce"] += ce.sum()
-            if grad_z is not None:
-                grad_z += ce_weight * u_t1.exp()
+            if need_grad:  # softmax - onehot
+                grad_z = u_t1.exp().mul_(ce_weight)
                 scatter(torch.full_like(target, -ce_weight, dtype=z.dtype), target, shard, grad_z)
         if kd:
             s = z / temperature if temperature != 1.0 else z
             u = u_t1 if (u_t1 is not None and temperature == 1.0) else log_softmax(s, shard)
-            g_u = torch.zeros_like(z) if need_grad else None
+            dense_g: torch.Tensor | None = None  # d/du of the weighted KD terms: dense part [c, V/tp]
+            sparse_g: list[divergences.Sparse] = []  # ... and parts at given ids
             dense_lt: dict[str, torch.Tensor] = {}
             scale = temperature * temperature
             for name, w in kd.items():
                 value, grad_u = _kd_value_and_grad(name, u, s, rows, teacher, terms, shard, tau, dense_lt)
                 total += (w * scale) * value
                 sums[name] += value.sum()
-                if g_u is not None:
-                    g_u += (w * scale) * grad_u
-            if grad_z is not None and g_u is not None:
-                # through log_softmax: dL/ds = g_u - q * sum(g_u); s = z / T
-                grad_s = g_u - u.exp() * row_sum(g_u, shard).unsqueeze(-1)
-                grad_z += grad_s / temperature
+                if not need_grad:
+                    continue
+                for part in grad_u if isinstance(grad_u, tuple) else (grad_u,):
+                    if isinstance(part, divergences.Sparse):
+                        sparse_g.append(part.scaled(w * scale))
+                    elif dense_g is None:
+                        dense_g = part * (w * scale)
+                    else:
+                        dense_g.add_(part, alpha=w * scale)
+            if need_grad:
+                grad_z = _through_log_softmax(u, dense_g, sparse_g, shard, temperature, grad_z)
         result.loss_sum += total.sum()
         if grad_z is not None:
             result.grad_hidden[rows] = grad_z @ w32  # [c, h]

@@ -22,14 +22,15 @@ class GlobalBatches:
         counts = [data.num_sequences(d) for d in data.domains]
         self.offsets = np.cumsum([0, *counts])  # [domains + 1]
         self.total = int(self.offsets[-1])
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # (epoch, permutation)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.total)
-            self._epoch = epoch
-        return self._perm
+        # one tuple, replaced whole: the cache reader's prefetch thread calls this too
+        cached = self._cached
+        if cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.total))
+            self._cached = cached
+        return cached[1]
 
     def global_ids(self, step: int) -> np.ndarray:
         """`[global_batch]` ids into the concatenated training sequences of all domains."""

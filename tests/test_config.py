@@ -147,12 +147,22 @@ def training_tree(tmp_path: Path) -> dict:
             "loss.weights.jsd: a sampled (RS-KD) cache holds draws",
         ),
         (
-            {"teacher": {"path": "t"}, "cache": {"dir": "c", "temperature": 2.0}, "loss": {"weights": {"forward_kl": 1}}},
+            {
+                "teacher": {"path": "t"},
+                "cache": {"dir": "c", "temperature": 2.0},
+                "loss": {"weights": {"forward_kl": 1}},
+            },
             "loss.temperature (1.0) differs from cache.temperature (2.0)",
         ),
         ({"loss": {"weights": {"ce": 0.0}}}, "loss.weights: every loss weight is 0"),
-        ({"loss": {"taid": {"tau_start": 0.9, "tau_end": 0.5}}}, "loss.taid: tau_start 0.9 is above tau_end 0.5"),
-        ({"loss": {"weights": {"taid": -1}}}, "loss.weights.taid: Input should be greater than or equal to 0"),
+        (
+            {"loss": {"taid": {"tau_start": 0.9, "tau_end": 0.5}}},
+            "loss.taid: tau_start 0.9 is above tau_end 0.5",
+        ),
+        (
+            {"loss": {"weights": {"taid": -1}}},
+            "loss.weights.taid: Input should be greater than or equal to 0",
+        ),
         ({"loss": {"chunk_tokens": 0}}, "loss: chunk_tokens must be positive or 'auto'"),
     ],
 )

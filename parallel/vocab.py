@@ -54,6 +54,15 @@ def log_softmax(logits: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return shifted - sum_exp.log().unsqueeze(-1)
 
 
+def log_softmax_(logits: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """`log_softmax`, computed in place in `logits` (the fused losses' chunk buffer): saves a
+    `[c, V/tp]` tensor per chunk."""
+    row_max = shard.all_max(logits.max(dim=-1).values)  # [c]
+    logits.sub_(row_max.unsqueeze(-1))
+    sum_exp = shard.all_sum(logits.exp().sum(dim=-1))  # [c] (the exp is a transient)
+    return logits.sub_(sum_exp.log().unsqueeze(-1))
+
+
 def row_sum(values: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """Sum over the whole vocabulary of sharded `values [c, V/tp]` -> `[c]`."""
     return shard.all_sum(values.sum(dim=-1))

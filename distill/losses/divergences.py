@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.vocab import VocabShard, gather, log_softmax, row_sum, scatter
+from parallel.vocab import VocabShard, gather, log_softmax_, row_sum
 
 
 @dataclass(frozen=True)
@@ -123,17 +123,18 @@ def topk_tail_forward_kl(
     tail is empty and this is the dense forward KL exactly. d/du: `-p` at kept ids (sparse), and
     `-r q_j / t` at unkept ids (dense).
     """
-    q = u.exp()
     p_kept = logprobs.exp()  # [c, k]
     u_kept = gather(u, ids, shard)  # [c, k]
-    kept = scatter(torch.ones_like(p_kept), ids, shard, torch.zeros_like(u))  # 1 at this rank's kept ids
-    unkept_q = q * (1 - kept)
+    unkept_q = u.exp()  # becomes q with this rank's kept ids zeroed  [c, V/tp]
+    local, mine = shard.local(ids)
+    # multiply by 0 at kept ids, by 1 at the clamped indices of ids held elsewhere (duplicates are safe)
+    unkept_q.scatter_reduce_(-1, local, (~mine).to(unkept_q.dtype), reduce="prod")
     student_tail = row_sum(unkept_q, shard).clamp_min(1e-30)  # [c]
     has_tail = tail > 0
     tail_term = torch.where(has_tail, tail * (tail.clamp_min(1e-30).log() - student_tail.log()), 0.0)
     value = _xlogy_diff(p_kept, logprobs, u_kept).sum(-1) + tail_term
     ratio = torch.where(has_tail, tail / student_tail, 0.0)  # [c]
-    return value, (-ratio.unsqueeze(-1) * unkept_q, Sparse(ids, -p_kept))
+    return value, (unkept_q.mul_(-ratio.unsqueeze(-1)), Sparse(ids, -p_kept))
 
 
 def sampled_cross_entropy(
@@ -148,12 +149,13 @@ def sampled_cross_entropy(
 
 
 def taid_cross_entropy(
-    u: torch.Tensor, s: torch.Tensor, teacher_logits: torch.Tensor, tau: float, shard: VocabShard
+    u: torch.Tensor, teacher_logits: torch.Tensor, tau: float, shard: VocabShard
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TAID: -sum p_tau log q with p_tau = softmax((1 - tau) sg(s) + tau z_t) (logit-space interpolation).
 
-    `s` is the student's scaled logits (any shift: softmax ignores it), `teacher_logits` the teacher's
-    (or its log-probs, equally good). The student side is detached, as in the reference."""
-    l_tau = log_softmax((1 - tau) * s.detach() + tau * teacher_logits, shard)
-    p_tau = l_tau.exp()
-    return -row_sum(p_tau * u, shard), -p_tau
+    The student's log-probs `u` stand in for its scaled logits `s` and the teacher's log-probs for its
+    logits: they differ by a per-token shift, which the softmax ignores. The student side is detached,
+    as in the reference."""
+    l_tau = log_softmax_((1 - tau) * u.detach() + tau * teacher_logits, shard)
+    p_tau = l_tau.exp_()
+    return -row_sum(p_tau * u, shard), p_tau.neg_()

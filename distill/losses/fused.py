@@ -19,7 +19,7 @@ import torch
 
 from distill.losses import divergences
 from distill.losses.teacher import Teacher
-from parallel.vocab import VocabShard, gather, log_softmax, row_sum, scatter
+from parallel.vocab import VocabShard, gather, log_softmax, log_softmax_, row_sum, scatter
 
 AUTO_CHUNK_BYTES = 16 << 20  # fp32 logits per chunk and rank when `chunk_tokens` is auto
 
@@ -51,15 +51,14 @@ class ChunkedResult:
 def _kd_value_and_grad(
     name: str,
     u: torch.Tensor,
-    s: torch.Tensor,
     rows: slice,
     teacher: Teacher,
     terms: Terms,
     shard: VocabShard,
     tau: float,
     dense_lt: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One KD term on one chunk: value `[c]` and d/du `[c, V/tp]`."""
+) -> tuple[torch.Tensor, Any]:
+    """One KD term on one chunk: value `[c]` and d/du (dense `[c, V/tp]`, `Sparse`, or both)."""
 
     def teacher_logprobs() -> torch.Tensor:  # computed once per chunk, shared by the dense terms
         if "lt" not in dense_lt:
@@ -77,36 +76,107 @@ def _kd_value_and_grad(
             f"loss term {name} needs the teacher's distribution; a sampled cache holds draws only (forward_kl)"
         )
     if name == "taid":
-        return divergences.taid_cross_entropy(u, s, teacher_logprobs(), tau, shard)
+        return divergences.taid_cross_entropy(u, teacher_logprobs(), tau, shard)
     return divergences.dense(
         name, u, teacher_logprobs(), shard, skew=terms.skew_alpha, jsd_beta=terms.jsd_beta
     )
 
 
-def _through_log_softmax(
+class _ChunkBuffers:
+    """Two `[chunk, V/tp]` fp32 buffers reused by every chunk of a call: the logits (then, in place, the
+    log-probs) and the logit gradient. Reusing them keeps the allocator from piling up freed chunks."""
+
+    def __init__(self, rows: int, vocab_local: int, device: torch.device) -> None:
+        self.logits = torch.empty(rows, vocab_local, dtype=torch.float32, device=device)
+        self.grad = torch.empty(rows, vocab_local, dtype=torch.float32, device=device)
+
+
+def _kd_grad(
     u: torch.Tensor,
     dense: torch.Tensor | None,
     sparse: list[divergences.Sparse],
     shard: VocabShard,
     temperature: float,
     grad_z: torch.Tensor | None,
+    buffer: torch.Tensor,
 ) -> torch.Tensor:
-    """dL/dz from dL/du (dense part and sparse parts): `(g_u - q * sum_v g_u) / T`, added to `grad_z`."""
+    """dL/dz of the KD terms from their dL/du (dense and sparse parts), `(g_u - q sum_v g_u) / T`,
+    added to `grad_z` (the CE part) or written into `buffer`."""
     total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)  # sum_v g_u  [c]
     if dense is not None:
         total += row_sum(dense, shard)
     for part in sparse:  # the values are the same on every rank: their sum is already global
         total += part.values.sum(-1)
-    grad_s = u.exp().mul_(-total.unsqueeze(-1))  # [c, V/tp]
+    scale = -total.unsqueeze(-1) / temperature
+    grad_s = u.exp() if grad_z is not None else torch.exp(u, out=buffer)
+    grad_s.mul_(scale)
     if dense is not None:
-        grad_s += dense
+        grad_s.add_(dense, alpha=1 / temperature)
     for part in sparse:
-        scatter(part.values, part.ids, shard, grad_s)
-    if temperature != 1.0:
-        grad_s /= temperature
-    if grad_z is None:
-        return grad_s
-    return grad_z.add_(grad_s)
+        scatter(part.values / temperature, part.ids, shard, grad_s)
+    return grad_s if grad_z is None else grad_z.add_(grad_s)
+
+
+def _chunk(
+    h: torch.Tensor,
+    w32: torch.Tensor,
+    labels: torch.Tensor,
+    rows: slice,
+    *,
+    terms: Terms,
+    shard: VocabShard,
+    teacher: Teacher | None,
+    tau: float,
+    sums: dict[str, torch.Tensor],
+    buffers: _ChunkBuffers,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weighted per-token loss `[c]` of one chunk and its gradient with respect to the logits."""
+    c, temperature = h.shape[0], terms.temperature
+    kd = {name: w for name, w in terms.weights.items() if name != "ce" and w > 0}
+    ce_weight = terms.weights.get("ce", 0.0)
+    z = torch.matmul(h, w32.t(), out=buffers.logits[:c])  # [c, V/tp]
+    total = torch.zeros(c, dtype=torch.float32, device=h.device)  # [c]
+    grad_z: torch.Tensor | None = None
+    u = None  # student log-probs at the temperature  [c, V/tp]
+    if ce_weight:
+        u_t1 = log_softmax(z, shard) if (kd and temperature != 1.0) else log_softmax_(z, shard)
+        target = labels.unsqueeze(-1)  # [c, 1]
+        ce = -gather(u_t1, target, shard).squeeze(-1)  # [c]
+        total += ce_weight * ce
+        sums["ce"] += ce.sum()
+        if need_grad:  # softmax - onehot
+            grad_z = torch.exp(u_t1, out=buffers.grad[:c]).mul_(ce_weight)
+            scatter(torch.full_like(target, -ce_weight, dtype=z.dtype), target, shard, grad_z)
+        if temperature == 1.0:
+            u = u_t1
+    if not kd:
+        return total, grad_z
+    if u is None:
+        u = log_softmax_(z.div_(temperature) if temperature != 1.0 else z, shard)
+    dense_g: torch.Tensor | None = None  # d/du of the weighted KD terms: dense part [c, V/tp]
+    sparse_g: list[divergences.Sparse] = []  # ... and parts at given ids
+    dense_lt: dict[str, torch.Tensor] = {}
+    scale = temperature * temperature
+    for name, w in kd.items():
+        assert teacher is not None
+        value, grad_u = _kd_value_and_grad(name, u, rows, teacher, terms, shard, tau, dense_lt)
+        total += (w * scale) * value
+        sums[name] += value.sum()
+        if not need_grad:
+            continue
+        for part in grad_u if isinstance(grad_u, tuple) else (grad_u,):
+            if isinstance(part, divergences.Sparse):
+                sparse_g.append(part.scaled(w * scale))
+            elif dense_g is None:
+                dense_g = part.mul_(w * scale)  # the divergence's own fresh tensor
+            else:
+                dense_g.add_(part, alpha=w * scale)
+        del grad_u
+    dense_lt.clear()
+    if need_grad:
+        grad_z = _kd_grad(u, dense_g, sparse_g, shard, temperature, grad_z, buffers.grad[:c])
+    return total, grad_z
 
 
 def chunked_loss(
@@ -123,58 +193,36 @@ def chunked_loss(
     """All terms over `hidden [N, h]` x `weight [V/tp, h]` against `labels [N]` (global ids) and the teacher."""
     n_tokens, _ = hidden.shape
     w32 = weight.float()  # [V/tp, h]
-    temperature = terms.temperature
-    kd = {name: w for name, w in terms.weights.items() if name != "ce" and w > 0}
-    ce_weight = terms.weights.get("ce", 0.0)
+    kd = [name for name, w in terms.weights.items() if name != "ce" and w > 0]
     if kd and teacher is None:
         raise ValueError(f"loss terms {', '.join(kd)} need a teacher signal")
     result = ChunkedResult(loss_sum=torch.zeros((), dtype=torch.float64))
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in ([*(["ce"] if ce_weight else []), *kd])}
+    names = [name for name, w in terms.weights.items() if w > 0]
+    sums = {name: torch.zeros((), dtype=torch.float64) for name in names}
     if need_grad:
         result.grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         result.grad_weight = torch.zeros_like(w32)
-    step = terms.chunk(shard.size)
+    step = min(terms.chunk(shard.size), n_tokens)
+    buffers = _ChunkBuffers(step, shard.size, hidden.device)
     for start in range(0, n_tokens, step):
         rows = slice(start, min(start + step, n_tokens))
         h = hidden[rows].float()  # [c, h]
-        z = h @ w32.t()  # [c, V/tp]
-        total = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)  # [c]
-        grad_z: torch.Tensor | None = None
-        u_t1 = None
-        if ce_weight:
-            u_t1 = log_softmax(z, shard)
-            target = labels[rows].unsqueeze(-1)  # [c, 1]
-            ce = -gather(u_t1, target, shard).squeeze(-1)  # [c]
-            total += ce_weight * ce
-            sums["ce"] += ce.sum()
-            if need_grad:  # softmax - onehot
-                grad_z = u_t1.exp().mul_(ce_weight)
-                scatter(torch.full_like(target, -ce_weight, dtype=z.dtype), target, shard, grad_z)
-        if kd:
-            s = z / temperature if temperature != 1.0 else z
-            u = u_t1 if (u_t1 is not None and temperature == 1.0) else log_softmax(s, shard)
-            dense_g: torch.Tensor | None = None  # d/du of the weighted KD terms: dense part [c, V/tp]
-            sparse_g: list[divergences.Sparse] = []  # ... and parts at given ids
-            dense_lt: dict[str, torch.Tensor] = {}
-            scale = temperature * temperature
-            for name, w in kd.items():
-                value, grad_u = _kd_value_and_grad(name, u, s, rows, teacher, terms, shard, tau, dense_lt)
-                total += (w * scale) * value
-                sums[name] += value.sum()
-                if not need_grad:
-                    continue
-                for part in grad_u if isinstance(grad_u, tuple) else (grad_u,):
-                    if isinstance(part, divergences.Sparse):
-                        sparse_g.append(part.scaled(w * scale))
-                    elif dense_g is None:
-                        dense_g = part * (w * scale)
-                    else:
-                        dense_g.add_(part, alpha=w * scale)
-            if need_grad:
-                grad_z = _through_log_softmax(u, dense_g, sparse_g, shard, temperature, grad_z)
+        total, grad_z = _chunk(
+            h,
+            w32,
+            labels[rows],
+            rows,
+            terms=terms,
+            shard=shard,
+            teacher=teacher,
+            tau=tau,
+            sums=sums,
+            buffers=buffers,
+            need_grad=need_grad,
+        )
         result.loss_sum += total.sum()
         if grad_z is not None:
-            result.grad_hidden[rows] = grad_z @ w32  # [c, h]
+            torch.matmul(grad_z, w32, out=result.grad_hidden[rows])  # [c, h]
             result.grad_weight.addmm_(grad_z.t(), h)  # [V/tp, h]
     if result.grad_hidden is not None:
         shard.all_sum(result.grad_hidden)  # each rank contributed its vocabulary slice
@@ -193,11 +241,15 @@ class _FusedOutputLoss(torch.autograd.Function):
         return result.loss_sum.to(torch.float32)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("the fused loss's backward runs once (it scales its saved gradients in place)")
+        ctx.consumed = True
+        grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: no second [V/tp, h] copy
         return (
-            (grad_hidden * grad_loss).to(ctx.hidden_dtype),
-            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            grad_hidden.mul_(grad_loss).to(ctx.hidden_dtype),
+            grad_weight.mul_(grad_loss).to(ctx.weight_dtype),
             None,
         )
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import REPO, ensure_data_stages, write_result
 
@@ -60,6 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from distill.config import load_config
+    from distill.training.ddk import DomainMixture
     from distill.training.trainer import Trainer
     from parallel.distributed import init_parallel, shutdown
 
@@ -100,8 +102,13 @@ def main() -> None:
             times = [trainer.train_step().seconds for _ in range(args.steps)]
             ours[name] = statistics.median(times[args.warmup :])
             if name == "ce":
-                rows = [trainer.batches.rows(s, 0, 1) for s in range(args.steps)]
-                batches = [torch.from_numpy(trainer.batches.tokens(r)) for r in rows]
+                mixture = DomainMixture(
+                    config.data.mixture, trainer.mixture.sampler.sizes_dict(), config.training.seed
+                )
+                rows = [mixture.next_batch(config.training.global_batch) for _ in range(args.steps)]
+                batches = [
+                    torch.from_numpy(np.stack([trainer.data.sequence(d, i) for d, i in r])) for r in rows
+                ]
                 arch, init_dir, seq_len = trainer.arch, config.student.init_dir, trainer.seq_len
             shutdown()
         theirs = hf_steps(init_dir, batches, config.training.micro_batch, config.training)

@@ -128,3 +128,22 @@ def test_taid_tau_schedule_cached_and_resumed(runs):
     assert cached["loss"] == pytest.approx(online["loss"], abs=CACHE_TOLERANCE)  # k = V: exact TAID
     assert resumed["tau"] == taus  # checkpointed tau, momentum and previous loss
     assert resumed["loss"] == pytest.approx(online["loss"], abs=1e-5)
+
+
+def test_ddk_weights_follow_the_ratio_and_a_resumed_run_draws_the_same(runs):
+    cached, online, resumed = runs["ddk_cached"], runs["ddk_online"], runs["ddk_resumed"]
+    updates = cached["updates"]
+    assert [u["step"] for u in updates] == [0, 2, 4]  # r_0 before training, then every interval
+    for update in updates:
+        weights = {k.split("/", 1)[1]: v for k, v in update.items() if k.startswith("mixture/")}
+        ratios = {k.split("/", 2)[2]: v for k, v in update.items() if k.startswith("ddk/ratio/")}
+        assert sum(weights.values()) == pytest.approx(1.0)
+        assert max(weights, key=weights.get) == max(ratios, key=ratios.get)  # the lagging domain leads
+    # the cache's stored next-token log-probs (k = V) give the live teacher's perplexities
+    teacher_cached, teacher_online = cached["mixture"]["teacher_ppl"], online["mixture"]["teacher_ppl"]
+    assert teacher_cached == pytest.approx(teacher_online, rel=2e-3)
+    assert resumed["loss"] == pytest.approx(cached["loss"], abs=1e-5)
+    after, expected = resumed["mixture"]["sampler"], cached["mixture"]["sampler"]
+    for key in ("cursor", "epoch", "counts", "drawn"):  # the same samples were drawn
+        assert after[key] == expected[key], key
+    assert after["weights"] == pytest.approx(expected["weights"], abs=1e-6)  # evaluated at another layout

@@ -100,6 +100,39 @@ class DomainConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
 
 
+class MixtureConfig(Section):
+    """How training batches draw from the domains (see distill/data/mixture.py).
+
+    natural: in proportion to each domain's training sequences; uniform: equal shares; static: the given
+    `weights`; ddk: domain-discrepancy weights (Liu et al. 2024) from the student/teacher held-out
+    perplexity ratio, updated every `interval` steps with factor-smooth `alpha`.
+    """
+
+    type: Literal["natural", "uniform", "static", "ddk"] = "natural"
+    weights: dict[str, float] | None = Field(
+        default=None, description="static: weight per domain (normalised; every domain named)."
+    )
+    interval: int = Field(default=50, gt=0, description="ddk: steps between weight updates (paper: 1000).")
+    alpha: float = Field(
+        default=0.5, ge=0, le=1, description="ddk: smoothing; 1 - alpha of uniform mixed in."
+    )
+    eval_sequences: int = Field(
+        default=32, gt=0, description="ddk: held-out sequences per domain per update."
+    )
+
+    @model_validator(mode="after")
+    def _weights(self) -> MixtureConfig:
+        if self.type == "static":
+            if not self.weights:
+                raise ValueError("type static needs `weights` (a weight per domain)")
+            bad = {k: v for k, v in self.weights.items() if v < 0}
+            if bad or sum(self.weights.values()) <= 0:
+                raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
+        elif self.weights is not None:
+            raise ValueError(f"`weights` applies to type static only (type is {self.type})")
+        return self
+
+
 class DataConfig(Section):
     """The `prepare` stage: stream, tokenize, pack into `seq_len + 1` token sequences, split held-out."""
 
@@ -125,6 +158,21 @@ class DataConfig(Section):
     checkpoint_seconds: float = Field(
         default=30.0, ge=0.0, description="How often progress is saved so an interrupted prepare resumes."
     )
+
+    mixture: MixtureConfig = MixtureConfig()
+
+    @model_validator(mode="after")
+    def _mixture_domains(self) -> DataConfig:
+        weights = self.mixture.weights
+        if weights is not None and set(weights) != set(self.domains):
+            missing, unknown = (
+                sorted(set(self.domains) - set(weights)),
+                sorted(set(weights) - set(self.domains)),
+            )
+            raise ValueError(
+                f"mixture.weights must name every domain exactly: missing {missing}, unknown {unknown}"
+            )
+        return self
 
     @field_validator("domains")
     @classmethod

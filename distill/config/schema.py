@@ -131,6 +131,11 @@ class CampaignConfig(Section):
                 )
 
     def _check_loss(self) -> None:
+        if self.trains and self.data.mixture.type == "ddk" and self.teacher is None:
+            raise ValueError(
+                "data.mixture.type ddk needs a `teacher` section: DDK weighs domains by the student/teacher "
+                "held-out perplexity ratio"
+            )
         kd = self.loss.weights.kd_terms()
         if not kd or not self.trains:
             return

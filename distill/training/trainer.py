@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import CampaignConfig
 from distill.config.loss import LossConfig, LossWeightsConfig
+from distill.data.mixture import rank_slice
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import load_tokenizer
 from distill.errors import DataError, OutputExistsError
@@ -34,7 +36,7 @@ from distill.metrics import MetricsLogger
 from distill.models.convert import checkpoint_meta, start_weights, tokenizer_of, write_random_student
 from distill.models.hf_io import HFCheckpoint
 from distill.models.hf_layout import Shard
-from distill.training.batches import GlobalBatches
+from distill.training.ddk import DomainMixture
 from distill.training.evaluate import heldout_cross_entropy
 from distill.training.objective import Objective
 from distill.training.optimizer import DistillOptimizer
@@ -55,6 +57,7 @@ class StepResult:
     seconds: float
     terms: dict[str, float]  # token-mean of each loss term (unweighted)
     tau: float | None = None  # TAID's tau used in this step
+    mixture: dict[str, float] | None = None  # DDK's evaluation and new weights, after this step
 
 
 def configured_arch(config: CampaignConfig) -> ModelArch:
@@ -146,13 +149,15 @@ class Trainer:
             shard=self.shard,
             total_steps=self.cfg.steps,
         )
-        self.batches = GlobalBatches(self.data, self.cfg.global_batch, self.cfg.seed)
+        sizes = {domain: self.data.num_sequences(domain) for domain in self.data.domains}
+        self.mixture = DomainMixture(config.data.mixture, sizes, self.cfg.seed)
         self.step = 0
         resume = latest_checkpoint(config.checkpoint.dir)
         if resume is not None:
             state = load_checkpoint(resume, model=model, optimizer=self.optimizer, ctx=ctx)["training_state"]
             self.step = int(state["step"])
             self.objective.load_state_dict(state.get("objective", {}))
+            self.mixture.load_state_dict(state["mixture"])
             self._say(f"train: resumed from {resume} at step {self.step}")
         elif kind == "checkpoint":
             load_checkpoint(source, model=model, optimizer=None, ctx=ctx)
@@ -162,7 +167,8 @@ class Trainer:
             self._say(
                 f"train: starting from {source} ({arch.num_parameters() / 1e6:.1f}M parameters, {ctx.dims})"
             )
-        self.teacher = self._open_teacher() if self.objective.needs_teacher else None
+        needs_teacher = self.objective.needs_teacher or self.mixture.is_ddk
+        self.teacher = self._open_teacher() if needs_teacher else None
         self.metrics = MetricsLogger(
             config.logging,
             enabled=ctx.is_main,
@@ -170,6 +176,11 @@ class Trainer:
             run_dir=config.run.dir,
             config=config.model_dump(mode="json"),
         )
+        if resume is None:
+            record = self.mixture.start(self._student_perplexity, self._teacher_perplexity)
+            if record is not None:
+                self.metrics.log(0, record)
+                self._say(f"train: DDK initial weights {self._weights_text()}")
 
     def _say(self, message: str) -> None:
         if self.ctx.is_main:
@@ -199,16 +210,39 @@ class Trainer:
             return online
         signal = open_cache(self.config, self.data, self.arch.vocab_size, self.ctx)
         self._say(f"train: teacher signal from cache {signal.directory} ({signal.mode})")
-        return CachedTeacher(signal, self._micro_batch_keys(), active=self.ctx.is_last_stage)
+        return CachedTeacher(signal, active=self.ctx.is_last_stage)
 
-    def _micro_batch_keys(self) -> Any:
-        """Cache keys of every micro-batch from the current step on, in the order the steps use them."""
-        for step in range(self.step, self.cfg.steps):
-            rows = self.batches.rows(step, self.ctx.dp_rank, self.ctx.dims.dp)
-            for first in range(0, len(rows), self.cfg.micro_batch):
-                yield [
-                    (domain, "train", index) for domain, index in rows[first : first + self.cfg.micro_batch]
-                ]
+    def _micro_batch_keys(self, rows: list[tuple[str, int]]) -> list[list[tuple[str, str, int]]]:
+        """Cache keys of this rank's micro-batches of a global batch."""
+        mine = rank_slice(rows, self.ctx.dp_rank, self.ctx.dims.dp)
+        keys = [(domain, "train", index) for domain, index in mine]
+        return [keys[i : i + self.cfg.micro_batch] for i in range(0, len(keys), self.cfg.micro_batch)]
+
+    def _weights_text(self) -> str:
+        return ", ".join(f"{d} {w:.3f}" for d, w in self.mixture.sampler.weights_dict().items())
+
+    def _student_perplexity(self, sequences: int | None = None) -> dict[str, float]:
+        """Held-out perplexity per domain (collective: every rank gets the same numbers)."""
+        ce = heldout_cross_entropy(
+            self.ddp,
+            self._forward_step,
+            self.eval_objective,
+            self.data,
+            self.ctx,
+            sequences=sequences or self.config.data.mixture.eval_sequences,
+            micro_batch=self.cfg.micro_batch,
+        )
+        return {domain: math.exp(value) for domain, value in ce.items()}
+
+    def _teacher_perplexity(self) -> dict[str, float]:
+        assert self.teacher is not None
+        ce = self.teacher.heldout_cross_entropy(
+            self.data,
+            self.eval_objective,
+            sequences=self.config.data.mixture.eval_sequences,
+            micro_batch=self.cfg.micro_batch,
+        )
+        return {domain: math.exp(value) for domain, value in ce.items()}
 
     def _forward_step(
         self,
@@ -226,10 +260,18 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         started = time.perf_counter()
-        rows = self.batches.rows(self.step, self.ctx.dp_rank, self.ctx.dims.dp)
-        tokens = torch.from_numpy(self.batches.tokens(rows)).to(self.ctx.device)
+        batch = self.mixture.next_batch(self.cfg.global_batch)  # the global batch, the same on every rank
+        rows = rank_slice(batch, self.ctx.dp_rank, self.ctx.dims.dp)
+        tokens = torch.from_numpy(np.stack([self.data.sequence(d, i) for d, i in rows])).to(self.ctx.device)
         micro = list(tokens.split(self.cfg.micro_batch))
-        teachers = self.teacher.for_step(micro) if self.teacher is not None else [None] * len(micro)
+        teachers: list[Teacher | None] = [None] * len(micro)
+        if isinstance(self.teacher, CachedTeacher) and self.objective.needs_teacher:
+            ahead = self.mixture.peek_batch(self.cfg.global_batch) if self.step + 1 < self.cfg.steps else None
+            teachers = self.teacher.for_step(
+                self._micro_batch_keys(batch), self._micro_batch_keys(ahead) if ahead else None
+            )
+        elif self.teacher is not None and self.objective.needs_teacher:
+            teachers = self.teacher.for_step(micro)
         tau = self.objective.tau if self.objective.taid is not None else None
         self.ddp.zero_grad_buffer()
         reports = run_schedule(
@@ -244,8 +286,10 @@ class Trainer:
         means, count = self._reduce_reports(reports)
         self.step += 1
         self.objective.after_step(means, self.step)
+        seconds = time.perf_counter() - started  # the step itself; a DDK evaluation is not training time
+        mixture = self.mixture.after_step(self.step, self._student_perplexity)
         loss = means.pop("loss")
-        return StepResult(self.step, loss, grad_norm, lr, count, time.perf_counter() - started, means, tau)
+        return StepResult(self.step, loss, grad_norm, lr, count, seconds, means, tau, mixture)
 
     def _reduce_reports(self, reports: list[dict]) -> tuple[dict[str, float], int]:
         """Global token means of the loss and each term: the last stage's sums (tp rank 0 only, so each
@@ -260,17 +304,8 @@ class Trainer:
         return {k: float(v) / tokens for k, v in zip(keys[:-1], sums[:-1], strict=True)}, int(tokens)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out perplexity per domain (every rank gets the same numbers)."""
-        ce = heldout_cross_entropy(
-            self.ddp,
-            self._forward_step,
-            self.eval_objective,
-            self.data,
-            self.ctx,
-            sequences=self.cfg.eval_sequences,
-            micro_batch=self.cfg.micro_batch,
-        )
-        return {domain: math.exp(value) for domain, value in ce.items()}
+        """Held-out perplexity per domain on `training.eval_sequences` sequences each."""
+        return self._student_perplexity(self.cfg.eval_sequences)
 
     def save(self) -> Path:
         assert self.config.checkpoint is not None
@@ -283,6 +318,7 @@ class Trainer:
                 "step": self.step,
                 "consumed_sequences": self.step * self.cfg.global_batch,
                 "objective": self.objective.state_dict(),
+                "mixture": self.mixture.state_dict(),
             },
             meta=checkpoint_meta(self.arch, self.config.run.name),
             ctx=self.ctx,
@@ -326,6 +362,9 @@ class Trainer:
             last = result.step == self.cfg.steps
             if result.step % self.cfg.log_interval == 0 or last:
                 self._log(result)
+            if result.mixture is not None:
+                self.metrics.log(result.step, result.mixture)
+                self._say(f"train: DDK weights at step {result.step}: {self._weights_text()}")
             if result.step % self.config.checkpoint.interval == 0 or last:
                 self.save()
             interval = self.cfg.eval_interval

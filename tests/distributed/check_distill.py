@@ -8,6 +8,7 @@ student; the report has the per-step losses, term means and TAID's tau.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -40,6 +41,11 @@ def trainer(
         shutil.rmtree(run_dir, ignore_errors=True)
     dist.barrier()
     return Trainer(config, ctx)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def main() -> None:
@@ -81,6 +87,30 @@ def main() -> None:
     first.metrics.close()
     resumed = trainer(work, "online.yaml", "taid_resume", 2, 1, *taid, fresh=False).run()
     found["taid_resumed"] = summary(stopped + resumed)
+
+    # DDK: weights from the cached and the live teacher's held-out perplexity, updated every 2 steps;
+    # stopped after 3 steps and resumed at another layout: the same samples, weights and losses
+    ddk = [
+        "data.mixture.type=ddk",
+        "data.mixture.interval=2",
+        "data.mixture.eval_sequences=2",
+        "training.steps=5",
+    ]
+    for name, config in (("ddk_cached", "cached.yaml"), ("ddk_online", "online.yaml")):
+        full = trainer(work, config, name, 1, 1, *fkl, *ddk)
+        found[name] = {
+            **summary(full.run()),
+            "mixture": full.mixture.state_dict(),
+            "updates": [
+                r for r in _metrics(work / "runs" / name) if any(k.startswith("mixture/") for k in r)
+            ],
+        }
+    first = trainer(work, "cached.yaml", "ddk_resume", 2, 1, *fkl, *ddk)
+    stopped = [first.train_step() for _ in range(3)]
+    first.save()
+    first.metrics.close()
+    again = trainer(work, "cached.yaml", "ddk_resume", 1, 2, *fkl, *ddk, fresh=False)
+    found["ddk_resumed"] = {**summary(stopped + again.run()), "mixture": again.mixture.state_dict()}
     report(out, dist.get_rank(), found)
     shutdown()
 

@@ -1,0 +1,124 @@
+"""The domain mixture of a training run: fixed weights, or DDK's domain-discrepancy reweighting.
+
+DDK (Liu et al. 2024; ALGORITHMS.md): the teacher's per-domain held-out perplexity `l_T` is computed
+once (from the cache's stored log-probs of the actual next tokens, or a pass of the online teacher) and
+kept in the training state. Every `interval` steps the student's per-domain held-out perplexity `l_S`
+is evaluated by the whole job and the weights move toward the domains where the student lags most
+relative to the teacher:
+
+    r_0     = softmax(l_S / l_T)
+    psi_i   = r_t[i] * exp(l_S[i] / l_T[i])
+    r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N          (factor-smooth update)
+
+The next `interval` steps sample domains with `r`. Weights, teacher perplexities and the sampler state
+are checkpointed, so a resumed run continues the same sequence of samples and weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from distill.config.data import MixtureConfig
+from distill.data.mixture import MixtureSampler, Row
+
+
+def ddk_initial(student_ppl: dict[str, float], teacher_ppl: dict[str, float]) -> dict[str, float]:
+    """r_0 = softmax(l_S / l_T)."""
+    domains = list(student_ppl)
+    ratio = np.array([student_ppl[d] / teacher_ppl[d] for d in domains])
+    e = np.exp(ratio - ratio.max())
+    return {d: float(v) for d, v in zip(domains, e / e.sum(), strict=True)}
+
+
+def ddk_update(
+    weights: dict[str, float], student_ppl: dict[str, float], teacher_ppl: dict[str, float], alpha: float
+) -> dict[str, float]:
+    """r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N with psi = r_t * exp(l_S / l_T)."""
+    domains = list(weights)
+    ratio = np.array([student_ppl[d] / teacher_ppl[d] for d in domains])
+    # psi / sum(psi) computed with the largest exponent factored out (ratios can be in the tens)
+    log_psi = np.log(np.maximum([weights[d] for d in domains], 1e-300)) + ratio
+    psi = np.exp(log_psi - log_psi.max())
+    new = alpha * psi / psi.sum() + (1 - alpha) / len(domains)
+    return {d: float(v) for d, v in zip(domains, new, strict=True)}
+
+
+def fixed_weights(config: MixtureConfig, sizes: dict[str, int]) -> dict[str, float]:
+    """The starting weights: natural (by size), uniform, static (as given); ddk starts uniform until r_0."""
+    if config.type == "natural":
+        return {d: float(n) for d, n in sizes.items()}
+    if config.type == "static":
+        assert config.weights is not None
+        return dict(config.weights)
+    return {d: 1.0 for d in sizes}
+
+
+class DomainMixture:
+    """The sampler plus the DDK schedule; `evaluate_student` / `evaluate_teacher` give held-out
+    perplexity per domain (collective calls: every rank runs them together)."""
+
+    def __init__(self, config: MixtureConfig, sizes: dict[str, int], seed: int) -> None:
+        self.config = config
+        self.sampler = MixtureSampler(sizes, fixed_weights(config, sizes), seed)
+        self.teacher_ppl: dict[str, float] | None = None
+        self.updates = 0
+
+    @property
+    def is_ddk(self) -> bool:
+        return self.config.type == "ddk"
+
+    def next_batch(self, global_batch: int) -> list[Row]:
+        return self.sampler.draw(global_batch)
+
+    def peek_batch(self, global_batch: int) -> list[Row]:
+        return self.sampler.peek(global_batch)
+
+    def start(
+        self,
+        evaluate_student: Callable[[], dict[str, float]],
+        evaluate_teacher: Callable[[], dict[str, float]],
+    ) -> dict[str, Any] | None:
+        """Before the first step of a fresh run: DDK's teacher perplexities and r_0. Returns what to log."""
+        if not self.is_ddk:
+            return None
+        self.teacher_ppl = evaluate_teacher()
+        student = evaluate_student()
+        self.sampler.set_weights(ddk_initial(student, self.teacher_ppl))
+        return self._record(student)
+
+    def after_step(
+        self, step: int, evaluate_student: Callable[[], dict[str, float]]
+    ) -> dict[str, Any] | None:
+        """Every `interval` steps under DDK: evaluate, update the weights. Returns what to log."""
+        if not self.is_ddk or step % self.config.interval:
+            return None
+        assert self.teacher_ppl is not None
+        student = evaluate_student()
+        weights = ddk_update(self.sampler.weights_dict(), student, self.teacher_ppl, self.config.alpha)
+        self.sampler.set_weights(weights)
+        self.updates += 1
+        return self._record(student)
+
+    def _record(self, student: dict[str, float]) -> dict[str, Any]:
+        assert self.teacher_ppl is not None
+        record: dict[str, Any] = {}
+        for domain, weight in self.sampler.weights_dict().items():
+            record[f"mixture/{domain}"] = weight
+            record[f"ddk/student_ppl/{domain}"] = student[domain]
+            record[f"ddk/ratio/{domain}"] = student[domain] / self.teacher_ppl[domain]
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "teacher_ppl": self.teacher_ppl,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.teacher_ppl = state.get("teacher_ppl")
+        self.updates = int(state.get("updates", 0))

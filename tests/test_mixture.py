@@ -1,0 +1,124 @@
+"""The domain mixture sampler and DDK's weight update, against direct implementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from distill.data.mixture import MixtureSampler, rank_slice
+from distill.errors import DataError
+from distill.training.ddk import DomainMixture, ddk_initial, ddk_update
+
+SIZES = {"code": 37, "legal": 11, "docs": 5, "multilingual": 23}
+WEIGHTS = {"code": 0.5, "legal": 0.2, "docs": 0.25, "multilingual": 0.05}
+
+
+def test_proportions_track_the_weights_within_about_one_over_n():
+    sampler = MixtureSampler(SIZES, WEIGHTS, seed=3)
+    counts = dict.fromkeys(SIZES, 0)
+    for n in range(1, 401):
+        domain, _ = sampler.draw(1)[0]
+        counts[domain] += 1
+        for d, w in WEIGHTS.items():
+            assert abs(counts[d] / n - w) <= 1.0 / n + 1e-12, (n, d)
+
+
+def test_each_domain_is_read_without_repetition_then_reshuffled():
+    sampler = MixtureSampler(SIZES, WEIGHTS, seed=3)
+    rows = sampler.draw(2000)
+    for domain, size in SIZES.items():
+        seen = [i for d, i in rows if d == domain]
+        epochs = [seen[k : k + size] for k in range(0, len(seen) - size + 1, size)]
+        assert len(epochs) >= 2, domain
+        for epoch in epochs:
+            assert sorted(epoch) == list(range(size)), domain  # a permutation: no repeat within an epoch
+        assert epochs[0] != epochs[1], domain  # a new order each epoch
+
+
+def test_resume_from_state_draws_the_same_samples():
+    uninterrupted = MixtureSampler(SIZES, WEIGHTS, seed=11)
+    expected = [uninterrupted.draw(16) for _ in range(30)]
+    first = MixtureSampler(SIZES, WEIGHTS, seed=11)
+    got = [first.draw(16) for _ in range(7)]
+    first.set_weights(WEIGHTS)  # a weight change resets the greedy counts; state keeps them
+    state = first.state_dict()
+    resumed = MixtureSampler(SIZES, {d: 1.0 for d in SIZES}, seed=11)
+    resumed.load_state_dict(state)
+    got += [resumed.draw(16) for _ in range(23)]
+    restarted = MixtureSampler(SIZES, WEIGHTS, seed=11)
+    [restarted.draw(16) for _ in range(7)]
+    restarted.set_weights(WEIGHTS)
+    assert got[7:] == [restarted.draw(16) for _ in range(23)]
+    assert got[:7] == expected[:7]
+
+
+def test_peek_does_not_advance_and_equals_the_next_draw():
+    sampler = MixtureSampler(SIZES, WEIGHTS, seed=5)
+    sampler.draw(40)
+    ahead = sampler.peek(32)
+    assert sampler.peek(32) == ahead and sampler.draw(32) == ahead
+
+
+def test_data_parallel_slices_are_disjoint_and_make_the_dp1_batch():
+    batch = MixtureSampler(SIZES, WEIGHTS, seed=1).draw(12)
+    for dp in (1, 2, 3, 4):
+        parts = [rank_slice(batch, r, dp) for r in range(dp)]
+        assert [row for part in parts for row in part] == batch
+
+
+def test_zero_weight_domains_are_never_drawn_and_bad_weights_refused():
+    sampler = MixtureSampler(SIZES, {**WEIGHTS, "docs": 0.0}, seed=0)
+    assert all(d != "docs" for d, _ in sampler.draw(300))
+    with pytest.raises(DataError, match="data has domains"):
+        sampler.set_weights({"code": 1.0})
+    with pytest.raises(DataError, match="no training sequences"):
+        MixtureSampler({**SIZES, "empty": 0}, {**WEIGHTS, "empty": 0.1}, seed=0)
+
+
+def test_ddk_update_equals_the_formula():
+    student = {"code": 93.7, "legal": 217.0, "docs": 270.7, "multilingual": 840.2}
+    teacher = {"code": 10.6, "legal": 34.9, "docs": 32.4, "multilingual": 115.9}
+    r0 = ddk_initial(student, teacher)
+    ratios = {d: student[d] / teacher[d] for d in student}
+    z = sum(math.exp(v) for v in ratios.values())
+    assert r0 == pytest.approx({d: math.exp(v) / z for d, v in ratios.items()}, rel=1e-12)
+    weights = {"code": 0.1, "legal": 0.2, "docs": 0.3, "multilingual": 0.4}
+    psi = {d: weights[d] * math.exp(ratios[d]) for d in weights}
+    total = sum(psi.values())
+    expected = {d: 0.5 * psi[d] / total + 0.5 / 4 for d in weights}
+    assert ddk_update(weights, student, teacher, alpha=0.5) == pytest.approx(expected, rel=1e-12)
+    assert sum(ddk_update(weights, student, teacher, alpha=0.3).values()) == pytest.approx(1.0)
+    # the most lagging domain (largest student/teacher ratio) gains weight
+    lagging = max(ratios, key=ratios.get)
+    assert ddk_update(weights, student, teacher, 0.5)[lagging] > weights[lagging]
+
+
+def test_ddk_mixture_starts_from_r0_and_updates_on_its_interval():
+    from distill.config.data import MixtureConfig
+
+    config = MixtureConfig(type="ddk", interval=3, alpha=0.5)
+    mixture = DomainMixture(config, SIZES, seed=0)
+    student = {"code": 50.0, "legal": 40.0, "docs": 30.0, "multilingual": 20.0}
+    teacher = dict.fromkeys(SIZES, 10.0)
+    record = mixture.start(lambda: student, lambda: teacher)
+    assert mixture.sampler.weights_dict() == pytest.approx(ddk_initial(student, teacher))
+    assert record["ddk/ratio/code"] == pytest.approx(5.0)
+    assert mixture.after_step(2, lambda: student) is None
+    before = mixture.sampler.weights_dict()
+    assert mixture.after_step(3, lambda: student) is not None
+    assert mixture.sampler.weights_dict() == pytest.approx(ddk_update(before, student, teacher, 0.5))
+    again = DomainMixture(config, SIZES, seed=0)
+    again.load_state_dict(mixture.state_dict())
+    assert again.peek_batch(8) == mixture.peek_batch(8) and again.teacher_ppl == teacher
+
+
+def test_natural_and_uniform_weights():
+    from distill.config.data import MixtureConfig
+
+    natural = DomainMixture(MixtureConfig(), SIZES, seed=0).sampler.weights_dict()
+    total = sum(SIZES.values())
+    assert natural == pytest.approx({d: n / total for d, n in SIZES.items()})
+    uniform = DomainMixture(MixtureConfig(type="uniform"), SIZES, seed=0).sampler.weights_dict()
+    assert np.allclose(list(uniform.values()), 0.25)

@@ -183,3 +183,22 @@ def test_online_teacher_and_kd_weights_validate(tmp_path):
     config = load_config(write_config(tmp_path / "c.yaml", tree))
     assert config.loss.weights.kd_terms() == {"reverse_kl": 1.0, "taid": 0.5}
     assert config.teacher.layout.tp == 1
+
+
+@pytest.mark.parametrize(
+    ("mixture", "expected"),
+    [
+        ({"type": "static"}, "data.mixture: type static needs `weights`"),
+        ({"type": "static", "weights": {"code": -1.0}}, "weights must be >= 0 with a positive sum"),
+        ({"type": "uniform", "weights": {"code": 1.0}}, "`weights` applies to type static only"),
+        ({"type": "static", "weights": {"code": 1.0, "prose": 1.0}}, "missing [], unknown ['prose']"),
+        ({"type": "ddk", "interval": 0}, "data.mixture.interval: Input should be greater than 0"),
+        ({"type": "ddk"}, "data.mixture.type ddk needs a `teacher` section"),
+    ],
+)
+def test_mixture_errors_name_the_keys(tmp_path, mixture, expected):
+    tree = training_tree(tmp_path)
+    tree["data"]["mixture"] = mixture
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path / "c.yaml", tree))
+    assert expected in str(err.value)

@@ -103,7 +103,9 @@ def test_ddk_mixture_starts_from_r0_and_updates_on_its_interval():
     student = {"code": 50.0, "legal": 40.0, "docs": 30.0, "multilingual": 20.0}
     teacher = dict.fromkeys(SIZES, 10.0)
     record = mixture.start(lambda: student, lambda: teacher)
-    assert mixture.sampler.weights_dict() == pytest.approx(ddk_initial(student, teacher))
+    r0 = ddk_initial(student, teacher, alpha=0.5)
+    assert mixture.sampler.weights_dict() == pytest.approx(r0)
+    assert r0 == pytest.approx({d: 0.5 * w + 0.125 for d, w in ddk_initial(student, teacher).items()})
     assert record["ddk/ratio/code"] == pytest.approx(5.0)
     assert mixture.after_step(2, lambda: student) is None
     before = mixture.sampler.weights_dict()

@@ -42,8 +42,13 @@ def read_cache_manifest(directory: Path) -> dict[str, Any]:
             f"{directory} holds no complete teacher cache (no {MANIFEST}); run `distillery cache`"
         )
     manifest = read_json(path)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise DataError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise DataError(
+            f"{directory} is a teacher cache of format v{manifest.get('version')}; this distillery reads "
+            f"v{VERSION}: rebuild it (`distillery cache CONFIG --overwrite`)"
+        )
     return manifest
 
 

@@ -116,6 +116,7 @@ class CacheWriter:
             else {"samples": cfg.samples, "seed": cfg.seed}
         )
         return {
+            "format_version": VERSION,  # a half-written cache of another format version is not resumed
             "mode": cfg.mode,
             **params,
             "teacher_sha256": teacher_sha,
@@ -317,11 +318,7 @@ class CacheWriter:
                 "record_bytes": layout.record_bytes,
             }
         sampled = SampledLayout(self.arch.vocab_size, self.cfg.samples)
-        return {
-            "id_bits": sampled.id_bits,
-            "entry_bytes": sampled.entry_bytes,
-            "count_bits": sampled.count_bits,
-        }
+        return {"id_bits": sampled.id_bits, "id_bytes": sampled.id_bytes, "encoding": "delta+zlib"}
 
 
 class _ShardSink:

@@ -6,9 +6,13 @@ kept in the training state. Every `interval` steps the student's per-domain held
 is evaluated by the whole job and the weights move toward the domains where the student lags most
 relative to the teacher:
 
-    r_0     = softmax(l_S / l_T)
+    r_0     = alpha * softmax(l_S / l_T) + (1 - alpha) / N
     psi_i   = r_t[i] * exp(l_S[i] / l_T[i])
     r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N          (factor-smooth update)
+
+r_0 gets the same smoothing as every update (the paper's r_0 is the bare softmax): a student far from
+the teacher, such as a random initialisation whose ratios are in the hundreds, would otherwise spend
+its first interval on a single domain.
 
 The next `interval` steps sample domains with `r`. Weights, teacher perplexities and the sampler state
 are checkpointed, so a resumed run continues the same sequence of samples and weights.
@@ -25,12 +29,15 @@ from distill.config.data import MixtureConfig
 from distill.data.mixture import MixtureSampler, Row
 
 
-def ddk_initial(student_ppl: dict[str, float], teacher_ppl: dict[str, float]) -> dict[str, float]:
-    """r_0 = softmax(l_S / l_T)."""
+def ddk_initial(
+    student_ppl: dict[str, float], teacher_ppl: dict[str, float], alpha: float = 1.0
+) -> dict[str, float]:
+    """r_0 = alpha * softmax(l_S / l_T) + (1 - alpha) / N (alpha = 1: the paper's r_0)."""
     domains = list(student_ppl)
     ratio = np.array([student_ppl[d] / teacher_ppl[d] for d in domains])
     e = np.exp(ratio - ratio.max())
-    return {d: float(v) for d, v in zip(domains, e / e.sum(), strict=True)}
+    r0 = alpha * e / e.sum() + (1 - alpha) / len(domains)
+    return {d: float(v) for d, v in zip(domains, r0, strict=True)}
 
 
 def ddk_update(
@@ -86,7 +93,7 @@ class DomainMixture:
             return None
         self.teacher_ppl = evaluate_teacher()
         student = evaluate_student()
-        self.sampler.set_weights(ddk_initial(student, self.teacher_ppl))
+        self.sampler.set_weights(ddk_initial(student, self.teacher_ppl, self.config.alpha))
         return self._record(student)
 
     def after_step(

@@ -21,7 +21,7 @@ value quantization.
 
 **sampled** (RS-KD; variable-size records): N ids drawn with replacement from p at T = 1, kept as the
 distinct ids with their counts; the target distribution is count / N (unbiased for p). One sequence of
-L positions is one zlib stream (level 9, deterministic) of these columns:
+L positions is one zlib stream (level 6, deterministic) of these columns:
     L bytes        uint8    u_t       number of distinct ids at each position (1 <= u_t <= N <= 255)
     2L bytes       float16  target_t  log p(actual next token) at T = 1
     id_bytes planes of sum(u_t) bytes: the ids, position by position, ascending, delta-coded (the
@@ -175,7 +175,7 @@ def encode_sampled(
             counts.astype(np.uint8).tobytes(),
         ]
     )
-    return zlib.compress(payload, 9)
+    return zlib.compress(payload, 6)
 
 
 def decode_sampled(raw: np.ndarray, positions: int, layout: SampledLayout) -> dict[str, np.ndarray]:

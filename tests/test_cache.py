@@ -307,6 +307,7 @@ def _training_sets(tmp_path: Path) -> list[str]:
         "training.global_batch=4",
         "training.micro_batch=2",
         "training.lr=1e-3",
+        "loss.weights.forward_kl=1.0",  # trains on the cache, so it must check it
         f"checkpoint.dir={tmp_path / 'ckpt'}",
         f"logging.metrics={tmp_path / 'metrics.jsonl'}",
     ]
@@ -316,13 +317,14 @@ def _training_sets(tmp_path: Path) -> list[str]:
 def test_cache_of_other_prepared_data_is_refused(
     cache_work, tmp_path, prepared_small, small_corpus, tokenizer_dir
 ):
+    from distill.cache.format import VERSION
     from distill.config import load_config
     from distill.data.prepare import prepare
     from tests.conftest import prepare_tree
 
     manifest = {
         "format": "distillery.cache",
-        "version": 1,
+        "version": VERSION,
         "shards": [],
         "spec": {
             "mode": "topk",
@@ -354,6 +356,11 @@ def test_cache_of_other_prepared_data_is_refused(
         same = PreparedData(Path(prepared_small["data"]["dir"]))
         CachedSignal(
             tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=600
+        )
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps({**manifest, "version": VERSION - 1}))
+    with pytest.raises(DataError, match=rf"format v{VERSION - 1}; this distillery reads v{VERSION}: rebuild"):
+        CachedSignal(
+            tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=640
         )
     shutil.rmtree(tmp_path / "cache")
 

@@ -68,34 +68,58 @@ def topk_with_tail(
     return ids, logprobs, tail, target_lp
 
 
+SAMPLE_BLOCK = 64  # vocabulary entries per block of the two-level inverse CDF
+
+
 def sample_ids(
     logits: torch.Tensor, uniforms: torch.Tensor, *, target: torch.Tensor, vocab_start: int, group: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws from softmax(logits) (T = 1) by inverse CDF of the given uniforms `[N, n]` -> ids `[N, n]`,
-    and log p(target) `[N]`."""
+    and log p(target) `[N]`.
+
+    The CDF is over the unnormalised weights `exp(z - max)` (the global max is exact, so the weights are
+    bitwise the same at any tp) and is two-level: a float64 cumulative sum over the sums of blocks of
+    `SAMPLE_BLOCK` ids, then a float64 cumulative sum inside the one block a draw lands in (a draw past
+    the inner total by float64 rounding takes the block's last id). Each draw is `u * total mass`; rank r
+    owns the draws in its slice of the mass. Sums are float64, so tp layouts agree on every draw
+    except with probability ~1e-16 per draw, and only a `[c, V/tp / 64]` cumulative sum is built instead
+    of a float64 copy of the whole `[c, V/tp]` chunk."""
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     out = torch.empty(uniforms.shape, dtype=torch.int64, device=logits.device)
     target_lp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    vocab_local = logits.shape[-1]
+    block = SAMPLE_BLOCK if vocab_local % SAMPLE_BLOCK == 0 else vocab_local
     for lo in range(0, logits.shape[0], CHUNK_TOKENS):
-        # float64: the cumulative sums then agree across tp layouts to ~1e-16, so the same uniforms
-        # give the same draws at any layout (float32 flips a draw in a few percent of sequences)
-        z = logits[lo : lo + CHUNK_TOKENS].double()
-        e, m, lse = _normalize(z, group)
+        z = logits[lo : lo + CHUNK_TOKENS].float()  # [c, V/tp]
+        c = z.shape[0]
+        m = z.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         picked = _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group)
-        target_lp[lo : lo + CHUNK_TOKENS] = (picked - lse).float()
-        p = e.mul_((m - lse).exp().unsqueeze(-1))  # this rank's slice of the distribution [c, V/tp]
-        mass = p.sum(dim=-1)
+        e = (z - m.unsqueeze(-1)).exp_()  # unnormalised weights [c, V/tp]
+        # float64 block sums: an ulp of difference in one small weight (teacher logits at another tp
+        # may differ in the last bit) then moves the CDF by that weight's ulp, not by a float32 ulp
+        # of the whole block. (Convert, then sum: `sum(dtype=float64)` is 30x slower on CPU.)
+        blocks = e.double().view(c, -1, block).sum(dim=-1)  # [c, V/tp / block]
+        block_cdf = torch.cumsum(blocks, dim=-1)
+        mass = block_cdf[:, -1].contiguous()  # this rank's share [c]
         masses = [torch.empty_like(mass) for _ in range(tp)]
         dist.all_gather(masses, mass, group=group)
-        starts = torch.cumsum(torch.stack([torch.zeros_like(mass), *masses[:-1]]), dim=0)  # [tp, c]
-        u = uniforms[lo : lo + CHUNK_TOKENS].double()
-        start = starts[rank].unsqueeze(-1)
-        mine = u >= start
+        stacked = torch.stack(masses)  # [tp, c]
+        total = stacked.sum(dim=0)
+        target_lp[lo : lo + CHUNK_TOKENS] = (picked - m - total.log()).float()
+        start = (torch.cumsum(stacked, dim=0) - stacked)[rank].unsqueeze(-1)  # [c, 1]
+        t = uniforms[lo : lo + CHUNK_TOKENS].double() * total.unsqueeze(-1)  # [c, n] in mass units
+        mine = t >= start
         if rank < tp - 1:
-            mine &= u < starts[rank + 1].unsqueeze(-1)
-        cdf = torch.cumsum(p, dim=-1)
-        local = torch.searchsorted(cdf, (u - start).clamp(min=0.0).contiguous(), right=True)
-        local = local.clamp(max=z.shape[-1] - 1)
+            mine &= t < start + mass.unsqueeze(-1)
+        r = (t - start).clamp(min=0.0).contiguous()
+        which = torch.searchsorted(block_cdf, r, right=True).clamp(max=block_cdf.shape[-1] - 1)  # [c, n]
+        before = torch.where(which > 0, block_cdf.gather(-1, (which - 1).clamp(min=0)), 0.0)
+        inside = e.view(c, -1, block).gather(1, which.unsqueeze(-1).expand(-1, -1, block))  # [c, n, block]
+        within = torch.searchsorted(
+            torch.cumsum(inside.double(), dim=-1), (r - before).unsqueeze(-1), right=True
+        ).squeeze(-1)
+        local = which * block + within.clamp(max=block - 1)
         drawn = torch.where(mine, local + vocab_start, torch.zeros_like(local))
         dist.all_reduce(drawn, group=group)
         out[lo : lo + CHUNK_TOKENS] = drawn

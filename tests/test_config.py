@@ -202,3 +202,11 @@ def test_mixture_errors_name_the_keys(tmp_path, mixture, expected):
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path / "c.yaml", tree))
     assert expected in str(err.value)
+
+
+def test_ddk_needs_heldout_sequences(tmp_path):
+    tree = training_tree(tmp_path)
+    tree["data"].update(mixture={"type": "ddk"}, heldout_sequences=0)
+    tree["teacher"] = {"path": "t", "mode": "online"}
+    with pytest.raises(ConfigError, match="ddk needs held-out sequences: data.heldout_sequences is 0"):
+        load_config(write_config(tmp_path / "c.yaml", tree))

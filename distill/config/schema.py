@@ -131,11 +131,16 @@ class CampaignConfig(Section):
                 )
 
     def _check_loss(self) -> None:
-        if self.trains and self.data.mixture.type == "ddk" and self.teacher is None:
-            raise ValueError(
-                "data.mixture.type ddk needs a `teacher` section: DDK weighs domains by the student/teacher "
-                "held-out perplexity ratio"
-            )
+        if self.trains and self.data.mixture.type == "ddk":
+            if self.teacher is None:
+                raise ValueError(
+                    "data.mixture.type ddk needs a `teacher` section: DDK weighs domains by the "
+                    "student/teacher held-out perplexity ratio"
+                )
+            if self.data.heldout_sequences == 0:
+                raise ValueError(
+                    "data.mixture.type ddk needs held-out sequences: data.heldout_sequences is 0"
+                )
         kd = self.loss.weights.kd_terms()
         if not kd or not self.trains:
             return

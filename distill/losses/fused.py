@@ -196,9 +196,9 @@ def chunked_loss(
     kd = [name for name, w in terms.weights.items() if name != "ce" and w > 0]
     if kd and teacher is None:
         raise ValueError(f"loss terms {', '.join(kd)} need a teacher signal")
-    result = ChunkedResult(loss_sum=torch.zeros((), dtype=torch.float64))
+    result = ChunkedResult(loss_sum=torch.zeros((), dtype=torch.float64, device=hidden.device))
     names = [name for name, w in terms.weights.items() if w > 0]
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in names}
+    sums = {name: torch.zeros((), dtype=torch.float64, device=hidden.device) for name in names}
     if need_grad:
         result.grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         result.grad_weight = torch.zeros_like(w32)

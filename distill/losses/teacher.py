@@ -34,8 +34,11 @@ class LiveTeacher:
 
     kind = "live"
 
+    def __post_init__(self) -> None:
+        self._w32 = self.weight.float()  # cast once per micro-batch, not per chunk
+
     def logits(self, rows: slice) -> torch.Tensor:
-        return self.hidden[rows].float() @ self.weight.float().t()  # [c, V/tp]
+        return self.hidden[rows].float() @ self._w32.t()  # [c, V/tp]
 
     def logprobs(self, rows: slice, temperature: float, shard: VocabShard) -> torch.Tensor:
         return log_softmax(self.logits(rows) / temperature, shard)
@@ -77,9 +80,10 @@ class SampledTeacher:
 Teacher = LiveTeacher | TopKTeacher | SampledTeacher
 
 
-def from_cache_rows(rows: dict[str, torch.Tensor], teacher_vocab: int) -> Teacher:
-    """A micro-batch of `CachedSignal.batch` output (`[b, s, ...]`) as a flat-token teacher."""
-    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in rows.items()}
+def from_cache_rows(rows: dict[str, torch.Tensor], teacher_vocab: int, device: torch.device) -> Teacher:
+    """A micro-batch of `CachedSignal.batch` output (`[b, s, ...]`, host memory) as a flat-token teacher
+    on the student's device."""
+    flat = {k: v.reshape(-1, *v.shape[2:]).to(device, non_blocking=True) for k, v in rows.items()}
     if "tail" in flat:
         return TopKTeacher(flat["ids"].long(), flat["logprobs"], flat["tail"], teacher_vocab)
     return SampledTeacher(flat["ids"].long(), flat["weights"])

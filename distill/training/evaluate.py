@@ -33,7 +33,7 @@ def heldout_cross_entropy(
     """Mean next-token CE (nats) per domain over its first `sequences` held-out sequences.
 
     `forward_step(batch, model, objective)` is the trainer's; `ce` a CE-only objective."""
-    sums = torch.zeros(len(data.domains), 2, dtype=torch.float64)  # [domain, (ce_sum, tokens)]
+    sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=ctx.device)  # [domain, (ce, tokens)]
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -57,8 +57,8 @@ class CachedTeacher:
     thread while this step trains (used if that step asks for the same sequences, which it does unless
     the mixture's weights changed in between)."""
 
-    def __init__(self, signal: CachedSignal, *, active: bool) -> None:
-        self.signal = signal
+    def __init__(self, signal: CachedSignal, *, active: bool, device: torch.device) -> None:
+        self.signal, self.device = signal, device
         self.teacher_vocab = int(signal.manifest["spec"]["teacher_vocab_size"])
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-read") if active else None
         self._ahead: tuple[list[list[SequenceKey]], Future] | None = None
@@ -77,7 +77,7 @@ class CachedTeacher:
         else:
             rows = self._read(keys)
         self._ahead = (next_keys, self._reader.submit(self._read, next_keys)) if next_keys else None
-        return [from_cache_rows(r, self.teacher_vocab) for r in rows]
+        return [from_cache_rows(r, self.teacher_vocab, self.device) for r in rows]
 
     def heldout_cross_entropy(
         self, data: PreparedData, objective: Objective, *, sequences: int, micro_batch: int

@@ -157,6 +157,11 @@ class Trainer:
             state = load_checkpoint(resume, model=model, optimizer=self.optimizer, ctx=ctx)["training_state"]
             self.step = int(state["step"])
             self.objective.load_state_dict(state.get("objective", {}))
+            if "mixture" not in state:
+                raise DataError(
+                    f"checkpoint {resume} has no data-mixture state (written by an older distillery); "
+                    "start a new run directory or restart from it as `student.init`"
+                )
             self.mixture.load_state_dict(state["mixture"])
             self._say(f"train: resumed from {resume} at step {self.step}")
         elif kind == "checkpoint":
@@ -181,6 +186,8 @@ class Trainer:
             if record is not None:
                 self.metrics.log(0, record)
                 self._say(f"train: DDK initial weights {self._weights_text()}")
+        elif self.mixture.is_ddk and self.mixture.teacher_ppl is None:  # a run switched to DDK on resume
+            self.mixture.teacher_ppl = self._teacher_perplexity()
 
     def _say(self, message: str) -> None:
         if self.ctx.is_main:
@@ -210,7 +217,7 @@ class Trainer:
             return online
         signal = open_cache(self.config, self.data, self.arch.vocab_size, self.ctx)
         self._say(f"train: teacher signal from cache {signal.directory} ({signal.mode})")
-        return CachedTeacher(signal, active=self.ctx.is_last_stage)
+        return CachedTeacher(signal, active=self.ctx.is_last_stage, device=self.ctx.device)
 
     def _micro_batch_keys(self, rows: list[tuple[str, int]]) -> list[list[tuple[str, str, int]]]:
         """Cache keys of this rank's micro-batches of a global batch."""
@@ -295,10 +302,10 @@ class Trainer:
         """Global token means of the loss and each term: the last stage's sums (tp rank 0 only, so each
         counts once), reduced over all ranks."""
         keys = self.objective.report_keys
-        sums = torch.zeros(len(keys), dtype=torch.float64)
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.ctx.device)  # NCCL: on the device
         if self.ctx.is_last_stage and self.ctx.tp_rank == 0:
             for r in reports:
-                sums += torch.tensor([float(r[k]) for k in keys], dtype=torch.float64)
+                sums += torch.tensor([float(r[k]) for k in keys], dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(sums)
         tokens = float(sums[-1])
         return {k: float(v) / tokens for k, v in zip(keys[:-1], sums[:-1], strict=True)}, int(tokens)

@@ -30,3 +30,27 @@ def write_result(out: str, result: dict) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def variant_config(
+    config_path: str, base: object, tmp: str, name: str, steps: int, *overrides: str
+) -> object:
+    """A variant of the demo campaign for a side-by-side run: its own run directory under `tmp`, the
+    base campaign's prepared data and cache, one shared random student init, tp1 in this process."""
+    from distill.config import load_config
+
+    return load_config(
+        config_path,
+        [
+            f"run.dir={tmp}/{name}",
+            f"data.dir={base.data.dir}",
+            f"cache.dir={base.cache.dir}",
+            f"student.init_dir={tmp}/student-init",
+            f"training.steps={steps}",
+            "training.log_interval=50",
+            "checkpoint.interval=1000000",
+            "parallel.tp=1",
+            "parallel.pp=1",
+            *overrides,
+        ],
+    )

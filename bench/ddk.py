@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, ensure_data_stages, write_result
+from common import REPO, ensure_data_stages, variant_config, write_result
 
 
 def sampler_seconds_per_batch(sizes: dict[str, int], global_batch: int, batches: int = 50) -> float:
@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ddk.json"))
     args = parser.parse_args()
 
-    from distill.config import load_config
     from distill.training.trainer import Trainer
     from parallel.distributed import init_parallel, shutdown
 
@@ -50,21 +49,14 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("uniform", "ddk"):
-            config = load_config(
+            config = variant_config(
                 args.config,
-                [
-                    f"run.dir={tmp}/{name}",
-                    f"data.dir={base.data.dir}",
-                    f"cache.dir={base.cache.dir}",
-                    f"student.init_dir={tmp}/student-init",
-                    f"training.steps={steps}",
-                    "training.log_interval=50",
-                    "checkpoint.interval=1000000",
-                    "parallel.tp=1",
-                    "parallel.pp=1",
-                    f"data.mixture.type={name}",
-                    f"data.mixture.interval={interval}",
-                ],
+                base,
+                tmp,
+                name,
+                steps,
+                f"data.mixture.type={name}",
+                f"data.mixture.interval={interval}",
             )
             ctx = init_parallel(1, 1, seed=config.training.seed)
             started = time.perf_counter()

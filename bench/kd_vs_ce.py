@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 
-from common import REPO, ensure_data_stages, write_result
+from common import REPO, ensure_data_stages, variant_config, write_result
 
 VARIANTS = {
     "ce": ["loss.weights.ce=1.0", "loss.weights.forward_kl=0.0"],
@@ -32,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from distill.cache.inspect import inspect_cache
-    from distill.config import load_config
     from distill.training.trainer import Trainer
     from parallel.distributed import init_parallel, shutdown
 
@@ -41,21 +40,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in VARIANTS.items():
-            config = load_config(
-                args.config,
-                [
-                    f"run.dir={tmp}/{name}",
-                    f"data.dir={base.data.dir}",
-                    f"cache.dir={base.cache.dir}",
-                    f"student.init_dir={tmp}/student-init",
-                    f"training.steps={steps}",
-                    "training.log_interval=50",
-                    "checkpoint.interval=1000000",
-                    "parallel.tp=1",
-                    "parallel.pp=1",
-                    *overrides,
-                ],
-            )
+            config = variant_config(args.config, base, tmp, name, steps, *overrides)
             ctx = init_parallel(1, 1, seed=config.training.seed)
             started = time.perf_counter()
             trainer = Trainer(config, ctx)

@@ -6,7 +6,7 @@
 2. (teacher forward + extraction + encode + write) / (teacher forward alone) on the same sequences and
    micro-batches (target <= 1.15), for the 3M demo teacher and a random 63M teacher of the same vocabulary;
 3. reader throughput (sequences/s decoded into loss tensors, random order, from the demo campaign's
-   cache: run `distillery run configs/demo.yaml` first) / training consumption (sequences/s of the demo
+   cache, built first if missing) / training consumption (sequences/s of the demo
    student's KD training step at tp1) (target >= 10).
 """
 
@@ -22,16 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import REPO, ensure_data_stages, write_result
-
-
-def forward_only_step(batch: torch.Tensor, model: torch.nn.Module) -> tuple:
-    inputs = batch[:, :-1]
-    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-    return model(inputs, positions, attention_mask=None), lambda logits: (
-        logits.sum() * 0,
-        torch.tensor(1),
-        {},
-    )
 
 
 def write_large_teacher(demo_teacher: Path, out: Path) -> None:
@@ -68,14 +58,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "cache.json"))
     args = parser.parse_args()
 
-    from distill.cache.reader import CachedSignal
+    from distill.cache.reader import CacheReader
     from distill.cache.writer import CacheWriter, ShardWork
     from distill.config import load_config
-    from distill.training.trainer import Trainer
+    from distill.training.train import build_loop
     from parallel.distributed import init_parallel, shutdown
-    from parallel.schedule import run_schedule
+    from parallel.schedule import forward_only
 
-    base = ensure_data_stages(args.config)
+    base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ctx = init_parallel(1, 1, seed=0)
@@ -104,16 +94,10 @@ def main() -> None:
                 tokens = torch.from_numpy(writer.data.store(domain, "train").batch(np.arange(sequences)))
                 micro = list(tokens.split(config.teacher.micro_batch))
                 started = time.perf_counter()
-                with torch.no_grad():
-                    run_schedule(
-                        writer.model,
-                        micro,
-                        forward_only_step,
-                        seq_length=writer.data.seq_len,
-                        micro_batch_size=config.teacher.micro_batch,
-                        forward_only=True,
-                    )
-                forward_only = time.perf_counter() - started
+                forward_only(
+                    writer.model, micro, lambda index, logits, labels: None, seq_length=writer.data.seq_len
+                )
+                forward_seconds = time.perf_counter() - started
                 marker = json.loads((writer.out / f"{work.stem}.json").read_text())
                 positions = sequences * writer.data.seq_len
                 vocab = writer.arch.vocab_size
@@ -122,8 +106,8 @@ def main() -> None:
                     "bytes_per_token": marker["bytes"] / positions,
                     "dense_fp16_bytes_per_token": 2 * vocab,
                     "cache_seconds": with_extraction,
-                    "forward_only_seconds": forward_only,
-                    "cache_over_forward": with_extraction / forward_only,
+                    "forward_only_seconds": forward_seconds,
+                    "cache_over_forward": with_extraction / forward_seconds,
                 }
                 print(name, mode, json.dumps(result[f"{name}_{mode}"]), flush=True)
         # training consumption: the demo student's step at tp1 (sequences per second)
@@ -139,7 +123,7 @@ def main() -> None:
                 f"cache.dir={base.cache.dir}",
             ],
         )
-        trainer = Trainer(trainer_config, ctx)  # the demo loss: RS-KD from this cache
+        trainer = build_loop(trainer_config, ctx)  # the demo loss: RS-KD from this cache
         step_times = [trainer.train_step().seconds for _ in range(4)][1:]
         consumption = trainer_config.training.global_batch / statistics.median(step_times)
         shutdown()
@@ -148,7 +132,7 @@ def main() -> None:
         from distill.data.prepared import PreparedData
 
         data = PreparedData(base.data.dir)
-        signal = CachedSignal(
+        signal = CacheReader(
             signal_dir, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=vocab
         )
         rng = np.random.default_rng(0)

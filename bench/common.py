@@ -14,14 +14,13 @@ if str(REPO) not in sys.path:
 def ensure_data_stages(
     config_path: str, stages: tuple[str, ...] = ("corpus", "tokenizer", "prepare")
 ) -> object:
-    """Load the campaign config and run the data stages it has (complete ones are skipped)."""
+    """Load the campaign config and run the stages it needs that it has (complete ones are skipped), so
+    every benchmark runs on a fresh clone after `bash scripts/setup.sh`."""
     from distill.config import load_config
-    from launcher.campaign import STAGES, RunOptions
+    from launcher.campaign import RunOptions, run_stages
 
     config = load_config(config_path)
-    for stage in STAGES:
-        if stage.name in stages and stage.applies(config):
-            stage.run(config, RunOptions(progress=False))
+    run_stages(config, list(stages), RunOptions(progress=False))
     return config
 
 

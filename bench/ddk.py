@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ddk.json"))
     args = parser.parse_args()
 
-    from distill.training.trainer import Trainer
+    from distill.training.train import build_loop
     from parallel.distributed import init_parallel, shutdown
 
     base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
@@ -60,7 +60,7 @@ def main() -> None:
             )
             ctx = init_parallel(1, 1, seed=config.training.seed)
             started = time.perf_counter()
-            trainer = Trainer(config, ctx)
+            trainer = build_loop(config, ctx)
             trained = trainer.run()
             total = time.perf_counter() - started
             step_seconds = sum(r.seconds for r in trained)

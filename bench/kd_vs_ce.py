@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from distill.cache.inspect import inspect_cache
-    from distill.training.trainer import Trainer
+    from distill.training.train import build_loop
     from parallel.distributed import init_parallel, shutdown
 
     base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
@@ -43,7 +43,7 @@ def main() -> None:
             config = variant_config(args.config, base, tmp, name, steps, *overrides)
             ctx = init_parallel(1, 1, seed=config.training.seed)
             started = time.perf_counter()
-            trainer = Trainer(config, ctx)
+            trainer = build_loop(config, ctx)
             trained = trainer.run()
             seconds = time.perf_counter() - started
             results[name] = {

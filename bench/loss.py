@@ -8,8 +8,8 @@ against a cached top-k teacher (k ids, their log-probs and the tail mass), mean 
 the gradients of the hidden states and the output weight. Everything in fp32 on CPU.
 
 - ours: `fused_output_loss` (chunks of ~16 MiB of fp32 logits, hand-written gradients);
-- naive tp1: `logits = hidden @ W.T` (`[N, V]`), `log_softmax`, gather the k ids, KL over the kept ids
-  plus the tail bucket (student tail = 1 - sum of kept q), autograd;
+- naive tp1 (`bench/loss_naive.py`): `logits = hidden @ W.T` (`[N, V]`), `log_softmax`, gather the k
+  ids, KL over the kept ids plus the tail bucket (student tail = 1 - sum of kept q), autograd;
 - naive tp2: each rank materialises its `[N, V/2]` logits and runs a plain vocab-parallel log-softmax
   (all-reduce MAX of the row max, all-reduce SUM of the exponentials and of the gathered kept values),
   autograd through it (all-reduce functions whose backward sums the partial gradients of replicated
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, write_result
+from loss_naive import naive_loss
 
 VARIANTS = (("naive", 1), ("ours", 1), ("naive", 2), ("ours", 2))
 CORES = 2
@@ -83,59 +84,7 @@ def make_inputs(path: Path, tokens: int, hidden: int, vocab: int, k: int, seed: 
     return {"teacher_tail_mean": float(inputs["tail"].mean())}
 
 
-# ---------------------------------------------------------------- the two paths (child)
-
-
-class _AllSum(torch.autograd.Function):
-    """Optionally all-reduce SUM forward and/or backward (megatron's copy-to / reduce-from region). A sum
-    whose result is used by every rank alike needs no backward sum; a replicated input used by rank-local
-    math (the hidden states, the softmax denominator) gets partial gradients that are summed."""
-
-    @staticmethod
-    def forward(ctx, x, forward_sum: bool, backward_sum: bool):
-        import torch.distributed as dist
-
-        ctx.backward_sum = backward_sum
-        if not forward_sum:
-            return x.view_as(x)
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        if ctx.backward_sum:
-            grad = grad.clone()
-            dist.all_reduce(grad)
-        return grad, None, None
-
-
-def naive_loss(hidden, weight, ids, logprobs, tail, tp: int, start: int):
-    """Mean forward KL (kept ids + tail bucket) of the full-vocabulary (tp1) or V/tp-wide (tp>1) logits."""
-    if tp > 1:
-        hidden = _AllSum.apply(hidden, False, True)  # each rank's logits give part of d/d hidden
-    logits = hidden @ weight.t()  # [N, V/tp] fp32
-    if tp == 1:
-        u = torch.log_softmax(logits, -1)
-        u_kept = u.gather(-1, ids)  # [N, k]
-    else:
-        import torch.distributed as dist
-
-        row_max = logits.detach().max(-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX)  # a constant shift: no gradient needed
-        shifted = logits - row_max.unsqueeze(-1)
-        sum_exp = _AllSum.apply(shifted.exp().sum(-1), True, True)
-        u = shifted - sum_exp.log().unsqueeze(-1)
-        local = ids - start
-        mine = (local >= 0) & (local < weight.shape[0])
-        picked = u.gather(-1, local.clamp(0, weight.shape[0] - 1)) * mine
-        u_kept = _AllSum.apply(picked, True, False)  # [N, k], used alike on every rank
-    p_kept = logprobs.exp()
-    student_tail = (1 - u_kept.exp().sum(-1)).clamp_min(1e-30)
-    tail_term = torch.where(tail > 0, tail * (tail.clamp_min(1e-30).log() - student_tail.log()), 0.0)
-    return ((p_kept * (logprobs - u_kept)).sum(-1) + tail_term).mean()
+# ---------------------------------------------------------------- one variant, measured (child)
 
 
 def _rss_mib() -> tuple[float, float]:
@@ -172,7 +121,7 @@ def child(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from distill.losses.fused import Terms, fused_output_loss
-    from distill.losses.teacher import TopKTeacher
+    from distill.losses.signal import TopKSignal
     from parallel.vocab import VocabShard
 
     torch.set_num_threads(max(1, CORES // args.tp))
@@ -192,7 +141,7 @@ def child(args: argparse.Namespace) -> None:
 
     def loss_of(rows: slice) -> torch.Tensor:
         if args.variant == "ours":
-            teacher = TopKTeacher(ids[rows], logprobs[rows], tail[rows], vocab)
+            teacher = TopKSignal(ids[rows], logprobs[rows], tail[rows], vocab)
             loss_sum, _ = fused_output_loss(
                 hidden[rows], weight, labels[rows], terms=terms, shard=shard, teacher=teacher
             )

@@ -62,7 +62,7 @@ def main() -> None:
 
     from distill.config import load_config
     from distill.training.ddk import DomainMixture
-    from distill.training.trainer import Trainer
+    from distill.training.train import build_loop
     from parallel.distributed import init_parallel, shutdown
 
     base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
@@ -98,7 +98,7 @@ def main() -> None:
                 ],
             )
             ctx = init_parallel(1, 1, seed=config.training.seed)
-            trainer = Trainer(config, ctx)
+            trainer = build_loop(config, ctx)
             times = [trainer.train_step().seconds for _ in range(args.steps)]
             ours[name] = statistics.median(times[args.warmup :])
             if name == "ce":
@@ -109,12 +109,16 @@ def main() -> None:
                 batches = [
                     torch.from_numpy(np.stack([trainer.data.sequence(d, i) for d, i in r])) for r in rows
                 ]
-                arch, init_dir, seq_len = trainer.arch, config.student.init_dir, trainer.seq_len
+                parameters, init_dir, seq_len = (
+                    trainer.engine.num_parameters,
+                    config.student.init_dir,
+                    trainer.data.seq_len,
+                )
             shutdown()
         theirs = hf_steps(init_dir, batches, config.training.micro_batch, config.training)
     theirs_s = statistics.median(theirs[args.warmup :])
     result = {
-        "model_parameters": arch.num_parameters(),
+        "model_parameters": parameters,
         "global_batch": config.training.global_batch,
         "micro_batch": config.training.micro_batch,
         "seq_len": seq_len,

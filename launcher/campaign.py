@@ -14,15 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from distill.atomic import atomic_write_text, read_json
+from distill.atomic import atomic_write_text
 from distill.config import CampaignConfig, config_to_yaml
 from distill.data.corpus import DemoCorpusSpec, build_demo_corpus
 from distill.data.prepare import prepare
 from distill.data.tokenizer import ensure_tokenizer
-from distill.errors import OutputExistsError, UserError
+from distill.errors import UserError
+from distill.stage import StageOutput, Status
 from launcher.local import launch_local
-
-EXPORT_RECORD = "distillery_export.json"
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def _train(config: CampaignConfig, options: RunOptions) -> object:
 
 def _export(config: CampaignConfig, options: RunOptions) -> object:
     from distill.checkpoint import latest_checkpoint
-    from distill.models.convert import export_hf
+    from distill.models.convert import EXPORT_RECORD, export_hf
 
     assert config.export is not None and config.checkpoint is not None
     source = latest_checkpoint(config.checkpoint.dir)
@@ -87,23 +86,22 @@ def _export(config: CampaignConfig, options: RunOptions) -> object:
         raise UserError(f"export: no checkpoint in {config.checkpoint.dir}; run the train stage first")
     record = {"checkpoint": str(source), "dtype": config.export.dtype}
     out = config.export.dir
-    if (out / EXPORT_RECORD).is_file() and read_json(out / EXPORT_RECORD) == record:
+    output = StageOutput(
+        "export",
+        out,
+        "export.dir",
+        record,
+        record=EXPORT_RECORD,
+        spec_field=None,
+        foreign_hint="choose another export.dir",
+        replace_stale=True,  # an export of an older checkpoint is replaced by the latest
+    )
+    if output.check(overwrite=False) is Status.COMPLETE:
         print(f"export: {out} is complete, nothing to do", file=sys.stderr)
         return None
-    if out.exists() and not (out / EXPORT_RECORD).is_file():
-        raise OutputExistsError(
-            f"export.dir {out} holds something that is not a distillery export; choose another"
-        )
-    export_hf(source, out, dtype=config.export.dtype, overwrite=out.exists())
-    atomic_write_text(out / EXPORT_RECORD, _json(record))
+    export_hf(source, out, dtype=config.export.dtype, overwrite=out.exists(), record=record)
     print(f"export: wrote {out} from {source.name}", file=sys.stderr)
     return None
-
-
-def _json(obj: object) -> str:
-    import json
-
-    return json.dumps(obj, indent=2) + "\n"
 
 
 STAGES: tuple[Stage, ...] = (
@@ -118,9 +116,14 @@ STAGES: tuple[Stage, ...] = (
 
 def run_campaign(config: CampaignConfig, options: RunOptions = RunOptions()) -> None:
     """Run every stage that applies to `config`, in order."""
+    run_stages(config, [s.name for s in STAGES], options)
+
+
+def run_stages(config: CampaignConfig, names: list[str], options: RunOptions = RunOptions()) -> None:
+    """Run the named stages that apply to `config`, in campaign order (complete ones skip themselves)."""
     config.run.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config.run.dir / "config.yaml", config_to_yaml(config))
-    stages = [s for s in STAGES if s.applies(config)]
+    atomic_write_text(config.run.dir / "config.yaml", config_to_yaml(config))  # what launched stages read
+    stages = [s for s in STAGES if s.name in names and s.applies(config)]
     print(
         f"campaign {config.run.name}: {' -> '.join(s.name for s in stages)} in {config.run.dir}",
         file=sys.stderr,

@@ -11,7 +11,6 @@ import argparse
 import sys
 import textwrap
 import traceback
-import warnings
 from collections.abc import Sequence
 
 from distill.errors import UserError
@@ -53,15 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_known_warnings() -> None:
-    """megatron-core warns on every import that Apex / Transformer Engine are absent (expected on CPU)."""
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
-    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -13,10 +13,16 @@ without CUDA each of those fails. This module maps them to the CPU:
 
 Everything is reversible (`restore()`), and `apply()` is a no-op on a CUDA machine, where megatron-core
 runs unmodified. `tests/test_cpu_compat.py` shows each piece failing without the layer and working with it.
+
+`apply()` also silences the warnings megatron-core prints on every CPU run that say only "there is no
+GPU stack here" (`KNOWN_CPU_WARNINGS`: each its exact message and emitting module). It installs them
+before it first imports megatron-core, because several are printed at import time. They stay installed
+after `restore()` (which undoes the CPU mappings only); on a CUDA machine every warning shows as usual.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -24,6 +30,32 @@ from torch.overrides import TorchFunctionMode
 
 _saved: dict[str, Any] = {}
 _mode: TorchFunctionMode | None = None
+
+# (message regex, module regex) of megatron-core 0.16.1's UserWarnings that every CPU run prints and
+# that mean nothing there: the fused kernels of Apex / Transformer Engine (GPU-only packages) are
+# absent, CUDA_DEVICE_MAX_CONNECTIONS is a CUDA stream setting, and "full scope" is the default value
+# of TransformerConfig.cuda_graph_scope (CUDA graphs), deprecated by megatron-core itself.
+KNOWN_CPU_WARNINGS: tuple[tuple[str, str], ...] = (
+    (
+        r"Transformer Engine and Apex are not installed\. Falling back to (Torch optimizers\.|local "
+        r"implementations of multi_tensor_applier(, multi_tensor_l2norm,)? and multi_tensor_scale)$",
+        r"megatron\.core\.(optimizer|optimizer\.optimizer|optimizer\.clip_grads"
+        r"|distributed\.fsdp\.src\.megatron_fsdp\.mixed_precision)$",
+    ),
+    (
+        r"Apex is not installed\. Falling back to Torch Norm$",
+        r"megatron\.core\.models\.(backends|gpt\.gpt_layer_specs)$",
+    ),
+    (
+        r"When using (async grad allreduce|sequence parallelism) it is recommended to set the environment "
+        r"variable CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup$",
+        r"megatron\.core\.tensor_parallel\.layers$",
+    ),
+    (
+        r"full scope is deprecated\. Use empty cuda_graph_scope to capture the whole layer\.$",
+        r"megatron\.core\.transformer\.transformer_config$",
+    ),
+)
 
 
 def _is_cuda(device: object) -> bool:
@@ -52,10 +84,22 @@ def applied() -> bool:
     return _mode is not None
 
 
+def quiet_known_warnings() -> None:
+    """Ignore `KNOWN_CPU_WARNINGS` (idempotent: `warnings` keeps one copy of each filter)."""
+    for message, module in KNOWN_CPU_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+
+
 def apply() -> None:
-    """Install the CPU mappings (idempotent; does nothing when CUDA is available)."""
+    """Install the CPU mappings and warning filters (idempotent; does nothing when CUDA is available).
+
+    Call it before the first import of megatron-core, whose import prints some of those warnings. The
+    filters are installed again on every call, since `warnings.catch_warnings` blocks drop them."""
     global _mode
-    if not needed() or applied():
+    if not needed():
+        return
+    quiet_known_warnings()
+    if applied():
         return
     from megatron.core.tensor_parallel import random as mcore_random
 

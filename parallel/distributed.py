@@ -60,14 +60,14 @@ def _single_process_env() -> None:
 
 def init_parallel(tp: int, pp: int, seed: int) -> ParallelContext:
     """Join the world (torchrun env or a world of one), build the tp/pp/dp groups, seed every RNG."""
-    from megatron.core import parallel_state, tensor_parallel
-
     _single_process_env()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        cpu_compat.apply()
+        cpu_compat.apply()  # before megatron-core's first import: it quiets warnings printed at import
+    from megatron.core import parallel_state, tensor_parallel
+
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     dims = ParallelDims.from_world(dist.get_world_size(), tp, pp)

@@ -167,6 +167,7 @@ def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) 
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         init_method_std=0.02,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron-core's default ("full") warns that it is deprecated
     )
 
 

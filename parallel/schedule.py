@@ -1,10 +1,19 @@
-"""One training or evaluation step through megatron-core's pipeline schedules.
+"""Every pass of a megatron-core GPTModel over token micro-batches, through the pipeline schedules.
 
-`run_schedule` picks megatron-core's schedule for the layout (no pipelining, or 1F1B across pipeline
-stages), feeds it this rank's micro-batches and returns what the last stage's loss function reported
-per micro-batch. The loss itself is pluggable: the caller's `forward_step(batch, model)` returns the
-model output and a function of it that gives `(loss_sum, num_tokens, report)`; gradients are of the
-token-mean loss over the whole global batch (megatron's `calculate_per_token_loss`).
+Two entry points, one per kind of pass, both over micro-batches of prepared sequences `[mb, s + 1]`
+(inputs `[:, :-1]`, labels `[:, 1:]`):
+
+- `forward_backward`: a training step. The last stage calls `on_output(index, output, labels)`,
+  which returns megatron's loss contract `(loss_sum, num_tokens, report)`; gradients are of the
+  token-mean loss over the whole global batch (megatron's `calculate_per_token_loss`).
+- `forward_only`: every pass without gradients (the cache writer's teacher, the online teacher, held-
+  out evaluation, cache inspection). The last stage calls `on_output(index, output, labels)` and keeps
+  whatever it returns; the schedule gets a zero loss. Micro-batches of different sizes are run in
+  groups of equal size (the pipeline sends fixed-shape activations between stages).
+
+`output` is what the model's last stage returns: logits `[mb, s, V/tp]`, or final hidden states
+`[mb, s, h]` for a model whose output layer the fused loss applies (`model.emit_hidden_states`).
+Both return one entry per micro-batch, in the given order, on the last stage (None elsewhere).
 """
 
 from __future__ import annotations
@@ -14,23 +23,27 @@ from typing import Any
 
 import torch
 
+OnOutput = Callable[[int, torch.Tensor, torch.Tensor], Any]  # (index, output, labels [mb, s]) -> result
 
-def run_schedule(
+
+def _run(
     model: torch.nn.Module,
-    micro_batches: Sequence[Any],
-    forward_step: Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]],
+    micro_batches: Sequence[tuple[int, torch.Tensor]],
+    on_output: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]],
     *,
     seq_length: int,
-    micro_batch_size: int,
     forward_only: bool,
-) -> list[dict[str, torch.Tensor]]:
-    """Run forward (and backward unless `forward_only`) over `micro_batches`; last stage gets the reports."""
+) -> list[Any]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batches = iter(micro_batches)
 
     def step(data_iterator: Any, module: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-        return forward_step(next(data_iterator), module)
+        index, tokens = next(data_iterator)
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
+        output = module(inputs, positions, attention_mask=None)  # last stage: [mb, s, V/tp] or [mb, s, h]
+        return output, lambda out: on_output(index, out, labels)
 
     return get_forward_backward_func()(
         forward_step_func=step,
@@ -38,6 +51,41 @@ def run_schedule(
         model=[model],
         num_microbatches=len(micro_batches),
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=len(micro_batches[0][1]),
         forward_only=forward_only,
     )
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: Sequence[torch.Tensor],
+    on_output: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]],
+    *,
+    seq_length: int,
+) -> list[Any]:
+    """Forward and backward over equal-size `micro_batches`; the last stage gets each report."""
+    return _run(model, list(enumerate(micro_batches)), on_output, seq_length=seq_length, forward_only=False)
+
+
+def forward_only(
+    model: torch.nn.Module, micro_batches: Sequence[torch.Tensor], on_output: OnOutput, *, seq_length: int
+) -> list[Any]:
+    """Forward without gradients (eval mode, restored after); `on_output`'s results on the last stage."""
+    results: list[Any] = [None] * len(micro_batches)
+
+    def keep(
+        index: int, output: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        results[index] = on_output(index, output, labels)
+        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in sorted({len(m) for m in micro_batches}, reverse=True):
+                group = [(i, m) for i, m in enumerate(micro_batches) if len(m) == size]
+                _run(model, group, keep, seq_length=seq_length, forward_only=True)
+    finally:
+        model.train(was_training)
+    return results

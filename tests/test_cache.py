@@ -27,9 +27,10 @@ from distill.cache.format import (
     pack_entries,
     unpack_entries,
 )
-from distill.cache.reader import CachedSignal
+from distill.cache.reader import CacheReader
 from distill.data.prepared import PreparedData
 from distill.errors import DataError
+from distill.teacher.source import ReadAhead
 from tests.conftest import REPO, write_config
 from tests.distributed import run_ranks
 
@@ -349,30 +350,35 @@ def test_cache_of_other_prepared_data_is_refused(
     data = PreparedData(tmp_path / "other" / "prepared")
     assert other["fingerprint"] == data.fingerprint
     with pytest.raises(DataError, match=r"written from prepared data with fingerprint .* but .* has"):
-        CachedSignal(
-            tmp_path / "cache", prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640
-        )
+        CacheReader(tmp_path / "cache", prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640)
     with pytest.raises(DataError, match=r"teacher's vocabulary \(640\) exceeds the student's \(600\)"):
         same = PreparedData(Path(prepared_small["data"]["dir"]))
-        CachedSignal(
-            tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=600
-        )
+        CacheReader(tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=600)
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps({**manifest, "version": VERSION - 1}))
     with pytest.raises(DataError, match=rf"format v{VERSION - 1}; this distillery reads v{VERSION}: rebuild"):
-        CachedSignal(
-            tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=640
-        )
+        CacheReader(tmp_path / "cache", prepared=same, tokenizer_sha256=same.tokenizer_sha256, vocab_size=640)
     shutil.rmtree(tmp_path / "cache")
 
 
 @pytest.mark.slow
-def test_reader_prefetch_matches_direct_reads(cache_work, tmp_path):
+def test_read_ahead_matches_direct_reads(cache_work, tmp_path):
+    """The one read-ahead (`ReadAhead`, used by the cached teacher source): rows read in the background
+    for the announced batch equal direct reads; a batch other than the announced one is read directly."""
     cache = tmp_path / "cache"
     assert distillery("cache", str(cache_work / "config.yaml"), "--set", f"cache.dir={cache}").returncode == 0
     data = PreparedData(cache_work / "data" / "prepared")
-    signal = CachedSignal(cache, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640)
+    signal = CacheReader(cache, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640)
     batches = [[("code", "train", i), ("prose", "heldout", i % 3)] for i in range(5)]
-    for fetched, keys in zip(signal.prefetch(batches), batches, strict=True):
+    loads: list[list] = []
+    ahead = ReadAhead(lambda keys: (loads.append(keys), signal.batch(keys))[1], "test-read")
+    ahead.start(batches[0])
+    for keys, following in zip(batches, [*batches[1:], [("code", "train", 9)]], strict=True):
+        fetched = ahead.get(keys)
+        ahead.start(following)
         direct = signal.batch(keys)
         assert fetched.keys() == direct.keys() and all(torch.equal(fetched[k], direct[k]) for k in direct)
         assert fetched["ids"].shape[:2] == (2, 32) and fetched["logprobs"].shape == (2, 32, 16)
+    other = [("prose", "train", 1)]
+    assert torch.equal(ahead.get(other)["ids"], signal.batch(other)["ids"])  # not the announced batch
+    ahead.close()
+    assert loads[:5] == batches and loads[-1] == other  # each batch read once, ahead of its use

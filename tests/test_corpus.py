@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.data import corpus
+from distill.data import corpus, corpus_text
 from distill.data.corpus import (
     DEMO_DOMAINS,
     DemoCorpusSpec,
@@ -126,7 +126,7 @@ def test_long_texts_split_at_lines_and_rejoin(tmp_path, roots):
     assert len(pieces) > 1
     assert all(len(p) <= 1000 and p.endswith("\n") for p in pieces)
     assert "".join(pieces) == "".join(LONG_LINES)
-    assert corpus._split_text("x" * 25 + "\nab\n", 10) == ["x" * 10, "x" * 10, "xxxxx\nab\n"]
+    assert corpus_text.split_text("x" * 25 + "\nab\n", 10) == ["x" * 10, "x" * 10, "xxxxx\nab\n"]
 
 
 def test_legal_deduplicates_copyright_files(tmp_path, roots):

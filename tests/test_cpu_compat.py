@@ -6,6 +6,8 @@ Each test first shows the failure without the layer (`restore()`), then the same
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -86,3 +88,73 @@ def test_rng_tracker_needs_the_layer_and_fork_restores_the_outer_cpu_stream(trac
         again = torch.rand(5)
     assert torch.equal(again, torch.rand(5, generator=seeded))
     assert not torch.equal(again, inside)
+
+
+# megatron-core 0.16.1's CPU-run warnings, verbatim, with the module that emits each.
+MEGATRON_CPU_WARNINGS = [
+    (
+        "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+        "megatron.core.optimizer",
+    ),
+    *(
+        (
+            "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+            "multi_tensor_applier and multi_tensor_scale",
+            module,
+        )
+        for module in (
+            "megatron.core.optimizer.optimizer",
+            "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision",
+        )
+    ),
+    (
+        "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+        "multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale",
+        "megatron.core.optimizer.clip_grads",
+    ),
+    ("Apex is not installed. Falling back to Torch Norm", "megatron.core.models.backends"),
+    ("Apex is not installed. Falling back to Torch Norm", "megatron.core.models.gpt.gpt_layer_specs"),
+    *(
+        (
+            f"When using {what} it is recommended to set the environment variable "
+            "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup",
+            "megatron.core.tensor_parallel.layers",
+        )
+        for what in ("sequence parallelism", "async grad allreduce")
+    ),
+]
+
+
+def test_apply_ignores_megatrons_known_cpu_warnings_and_nothing_else():
+    from megatron.core.transformer import TransformerConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_compat.apply()
+        for message, module in MEGATRON_CPU_WARNINGS:
+            warnings.warn_explicit(message, UserWarning, "megatron.py", 1, module=module)
+        TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)  # "full scope is deprecated"
+        assert [str(w.message) for w in caught if w.category is UserWarning] == []
+
+        caught.clear()
+        shown = [
+            (
+                "Apex is not installed. Falling back to something new",
+                UserWarning,
+                "megatron.core.models.backends",
+            ),
+            (
+                "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+                UserWarning,
+                "elsewhere",
+            ),
+            (
+                "Apex is not installed. Falling back to Torch Norm",
+                DeprecationWarning,
+                "megatron.core.models.backends",
+            ),
+            ("an unrelated warning", UserWarning, "megatron.core.tensor_parallel.layers"),
+        ]
+        for message, category, module in shown:
+            warnings.warn_explicit(message, category, "megatron.py", 1, module=module)
+        assert [(str(w.message), w.category) for w in caught] == [(m, c) for m, c, _ in shown]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distill.losses.fused import Terms, fused_output_loss
-from distill.losses.teacher import LiveTeacher, SampledTeacher, TopKTeacher
+from distill.losses.signal import LiveSignal, SampledSignal, TopKSignal
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
 from tests.distributed import run_ranks
@@ -46,7 +46,7 @@ def data():
 
 
 def live(data):
-    return lambda sl: LiveTeacher(data.teacher_hidden, data.teacher_weight[sl])
+    return lambda sl: LiveSignal(data.teacher_hidden, data.teacher_weight[sl])
 
 
 def ce_ref(data):
@@ -126,13 +126,13 @@ def test_topk_with_k_equal_to_the_vocabulary_is_the_dense_forward_kl(data, tempe
     assert float(tail.abs().max()) == 0.0
     case = Case(
         terms({"forward_kl": 1.0}, temperature),
-        lambda sl: TopKTeacher(ids, kept, tail, V),
+        lambda sl: TopKSignal(ids, kept, tail, V),
         {"forward_kl": dense_ref("forward_kl", zt, temperature)},
     )
     assert_matches(run_case(case, data, WHOLE), temperature)
     # and the same numbers as against the live teacher, not just within tolerance of the reference
-    sparse = loss_and_grads(data, case.terms, TopKTeacher(ids, kept, tail, V))
-    dense = loss_and_grads(data, case.terms, LiveTeacher(data.teacher_hidden, data.teacher_weight))
+    sparse = loss_and_grads(data, case.terms, TopKSignal(ids, kept, tail, V))
+    dense = loss_and_grads(data, case.terms, LiveSignal(data.teacher_hidden, data.teacher_weight))
     for a, b in zip(sparse, dense, strict=True):
         assert float((a - b).detach().abs().max()) < TOLERANCE
 
@@ -148,7 +148,7 @@ def test_topk_tail_forward_kl_matches_reference(data, k, temperature):
 
     case = Case(
         terms({"ce": 0.25, "forward_kl": 0.75}, temperature),
-        lambda sl: TopKTeacher(ids, kept, tail, V),
+        lambda sl: TopKSignal(ids, kept, tail, V),
         {"ce": ce_ref(data), "forward_kl": reference},
     )
     assert_matches(run_case(case, data, WHOLE), (k, temperature))
@@ -164,7 +164,7 @@ def test_topk_with_arbitrary_kept_ids(data):
         return ref.topk_tail_forward_kl(zs, ids, kept.double(), tail.double(), temperature=1.0)
 
     case = Case(
-        terms({"forward_kl": 1.0}), lambda sl: TopKTeacher(ids, kept, tail, V), {"forward_kl": reference}
+        terms({"forward_kl": 1.0}), lambda sl: TopKSignal(ids, kept, tail, V), {"forward_kl": reference}
     )
     assert_matches(run_case(case, data, WHOLE))
 
@@ -181,7 +181,7 @@ def test_sampled_matches_dense_cross_entropy(data):
 
     case = Case(
         terms({"ce": 0.5, "forward_kl": 0.5}),
-        lambda sl: SampledTeacher(ids, weights),
+        lambda sl: SampledSignal(ids, weights),
         {"ce": ce_ref(data), "forward_kl": reference},
     )
     assert_matches(run_case(case, data, WHOLE))
@@ -198,7 +198,7 @@ def test_sampled_teacher_refuses_a_term_that_needs_a_distribution(data, name):
                 data.labels,
                 terms=terms({"forward_kl": 0.5, name: 0.5}),
                 shard=WHOLE,
-                teacher=SampledTeacher(ids, weights),
+                teacher=SampledSignal(ids, weights),
             )
 
 
@@ -218,7 +218,7 @@ def test_dense_terms_on_the_topk_completion_match_reference(data, name):
     completed = ref.completed_teacher_logits(ids, kept.double(), tail.double(), V, V)
     case = Case(
         terms({name: 1.0}),
-        lambda sl: TopKTeacher(ids, kept, tail, V),
+        lambda sl: TopKSignal(ids, kept, tail, V),
         {name: dense_ref(name, completed, 1.0)},
     )
     assert_matches(run_case(case, data, WHOLE), name)
@@ -227,13 +227,13 @@ def test_dense_terms_on_the_topk_completion_match_reference(data, name):
 def test_taid_on_topk_with_k_equal_to_the_vocabulary_is_taid_on_the_live_teacher(data):
     ids, kept, tail = topk_signal(data.teacher_logits, V)
     case_terms = terms({"taid": 1.0})
-    cached = loss_and_grads(data, case_terms, TopKTeacher(ids, kept, tail, V), tau=0.4)
-    live_ = loss_and_grads(data, case_terms, LiveTeacher(data.teacher_hidden, data.teacher_weight), tau=0.4)
+    cached = loss_and_grads(data, case_terms, TopKSignal(ids, kept, tail, V), tau=0.4)
+    live_ = loss_and_grads(data, case_terms, LiveSignal(data.teacher_hidden, data.teacher_weight), tau=0.4)
     for a, b in zip(cached, live_, strict=True):
         assert float((a - b).detach().abs().max()) < TOLERANCE
     case = Case(
         case_terms,
-        lambda sl: TopKTeacher(ids, kept, tail, V),
+        lambda sl: TopKSignal(ids, kept, tail, V),
         {"taid": dense_ref("taid", data.teacher_logits, 1.0)},
     )
     assert_matches(run_case(case, data, WHOLE))
@@ -242,7 +242,7 @@ def test_taid_on_topk_with_k_equal_to_the_vocabulary_is_taid_on_the_live_teacher
 def test_completion_gives_ids_beyond_the_teacher_vocabulary_probability_zero(data):
     ids, kept, tail = topk_signal(data.teacher_logits, 10, teacher_vocab=TEACHER_VOCAB)
     assert int(ids.max()) < TEACHER_VOCAB < V
-    teacher = TopKTeacher(ids, kept, tail, TEACHER_VOCAB)
+    teacher = TopKSignal(ids, kept, tail, TEACHER_VOCAB)
     logprobs = teacher.logprobs(slice(None), 1.0, WHOLE).double()  # [N, V]
     probs = logprobs.exp()
     assert float(probs[:, TEACHER_VOCAB:].max()) == 0.0
@@ -266,7 +266,7 @@ def test_terms_on_a_completion_over_a_smaller_teacher_vocabulary_match_reference
     completed = ref.completed_teacher_logits(ids, kept.double(), tail.double(), V, TEACHER_VOCAB)
     case = Case(
         terms({"ce": 0.2, name: 0.8}),
-        lambda sl: TopKTeacher(ids, kept, tail, TEACHER_VOCAB),
+        lambda sl: TopKSignal(ids, kept, tail, TEACHER_VOCAB),
         {"ce": ce_ref(data), name: dense_ref(name, completed, 1.0)},
     )
     assert_matches(run_case(case, data, WHOLE), name)
@@ -277,7 +277,7 @@ def test_terms_on_a_completion_over_a_smaller_teacher_vocabulary_match_reference
 
 def test_no_grad_path_gives_the_same_value(data):
     case_terms = terms({"ce": 0.5, "forward_kl": 0.25, "taid": 0.25}, 2.0)
-    teacher = LiveTeacher(data.teacher_hidden, data.teacher_weight)
+    teacher = LiveSignal(data.teacher_hidden, data.teacher_weight)
     hidden = data.hidden.clone().requires_grad_()
     weight = data.weight.clone().requires_grad_()
     kwargs = {"terms": case_terms, "shard": WHOLE, "teacher": teacher, "tau": 0.4}

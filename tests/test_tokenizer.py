@@ -28,7 +28,7 @@ def test_campaign_tokenizer_is_trained_once_and_checked(tmp_path, small_corpus):
     first = ensure_tokenizer(config(tmp_path, small_corpus).data)
     assert first.vocab_size == 400
     assert ensure_tokenizer(config(tmp_path, small_corpus).data).sha256 == first.sha256
-    with pytest.raises(OutputExistsError, match=r"vocab_size: 400 on disk vs 500"):
+    with pytest.raises(OutputExistsError, match=r"vocab_size: 400 on disk, 500 in the config"):
         ensure_tokenizer(config(tmp_path, small_corpus, vocab_size=500).data)
     again = ensure_tokenizer(config(tmp_path, small_corpus, vocab_size=500).data, overwrite=True)
     assert again.vocab_size == 500 and again.sha256 != first.sha256
@@ -39,7 +39,7 @@ def test_foreign_tokenizer_directory_is_not_trained_over(tmp_path, small_corpus,
 
     shutil.copytree(tokenizer_dir, tmp_path / "tok")
     (tmp_path / "tok" / "distillery_tokenizer.json").unlink()
-    with pytest.raises(OutputExistsError, match="not trained by distillery"):
+    with pytest.raises(OutputExistsError, match="not a distillery tokenizer .*remove data.tokenizer.train"):
         ensure_tokenizer(config(tmp_path, small_corpus).data)
 
 

@@ -16,34 +16,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.cache.reader import CachedSignal, read_cache_manifest
+from distill.cache.reader import CacheReader, read_cache_manifest
 from distill.data.prepared import PreparedData
 
 
 def _dense_teacher_logprobs(manifest: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
     """Teacher log-probs `[b, s, V]` in one process (a world of one, tp = pp = 1)."""
-    from distill.checkpoint import load_checkpoint
-    from distill.models.convert import start_weights
-    from distill.models.hf_io import HFCheckpoint
-    from distill.models.hf_layout import Shard
+    from distill.models.weights import find_weights, load_weights
     from parallel.distributed import init_parallel, shutdown
+    from parallel.model import build_gpt
+    from parallel.schedule import forward_only
 
     ctx = init_parallel(1, 1, seed=0)
     try:
-        from parallel.model import build_gpt
-
-        arch, source, kind = start_weights(Path(manifest["teacher"]["path"]))
-        model = build_gpt(arch, ctx.dims, pp_rank=0).eval()
-        if kind == "hf":
-            HFCheckpoint(source).load_into(model, Shard(arch, ctx.dims, 0, 0))
-        else:
-            load_checkpoint(source, model=model, optimizer=None, ctx=ctx)
-        inputs = tokens[:, :-1]
-        positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-        with torch.no_grad():
-            logits = model(inputs, positions, attention_mask=None).float()
+        weights = find_weights(Path(manifest["teacher"]["path"]))
+        model = build_gpt(weights.arch, ctx.dims, pp_rank=0)
+        load_weights(model, weights, ctx)
         temperature = manifest["spec"].get("temperature", 1.0)
-        return torch.log_softmax(logits / temperature, dim=-1)
+        (logprobs,) = forward_only(
+            model,
+            [tokens],
+            lambda index, logits, labels: torch.log_softmax(logits.float() / temperature, dim=-1),
+            seq_length=tokens.shape[1] - 1,
+        )
+        return logprobs
     finally:
         shutdown()
 
@@ -53,7 +49,7 @@ def inspect_cache(directory: Path, *, sequences: int = 8) -> dict[str, Any]:
     spec = manifest["spec"]
     prepared = PreparedData(Path(manifest["prepared"]["dir"]))
     vocab = spec["teacher_vocab_size"]
-    signal = CachedSignal(
+    signal = CacheReader(
         directory, prepared=prepared, tokenizer_sha256=spec["tokenizer_sha256"], vocab_size=vocab
     )
     report: dict[str, Any] = {

@@ -1,18 +1,15 @@
-"""`CachedSignal`: the teacher signal of any prepared sequence, read from the cache in O(1).
+"""`CacheReader`: the cached teacher signal of any prepared sequence, read in O(1).
 
 At start it checks the manifest against what the run uses (prepared data fingerprint, tokenizer hash,
-vocabulary size) and the shard checksums (split over the ranks of the job), and refuses a mismatch with
-a message saying what differs. `batch` returns the tensors the losses need for a list of sequences;
-`prefetch` computes them in a background thread while the previous batch trains.
+vocabulary size) and refuses a mismatch with a message saying what differs; `verify` checksums shards
+(a job splits them over its ranks). `batch` returns the tensors the losses need for a list of
+sequences. Reading ahead of training is the cached teacher source's job (`distill/teacher/cached.py`).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import queue
-import threading
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +69,7 @@ def shard_checksum_errors(directory: Path, shards: list[dict[str, Any]]) -> list
     return errors
 
 
-class CachedSignal:
+class CacheReader:
     def __init__(
         self, directory: Path, *, prepared: PreparedData, tokenizer_sha256: str, vocab_size: int
     ) -> None:
@@ -163,24 +160,3 @@ class CachedSignal:
             weights[b, position, slot] = d["counts"] / self.sampled.samples
         out["ids"], out["weights"] = torch.from_numpy(ids), torch.from_numpy(weights)
         return out
-
-    def prefetch(
-        self, batches: Iterable[list[SequenceKey]], depth: int = 2
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """`batch(keys)` for each item of `batches`, computed up to `depth` ahead in a background thread."""
-        pending: queue.Queue = queue.Queue(maxsize=depth)
-        done = object()
-
-        def work() -> None:
-            try:
-                for keys in batches:
-                    pending.put(self.batch(keys))
-                pending.put(done)
-            except BaseException as exc:  # surfaced in the consumer
-                pending.put(exc)
-
-        threading.Thread(target=work, daemon=True, name="cache-prefetch").start()
-        while (item := pending.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item

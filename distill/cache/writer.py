@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill.atomic import atomic_write_bytes, atomic_write_json, read_json, remove_temporaries
+from distill.atomic import atomic_write_bytes, atomic_write_json, read_json
 from distill.cache import extract
 from distill.cache.format import (
     FORMAT,
@@ -40,10 +39,9 @@ from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
 from distill.errors import DataError, OutputExistsError
 from distill.models.teacher import load_teacher, open_teacher
+from distill.stage import StageOutput, Status
 from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.schedule import run_schedule
-
-SPEC = ".spec.json"
+from parallel.schedule import forward_only
 
 
 @dataclass(frozen=True)
@@ -96,17 +94,16 @@ class CacheWriter:
         assert config.teacher is not None and config.cache is not None
         self.config, self.ctx, self.cfg = config, ctx, config.cache
         self.data = PreparedData(config.data.dir)
-        self.arch, source, kind = open_teacher(
+        weights = open_teacher(
             config.teacher.path, tokenizer_sha256=self.data.tokenizer_sha256, data_dir=self.data.directory
         )
-        digest = [directory_sha256(source) if ctx.is_main else None]
+        self.arch = weights.arch
+        digest = [directory_sha256(weights.directory) if ctx.is_main else None]
         dist.broadcast_object_list(digest, src=0)
         self.spec = self._spec(str(digest[0]))
         self.out = self.cfg.dir
         self.complete = self._check_output(overwrite)
-        self.model = (
-            None if self.complete else load_teacher(self.arch, source, kind, ctx, config.teacher.precision)
-        )
+        self.model = None if self.complete else load_teacher(weights, ctx, config.teacher.precision)
 
     def _spec(self, teacher_sha: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -131,44 +128,20 @@ class CacheWriter:
         """True if the cache is already complete; refuses another config's cache (main rank decides)."""
         decision: list[Any] = [None]
         if self.ctx.is_main:
+            output = StageOutput("cache", self.out, "cache.dir", self.spec, record=MANIFEST)
             try:
-                decision[0] = self._decide(overwrite)
+                status = output.check(overwrite=overwrite)
+                if status is Status.REPLACE:
+                    output.clear()
+                if status in (Status.FRESH, Status.REPLACE):
+                    output.begin()
+                decision[0] = status is Status.COMPLETE
             except (DataError, OutputExistsError) as exc:
                 decision[0] = exc
         dist.broadcast_object_list(decision, src=0)
         if isinstance(decision[0], Exception):
             raise decision[0]
         return bool(decision[0])
-
-    def _decide(self, overwrite: bool) -> bool:
-        out = self.out
-        recorded = out / MANIFEST if (out / MANIFEST).is_file() else out / SPEC
-        if recorded.is_file():
-            found = read_json(recorded)
-            found_spec = found.get("spec", found)
-            if found_spec == self.spec:
-                if recorded.name == SPEC:
-                    remove_temporaries(out)  # files a killed run was writing; their shards are redone
-                return recorded.name == MANIFEST
-            if not overwrite:
-                diff = ", ".join(
-                    f"{k}: {found_spec.get(k)!r} on disk vs {v!r}"
-                    for k, v in self.spec.items()
-                    if found_spec.get(k) != v
-                )
-                raise OutputExistsError(
-                    f"{out} holds a cache of a different config ({diff}); pass --overwrite to replace it"
-                )
-            shutil.rmtree(out)
-        elif out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise OutputExistsError(
-                    f"{out} is not empty and holds no distillery cache; choose another cache.dir"
-                )
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / SPEC, self.spec)
-        return False
 
     @property
     def writes(self) -> bool:
@@ -204,33 +177,13 @@ class CacheWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".bin.tmp")
         sink = _ShardSink(tmp) if self.writes else None
-        batches = list(zip(micro, first, strict=True))
 
-        def forward(batch: tuple[torch.Tensor, int], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-            seqs, start = batch
-            inputs, labels = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
-            positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
-            output = model(inputs, positions, attention_mask=None)
+        def extract_signal(index: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+            records = self._records(logits, labels, work, first[index])  # logits [mb, s, V/tp]
+            if sink is not None:
+                sink.add(records)
 
-            def extract_signal(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-                records = self._records(logits, labels, work, start)
-                if sink is not None:
-                    sink.add(records)
-                return logits.sum() * 0.0, torch.tensor(labels.numel(), dtype=torch.int), {}
-
-            return output, extract_signal
-
-        with torch.no_grad():  # the pipeline needs equal micro-batches: a short last one runs on its own
-            for size in sorted({len(m) for m, _ in batches}, reverse=True):
-                group = [b for b in batches if len(b[0]) == size]
-                run_schedule(
-                    self.model,
-                    group,
-                    forward,
-                    seq_length=self.data.seq_len,
-                    micro_batch_size=size,
-                    forward_only=True,
-                )
+        forward_only(self.model, micro, extract_signal, seq_length=self.data.seq_len)
         if sink is not None:
             sink.finish(path, self.out / f"{work.stem}.json", work)
 
@@ -301,8 +254,7 @@ class CacheWriter:
             "bytes_per_token": total_bytes / max(1, positions),
             "shards": shards,
         }
-        atomic_write_json(self.out / MANIFEST, manifest)
-        (self.out / SPEC).unlink(missing_ok=True)
+        StageOutput("cache", self.out, "cache.dir", self.spec, record=MANIFEST).finish(manifest)
         print(
             f"cache: {positions:,} positions, {manifest['bytes_per_token']:.1f} bytes/token into {self.out}",
             file=sys.stderr,

@@ -14,13 +14,11 @@ pages are rendered only as they are needed, because rendering all ~17k of them t
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import warnings
@@ -29,20 +27,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
 
 from distill.atomic import atomic_directory, atomic_write_json, read_json
-from distill.errors import DataError, OutputExistsError, UserError
+from distill.config.data import DEMO_DOMAINS
+from distill.data.corpus_text import load_document, split_text
+from distill.errors import DataError, UserError
+from distill.stage import StageOutput, Status
 
-DEMO_DOMAINS: tuple[str, ...] = ("code", "legal", "docs", "multilingual")
 MANIFEST = "manifest.json"
 PART_BYTES = 1_000_000  # rotate part files at this many bytes of text so that no file is huge
-MIN_MAN_CHARS = 200  # shorter renders are stubs ("see foo(1)") rather than documents
-MAN_TIMEOUT_S = 30
 GROFF_MISSING = "groff not installed (apt-get install groff-base)"
 _SKIP_DIRS = frozenset({"site-packages", "__pycache__", "test", "tests", "idle_test"})
 _SECTION = re.compile(r"man[1-9]")
@@ -141,29 +138,10 @@ def build_demo_corpus(
     """
     _check_spec(spec)
     out_dir, roots = Path(out_dir), roots or DemoRoots.system()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a directory; choose another corpus directory")
-    old = read_corpus_manifest(out_dir)
-    if old is not None:
-        new = spec.to_json()
-        diff = [
-            f"{k}: {old['spec'].get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(new)
-            if old["spec"].get(k) != new[k]
-        ]
-        if not diff:
-            print(f"corpus: {out_dir} is complete, nothing to do", file=sys.stderr)
-            return old
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out_dir} holds a demo corpus built with a different spec ({'; '.join(diff)}); "
-                "pass --overwrite to replace it"
-            )
-    elif out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{out_dir} is not empty and holds no {MANIFEST}; refusing to replace unknown data "
-            "(choose another directory or pass --overwrite to replace it)"
-        )
+    output = StageOutput("demo corpus", out_dir, "corpus directory", spec.to_json(), record=MANIFEST)
+    if output.check(overwrite=overwrite) is Status.COMPLETE:
+        print(f"corpus: {out_dir} is complete, nothing to do", file=sys.stderr)
+        return read_json(out_dir / MANIFEST)
     groff = _groff_path()
     seen: set[str] = set()  # sha256 of every document so far: deduplication spans the whole corpus
     manifest: dict[str, Any] = {"format": "distillery.demo_corpus/1", "spec": spec.to_json()}
@@ -279,82 +257,6 @@ def _order(sources: list[_Source]) -> list[_Candidate]:
     return sorted(cands, key=lambda c: (hashlib.sha1(c.rel.encode()).hexdigest(), c.rel, c.source))
 
 
-def _load(cand: _Candidate, groff: str | None) -> tuple[str, str | None, str]:
-    """(status, text, sha256 of the source file); status is "ok", "skip" (a .so redirect) or "reject"."""
-    path = cand.root / cand.rel
-    try:
-        raw = path.read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
-        if cand.kind != "man":
-            text = raw.decode("utf-8", errors="replace")
-            return "ok", _html_text(text) if cand.kind == "html" else text, digest
-        roff = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8", errors="replace")
-    except (OSError, EOFError, gzip.BadGzipFile):
-        return "reject", None, ""
-    if roff.startswith(".so "):
-        return "skip", None, digest
-    # -K utf8: the input is UTF-8 (translated pages); -t: tables; -P -cbou: plain text, no overstriking.
-    cmd = [groff or "groff", "-T", "utf8", "-mandoc", "-t", "-K", "utf8", "-rLL=80n", "-P", "-cbou"]
-    env = {**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8"}
-    try:
-        done = subprocess.run(cmd, input=roff.encode(), capture_output=True, env=env, timeout=MAN_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return "reject", None, digest
-    text = _tidy(done.stdout.decode("utf-8", errors="replace"))
-    return ("ok" if done.returncode == 0 and len(text.strip()) >= MIN_MAN_CHARS else "reject"), text, digest
-
-
-class _TextExtractor(HTMLParser):
-    _BLOCK = frozenset("p div br li ul ol dl dt dd pre tr table h1 h2 h3 h4 h5 h6 section title".split())
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self.hidden = 0  # depth inside <script>/<style>
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self.hidden += tag in ("script", "style")
-        if tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        self.hidden -= tag in ("script", "style") and self.hidden > 0
-        if tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.hidden:
-            self.parts.append(data)
-
-
-def _html_text(html: str) -> str:
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    return _tidy("".join(parser.parts))
-
-
-def _tidy(text: str) -> str:
-    """Trailing blanks and runs of empty lines are layout, not content."""
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
-
-
-def _split_text(text: str, max_chars: int) -> list[str]:
-    """Consecutive pieces of at most `max_chars`, cut at line ends (hard cuts only inside longer lines)."""
-    pieces: list[str] = []
-    current = ""
-    for line in text.splitlines(keepends=True):
-        if current and len(current) + len(line) > max_chars:
-            pieces.append(current)
-            current = ""
-        while len(line) > max_chars:
-            pieces.append(line[:max_chars])
-            line = line[max_chars:]
-        current += line
-    return [*pieces, current] if current else pieces
-
-
 def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator[tuple[Any, Any]]:
     """`(item, fn(item))` in input order, computing a few items ahead on threads (groff is a subprocess)."""
     with ThreadPoolExecutor(workers) as pool:
@@ -418,7 +320,7 @@ def _build_domain(
         unit_scale=True,
         disable=not progress,
     )
-    results = _ordered_map(lambda c: _load(c, groff), _order(sources), workers)
+    results = _ordered_map(lambda c: load_document(c.root / c.rel, c.kind, groff), _order(sources), workers)
     try:
         with closing(results):
             for cand, (status, text, digest) in results:
@@ -428,7 +330,7 @@ def _build_domain(
                     stats["rejected"] += 1
                     continue
                 used = full = False
-                for piece in _split_text(text, spec.max_doc_chars):
+                for piece in split_text(text, spec.max_doc_chars):
                     if not piece.strip():
                         continue
                     data = piece.encode("utf-8")

@@ -33,15 +33,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from distill.atomic import atomic_write_json, atomic_write_text, read_json, remove_temporaries
+from distill.atomic import atomic_write_json, atomic_write_text, read_json
 from distill.config.loader import config_to_yaml
 from distill.config.schema import CampaignConfig, DataConfig
 from distill.data import encode_worker
-from distill.data.prepared import FORMAT, MANIFEST, SPLITS, VERSION, read_prepared_manifest
+from distill.data.prepared import FORMAT, SPLITS, VERSION, read_prepared_manifest
 from distill.data.sources import ResolvedSource, iter_documents, open_stream, resolve_source
 from distill.data.token_store import TokenStore, TokenStoreWriter, token_dtype
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
-from distill.errors import DataError, OutputExistsError
+from distill.errors import DataError
+from distill.stage import StageOutput, Status
 
 PARTIAL = ".partial"
 
@@ -75,17 +76,20 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
     }
     spec = _spec(data, tokenizer, sources)
     out = data.dir
-    done = _check_existing(out, spec, overwrite)
-    if done is not None:
+    output = StageOutput("prepare", out, "data.dir", spec)
+    inputs = _input_stats(sources)
+    status = output.check(overwrite=overwrite, resume_facts=inputs)
+    if status is Status.COMPLETE:
+        done = read_prepared_manifest(out)
+        assert done is not None
         _say(f"prepare: {out} is complete (fingerprint {done['fingerprint'][:12]}), nothing to do")
         return done
-
+    if status is Status.REPLACE:
+        output.clear()
+    if status is not Status.PARTIAL:
+        output.begin(inputs)
     partial = out / PARTIAL
-    inputs = _input_stats(sources)
-    _check_partial(partial, spec, inputs)
-    remove_temporaries(out)  # half-written files of a killed run; what they held is redone
     partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(partial / "spec.json", {"spec": spec, "inputs": inputs})
 
     started = time.monotonic()
     context = multiprocessing.get_context("spawn")
@@ -100,8 +104,8 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
 
     manifest = _manifest(out, spec, tokenizer, sources)
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
-    atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(partial)
+    output.finish(manifest)
     tokens = sum(d["train_sequences"] + d["heldout_sequences"] for d in manifest["domains"].values()) * (
         data.seq_len + 1
     )
@@ -136,47 +140,6 @@ def _spec(
     }
 
 
-def _differences(old: Any, new: Any, key: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
-        return out
-    return [] if old == new else [f"{key}: {_brief(old)} on disk, {_brief(new)} in the config"]
-
-
-def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) < 100 else text[:97] + "..."
-
-
-def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Return the manifest if `out` already holds this exact prepare; refuse a different one."""
-    if not out.exists():
-        return None
-    manifest = read_prepared_manifest(out)
-    if manifest is None:
-        ours = (PARTIAL, "config.yaml")  # what an unfinished prepare leaves besides finished domains
-        foreign = [p.name for p in out.iterdir() if p.name not in ours and not (p / "domain.json").is_file()]
-        if foreign and not overwrite:
-            raise OutputExistsError(
-                f"{out} holds files that are not a distillery prepare ({', '.join(sorted(foreign)[:5])}); "
-                "choose another data.dir or pass --overwrite to replace it"
-            )
-        if overwrite:
-            shutil.rmtree(out)
-        return None
-    if manifest["spec"] == spec:
-        return manifest
-    if not overwrite:
-        diff = "; ".join(_differences(manifest["spec"], spec))
-        raise OutputExistsError(
-            f"{out} holds a prepare of a different config ({diff}); pass --overwrite to replace it"
-        )
-    shutil.rmtree(out)
-    return None
-
-
 def _input_stats(sources: dict[str, list[ResolvedSource]]) -> dict[str, list[int]]:
     stats = {}
     for srcs in sources.values():
@@ -185,24 +148,6 @@ def _input_stats(sources: dict[str, list[ResolvedSource]]) -> dict[str, list[int
                 st = os.stat(f)
                 stats[f] = [st.st_size, st.st_mtime_ns]
     return stats
-
-
-def _check_partial(partial: Path, spec: dict[str, Any], inputs: dict[str, list[int]]) -> None:
-    """An interrupted prepare resumes only with the same config and unchanged input files."""
-    record = partial / "spec.json"
-    if not record.is_file():
-        return
-    old = read_json(record)
-    diff = _differences(old["spec"], spec) + [
-        f"input {f} changed since the interrupted prepare"
-        for f in sorted(set(old["inputs"]) | set(inputs))
-        if old["inputs"].get(f) != inputs.get(f)
-    ]
-    if diff:
-        raise OutputExistsError(
-            f"{partial.parent} holds an interrupted prepare of a different config or input ({'; '.join(diff[:5])}); "
-            "pass --overwrite to start over"
-        )
 
 
 def _batches(

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.atomic import atomic_directory, atomic_write_json, read_json
+from distill.atomic import atomic_directory, atomic_write_json
 from distill.config.schema import DataConfig
 from distill.data.sources import iter_documents, open_stream, resolve_source
-from distill.errors import DataError, OutputExistsError
+from distill.errors import DataError
+from distill.stage import StageOutput, Status
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -107,21 +108,16 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
     if settings.train is None:
         return load_tokenizer(settings.path)
     wanted = _training_record(data)
-    record_path = settings.path / TRAINING_RECORD
-    if settings.path.exists() and not overwrite:
-        if not record_path.is_file():
-            raise OutputExistsError(
-                f"data.tokenizer.path {settings.path} holds something not trained by distillery; remove "
-                "data.tokenizer.train to use it as it is, or pass --overwrite to train over it"
-            )
-        found = read_json(record_path)
-        if found != wanted:
-            diff = ", ".join(
-                f"{k}: {found.get(k)!r} on disk vs {wanted[k]!r}" for k in wanted if found.get(k) != wanted[k]
-            )
-            raise OutputExistsError(
-                f"tokenizer at {settings.path} was trained differently ({diff}); pass --overwrite"
-            )
+    output = StageOutput(
+        "tokenizer",
+        settings.path,
+        "data.tokenizer.path",
+        wanted,
+        record=TRAINING_RECORD,
+        spec_field=None,
+        foreign_hint="remove data.tokenizer.train to use it as it is, or pass --overwrite to train over it",
+    )
+    if output.check(overwrite=overwrite) is Status.COMPLETE:
         print(f"tokenizer: {settings.path} is complete, nothing to do", file=sys.stderr)
         return load_tokenizer(settings.path)
     texts = _training_texts(data, settings.train.max_bytes_per_domain)
@@ -131,7 +127,7 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         settings.path,
         vocab_size=settings.train.vocab_size,
         min_frequency=settings.train.min_frequency,
-        overwrite=overwrite,
+        overwrite=overwrite or settings.path.exists(),  # checked above: replaced, or an empty directory
         record=wanted,
     )
     print(f"tokenizer: saved {settings.path} (sha256 {info.sha256[:12]})", file=sys.stderr)

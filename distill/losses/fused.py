@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from distill.losses import divergences
-from distill.losses.teacher import Teacher
+from distill.losses.signal import TeacherSignal
 from parallel.vocab import VocabShard, gather, log_softmax, log_softmax_, row_sum, scatter
 
 AUTO_CHUNK_BYTES = 16 << 20  # fp32 logits per chunk and rank when `chunk_tokens` is auto
@@ -52,7 +52,7 @@ def _kd_value_and_grad(
     name: str,
     u: torch.Tensor,
     rows: slice,
-    teacher: Teacher,
+    teacher: TeacherSignal,
     terms: Terms,
     shard: VocabShard,
     tau: float,
@@ -125,7 +125,7 @@ def _chunk(
     *,
     terms: Terms,
     shard: VocabShard,
-    teacher: Teacher | None,
+    teacher: TeacherSignal | None,
     tau: float,
     sums: dict[str, torch.Tensor],
     buffers: _ChunkBuffers,
@@ -186,7 +186,7 @@ def chunked_loss(
     *,
     terms: Terms,
     shard: VocabShard,
-    teacher: Teacher | None = None,
+    teacher: TeacherSignal | None = None,
     tau: float = 0.0,
     need_grad: bool = True,
 ) -> ChunkedResult:
@@ -261,7 +261,7 @@ def fused_output_loss(
     *,
     terms: Terms,
     shard: VocabShard,
-    teacher: Teacher | None = None,
+    teacher: TeacherSignal | None = None,
     tau: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Differentiable total loss (sum over tokens) of `hidden [N, h]` through the sharded output layer

@@ -9,18 +9,21 @@ the name map. A random student (`student.arch`) is materialised once as an HF di
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distill.checkpoint import TOKENIZER, load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint
+from distill.checkpoint import TOKENIZER, resolve_checkpoint, save_checkpoint
 from distill.errors import DataError
 from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
-from distill.models.hf_layout import Shard, to_hf_state_dict
+from distill.models.hf_layout import to_hf_state_dict
+from distill.models.weights import Weights, find_weights, load_weights
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.model import ModelArch, build_gpt
 
+EXPORT_RECORD = "distillery_export.json"  # what a campaign's export was made from (stage record)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,7 +41,7 @@ def import_hf(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
                 f"import runs with exactly tp x pp = {tp * pp} processes, got {ctx.dims.world_size}"
             )
         model = build_gpt(hf.arch, ctx.dims, pp_rank=ctx.pp_rank)
-        hf.load_into(model, Shard(hf.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank))
+        load_weights(model, Weights(hf.arch, Path(hf_dir), "hf"), ctx)
         return save_checkpoint(
             out,
             0,
@@ -55,15 +58,22 @@ def import_hf(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
 
 def full_state_dict(ckpt: Path, ctx: ParallelContext) -> tuple[dict[str, torch.Tensor], ModelArch]:
     """The unsharded fp32 parameters of a checkpoint (megatron names), in a world of one."""
-    meta = read_meta(ckpt)
-    arch = ModelArch.from_json(meta["arch"])
-    model = build_gpt(arch, ctx.dims, pp_rank=0)
-    load_checkpoint(ckpt, model=model, optimizer=None, ctx=ctx)
-    return {name: p.detach() for name, p in model.named_parameters()}, arch
+    weights = find_weights(ckpt)
+    model = build_gpt(weights.arch, ctx.dims, pp_rank=0)
+    load_weights(model, weights, ctx)
+    return {name: p.detach() for name, p in model.named_parameters()}, weights.arch
 
 
-def export_hf(ckpt: Path, out: Path, *, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
-    """Write checkpoint `ckpt` (any layout; a root means its latest) as a HF model directory."""
+def export_hf(
+    ckpt: Path,
+    out: Path,
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    record: dict[str, Any] | None = None,
+) -> Path:
+    """Write checkpoint `ckpt` (any layout; a root means its latest) as a HF model directory; `record`
+    (the campaign stage's completion record) is written inside it, so both appear together."""
     ckpt = resolve_checkpoint(ckpt)
     ctx = init_parallel(1, 1, seed=0)
     try:
@@ -79,6 +89,7 @@ def export_hf(ckpt: Path, out: Path, *, dtype: str = "bfloat16", overwrite: bool
             dtype=DTYPES[dtype],
             generation=generation_config(tokenizer),
             overwrite=overwrite,
+            extra_files={EXPORT_RECORD: json.dumps(record, indent=2) + "\n"} if record else None,
         )
         return Path(out)
     finally:
@@ -105,16 +116,3 @@ def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, see
         dtype=torch.float32,
         generation=generation_config(tokenizer_dir),
     )
-
-
-def start_weights(path: Path) -> tuple[ModelArch, Path, str]:
-    """What a run starts from: (architecture, directory, "hf" | "checkpoint")."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return HFCheckpoint(path).arch, path, "hf"
-    ckpt = resolve_checkpoint(path)
-    return ModelArch.from_json(read_meta(ckpt)["arch"]), ckpt, "checkpoint"
-
-
-def tokenizer_of(path: Path, kind: str) -> Path:
-    return path / TOKENIZER if kind == "checkpoint" else path

@@ -1,63 +1,49 @@
-"""Held-out cross-entropy of the student per domain, computed by the whole job.
+"""Held-out cross-entropy per domain of any scorer (the student, or a teacher source), by the whole job.
 
-The first `sequences` held-out sequences of each domain are split over the data-parallel ranks
-(`rank, rank + dp, ...`) and run forward-only through the pipeline schedule with the fused CE; the
-last stage's sums are reduced over all ranks, so every rank gets the same numbers. Used for the
-metrics of a run (perplexity per domain) and, later, by DDK's domain reweighting.
+The first `sequences` held-out sequences of each domain are split over the data-parallel replicas
+(`rank, rank + dp, ...`) into micro-batches; `score(micro_batches)` gives each one's summed CE and
+token count on the ranks that compute losses; the counting ranks' sums are reduced over all ranks, so
+every rank gets the same numbers. The student scores through its engine's forward-only pass, a teacher
+source through `cross_entropy` (the cache's stored target log-probs, or the live teacher's pass).
+Used for the run's held-out perplexity metrics and by DDK's domain reweighting.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from distill.data.prepared import PreparedData
-from distill.training.objective import Objective
-from parallel.distributed import ParallelContext
-from parallel.schedule import run_schedule
+from distill.engine.base import Engine
+from distill.teacher.source import MicroBatch
+
+Scorer = Callable[[list[MicroBatch]], list[tuple[float, int] | None]]
 
 
 def heldout_cross_entropy(
-    model: torch.nn.Module,
-    forward_step: Any,
-    ce: Objective,
-    data: PreparedData,
-    ctx: ParallelContext,
-    *,
-    sequences: int,
-    micro_batch: int,
+    score: Scorer, data: PreparedData, engine: Engine, *, sequences: int, micro_batch: int
 ) -> dict[str, float]:
-    """Mean next-token CE (nats) per domain over its first `sequences` held-out sequences.
-
-    `forward_step(batch, model, objective)` is the trainer's; `ce` a CE-only objective."""
-    sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=ctx.device)  # [domain, (ce, tokens)]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for d, domain in enumerate(data.domains):
-            count = min(sequences, data.num_sequences(domain, "heldout"))
-            mine = np.arange(ctx.dp_rank, count, ctx.dims.dp)
-            if not len(mine):
-                continue
-            tokens = torch.from_numpy(data.store(domain, "heldout").batch(mine)).to(ctx.device)
-            micro = list(tokens.split(micro_batch))
-            for size in sorted({len(m) for m in micro}, reverse=True):  # the pipeline needs equal sizes
-                group = [m for m in micro if len(m) == size]
-                reports = run_schedule(
-                    model,
-                    group,
-                    lambda batch, module: forward_step(batch, module, ce),
-                    seq_length=data.seq_len,
-                    micro_batch_size=size,
-                    forward_only=True,
-                )
-                if ctx.is_last_stage and ctx.tp_rank == 0:
-                    for r in reports:
-                        sums[d, 0] += float(r["ce"])
-                        sums[d, 1] += float(r["tokens"])
-    model.train(was_training)
-    dist.all_reduce(sums)
+    """Mean next-token CE (nats) per domain over its first `sequences` held-out sequences."""
+    sums = torch.zeros(
+        len(data.domains), 2, dtype=torch.float64, device=engine.device
+    )  # [domain, (ce, tokens)]
+    for d, domain in enumerate(data.domains):
+        count = min(sequences, data.num_sequences(domain, "heldout"))
+        mine = np.arange(engine.dp_rank, count, engine.dp_size)
+        if not len(mine):
+            continue
+        tokens = torch.from_numpy(data.store(domain, "heldout").batch(mine)).to(engine.device)
+        micro = [
+            MicroBatch([(domain, "heldout", int(i)) for i in mine[start : start + micro_batch]], chunk)
+            for start, chunk in zip(range(0, len(mine), micro_batch), tokens.split(micro_batch), strict=True)
+        ]
+        results = score(micro)
+        if engine.counting_rank:
+            for result in results:
+                assert result is not None
+                sums[d, 0] += result[0]
+                sums[d, 1] += result[1]
+    engine.all_reduce_sum(sums)
     return {domain: float(sums[d, 0] / sums[d, 1]) for d, domain in enumerate(data.domains) if sums[d, 1] > 0}

@@ -16,8 +16,8 @@ import torch
 
 from distill.config.loss import LossConfig
 from distill.losses.fused import Terms, fused_output_loss
+from distill.losses.signal import TeacherSignal
 from distill.losses.taid import TaidSchedule
-from distill.losses.teacher import Teacher
 from parallel.vocab import VocabShard
 
 
@@ -47,7 +47,7 @@ class Objective:
         return self.taid.tau if self.taid is not None else 0.0
 
     def __call__(
-        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: Teacher | None
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: TeacherSignal | None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         # hidden [b, s, h], weight [V/tp, h], labels [b, s]
         loss_sum, term_sums = fused_output_loss(

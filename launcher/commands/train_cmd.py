@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distill.training.trainer import train  # torch + megatron-core: imported only when training
+    from distill.training.train import train  # torch + megatron-core: imported only when training
 
     train(config_from(args))
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from distill.cache.reader import CachedSignal
+from distill.cache.reader import CacheReader
 from distill.cache.writer import CacheWriter
 from distill.config import load_config
 from distill.data.prepared import SPLITS, PreparedData
@@ -46,7 +46,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             data = PreparedData(dirs[0][2].data.dir)
             signals = [
-                CachedSignal(d, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640)
+                CacheReader(d, prepared=data, tokenizer_sha256=data.tokenizer_sha256, vocab_size=640)
                 for _, d, _ in dirs
             ]
             keys = [(d, s, i) for d in data.domains for s in SPLITS for i in range(data.num_sequences(d, s))]

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from distill.config import load_config
-from distill.training.trainer import StepResult, Trainer
+from distill.training.loop import DistillLoop, StepResult
+from distill.training.train import build_loop
 from parallel.distributed import init_parallel, shutdown
 from tests.distributed import report
 
@@ -31,7 +32,7 @@ def summary(results: list[StepResult]) -> dict[str, list]:
 
 def trainer(
     work: Path, config_name: str, run: str, tp: int, pp: int, *overrides: str, fresh: bool = True
-) -> Trainer:
+) -> DistillLoop:
     run_dir = work / "runs" / run
     config = load_config(
         work / config_name, [f"run.dir={run_dir}", f"parallel.tp={tp}", f"parallel.pp={pp}", *overrides]
@@ -40,7 +41,7 @@ def trainer(
     if fresh and ctx.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     dist.barrier()
-    return Trainer(config, ctx)
+    return build_loop(config, ctx)
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -3,7 +3,7 @@
 For each model (llama untied with llama3 RoPE scaling, qwen2 with qkv biases, llama with tied
 embeddings and 4 layers):
 - every layout (tp, pp) in (1,1), (2,1), (1,2), (2,2): build our model, `load_into` it from the HF
-  directory, run a forward-only pass over 2 micro-batches through `run_schedule`, gather the full
+  directory, run a forward-only pass over 2 micro-batches through `parallel.schedule.forward_only`, gather the full
   vocabulary on the last stage and report the max abs difference to the HF model's fp32 logits;
 - at tp2 pp2: `save_checkpoint` the loaded model; then at tp1 pp1 (dp4) load it unsharded
   (`full_state_dict` -> `load_checkpoint`), invert the name map with `to_hf_state_dict` and report
@@ -139,36 +139,19 @@ def our_logits(ctx: Any, hf_dir: Path, ids: Any) -> tuple[Any, Any]:
     import torch.distributed as dist
 
     from distill.models.hf_io import HFCheckpoint
-    from distill.models.hf_layout import Shard
+    from distill.models.weights import Weights, load_weights
     from parallel.model import build_gpt
-    from parallel.schedule import run_schedule
+    from parallel.schedule import forward_only
 
     hf = HFCheckpoint(hf_dir)
     model = build_gpt(hf.arch, ctx.dims, pp_rank=ctx.pp_rank)
-    hf.load_into(model, Shard(hf.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank))
-    model.eval()
-    outputs: list[torch.Tensor] = []
-
-    def forward_step(batch: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        positions = torch.arange(batch.shape[1]).unsqueeze(0).expand_as(batch)
-        output = module(batch, positions, attention_mask=None)
-
-        def keep(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-            outputs.append(logits.detach().clone())
-            return logits.sum() * 0.0, torch.tensor(1), {}
-
-        return output, keep
-
-    micro_batches = [ids[i * MICRO_BATCH : (i + 1) * MICRO_BATCH] for i in range(NUM_MICRO)]
-    with torch.no_grad():
-        run_schedule(
-            model,
-            micro_batches,
-            forward_step,
-            seq_length=SEQ,
-            micro_batch_size=MICRO_BATCH,
-            forward_only=True,
-        )
+    load_weights(model, Weights(hf.arch, hf_dir, "hf"), ctx)
+    # forward_only takes prepared sequences [b, s + 1] (inputs [:, :-1]): one padding column after ids
+    tokens = torch.cat([ids, torch.zeros_like(ids[:, :1])], dim=1)
+    micro_batches = [tokens[i * MICRO_BATCH : (i + 1) * MICRO_BATCH] for i in range(NUM_MICRO)]
+    outputs = forward_only(
+        model, micro_batches, lambda index, logits, labels: logits.detach().clone(), seq_length=SEQ
+    )
     if not ctx.is_last_stage:
         return model, None
     local = torch.cat(outputs, dim=0).contiguous()  # [b, s, V/tp]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distill.losses.fused import Terms, fused_output_loss
-from distill.losses.teacher import LiveTeacher, SampledTeacher, Teacher, TopKTeacher
+from distill.losses.signal import LiveSignal, SampledSignal, TeacherSignal, TopKSignal
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
 from tests.distributed import report
@@ -62,7 +62,7 @@ class Data:
 @dataclass
 class Case:
     terms: Terms
-    teacher: Callable[[slice], Teacher | None]  # this rank's vocabulary slice -> the teacher signal
+    teacher: Callable[[slice], TeacherSignal | None]  # this rank's vocabulary slice -> the teacher signal
     refs: dict[str, Reference]  # unweighted per-token reference of every term in terms.weights
     tau: float = TAU  # TAID's interpolation parameter
 
@@ -143,8 +143,8 @@ def build_cases(data: Data) -> dict[str, Case]:
     zt = data.teacher_logits
     labels = data.labels
 
-    def live(sl: slice) -> Teacher:
-        return LiveTeacher(data.teacher_hidden, data.teacher_weight[sl])
+    def live(sl: slice) -> TeacherSignal:
+        return LiveSignal(data.teacher_hidden, data.teacher_weight[sl])
 
     def ce(zs: torch.Tensor) -> torch.Tensor:
         return ref.cross_entropy(zs, labels)
@@ -168,7 +168,7 @@ def build_cases(data: Data) -> dict[str, Case]:
             return ref.topk_tail_forward_kl(zs, ids, kept.double(), tail.double(), temperature=t)
 
         return Case(
-            terms({"forward_kl": 1.0}, t), lambda sl: TopKTeacher(ids, kept, tail, vocab), {"forward_kl": fkl}
+            terms({"forward_kl": 1.0}, t), lambda sl: TopKSignal(ids, kept, tail, vocab), {"forward_kl": fkl}
         )
 
     cases["topk_k10_T1"] = topk_case(topk_signal(zt, K), 1.0)
@@ -178,7 +178,7 @@ def build_cases(data: Data) -> dict[str, Case]:
         ids, kept, tail = topk_signal(zt, V, temperature=t)
         cases[f"topk_kV_vs_dense_forward_kl_T{t:g}"] = Case(
             terms({"forward_kl": 1.0}, t),
-            lambda sl, s=(ids, kept, tail): TopKTeacher(*s, V),
+            lambda sl, s=(ids, kept, tail): TopKSignal(*s, V),
             {"forward_kl": dense_ref("forward_kl", zt, t)},
         )
 
@@ -198,7 +198,7 @@ def build_cases(data: Data) -> dict[str, Case]:
                 refs[name] = fkl
             else:
                 refs[name] = dense_ref(name, completed, 1.0)
-        return Case(terms(names), lambda sl: TopKTeacher(ids, kept, tail, vocab), refs)
+        return Case(terms(names), lambda sl: TopKSignal(ids, kept, tail, vocab), refs)
 
     cases["taid_topk_k10"] = completion_case({"taid": 1.0}, K, V)
     cases["taid_topk_k10_one_shard_rows"] = completion_case({"taid": 1.0}, K, V, ids=one_shard_ids(gen, K))
@@ -215,8 +215,8 @@ def build_cases(data: Data) -> dict[str, Case]:
     def sampled_ce(zs: torch.Tensor) -> torch.Tensor:
         return ref.sampled_cross_entropy(zs, sampled_ids, sampled_weights.double())
 
-    def sampled(sl: slice) -> Teacher:
-        return SampledTeacher(sampled_ids, sampled_weights)
+    def sampled(sl: slice) -> TeacherSignal:
+        return SampledSignal(sampled_ids, sampled_weights)
 
     cases["sampled"] = Case(terms({"forward_kl": 1.0}), sampled, {"forward_kl": sampled_ce})
     cases["sampled_with_ce"] = Case(

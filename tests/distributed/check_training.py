@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from distill.config import load_config
-from distill.training.trainer import Trainer
+from distill.training.train import build_loop
 from parallel.distributed import init_parallel, shutdown
 from tests.distributed import report
 
@@ -30,7 +30,7 @@ def run(config_path: Path, work: Path, name: str, tp: int, pp: int, overrides: l
     if ctx.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     dist.barrier()
-    losses = [r.loss for r in Trainer(config, ctx).run()]
+    losses = [r.loss for r in build_loop(config, ctx).run()]
     dist.barrier()
     return losses
 
@@ -59,7 +59,7 @@ def main() -> None:
             ]
             config = load_config(config_path, overrides)
             ctx = init_parallel(second[0], second[1], seed=config.training.seed)
-            resumed = [r.loss for r in Trainer(config, ctx).run()]
+            resumed = [r.loss for r in build_loop(config, ctx).run()]
             results[name] = full
             results[name + "_resumed"] = resumed
         else:

@@ -1,12 +1,13 @@
-"""The teacher's signal for one micro-batch, in the form the losses read it chunk by chunk.
+"""`TeacherSignal`: the teacher's signal for one micro-batch, in the form the losses read it chunk by chunk.
 
-Three kinds (DESIGN.md: "the teacher behind one interface, cached or live"):
+Where it comes from is a `TeacherSource` (`distill/teacher/`: the cache, or a live teacher); what it
+is, is one of three kinds:
 
-- `LiveTeacher`: the online teacher's final hidden states `[N, h_t]` and its output-layer slice
+- `LiveSignal`: the online teacher's final hidden states `[N, h_t]` and its output-layer slice
   `[V/tp, h_t]`; each chunk's logits are computed on demand, so the teacher never holds a
   `[tokens, V]` tensor either.
-- `TopKTeacher`: the cached k largest log-probs per token with their ids and the tail mass.
-- `SampledTeacher`: the cached RS-KD draws, ids with weights count / N.
+- `TopKSignal`: the cached k largest log-probs per token with their ids and the tail mass.
+- `SampledSignal`: the cached RS-KD draws, ids with weights count / N.
 
 Every kind gives `logprobs(rows, temperature, shard)`, the teacher's log-probabilities on this rank's
 vocabulary slice, where it is defined: exact for the live teacher; for top-k + tail the *completed*
@@ -28,7 +29,7 @@ IMPOSSIBLE = -1.0e4  # log-probability of ids outside the teacher's vocabulary (
 
 
 @dataclass
-class LiveTeacher:
+class LiveSignal:
     hidden: torch.Tensor  # [N, h_t]
     weight: torch.Tensor  # [V/tp, h_t]
 
@@ -45,7 +46,7 @@ class LiveTeacher:
 
 
 @dataclass
-class TopKTeacher:
+class TopKSignal:
     ids: torch.Tensor  # [N, k] global ids
     logprobs_kept: torch.Tensor  # [N, k]
     tail: torch.Tensor  # [N]
@@ -67,7 +68,7 @@ class TopKTeacher:
 
 
 @dataclass
-class SampledTeacher:
+class SampledSignal:
     ids: torch.Tensor  # [N, n] global ids, -1 = padding
     weights: torch.Tensor  # [N, n] count / N, 0 for padding
 
@@ -77,13 +78,15 @@ class SampledTeacher:
         raise ValueError("a sampled cache defines no teacher distribution beyond its draws")
 
 
-Teacher = LiveTeacher | TopKTeacher | SampledTeacher
+TeacherSignal = LiveSignal | TopKSignal | SampledSignal
 
 
-def from_cache_rows(rows: dict[str, torch.Tensor], teacher_vocab: int, device: torch.device) -> Teacher:
-    """A micro-batch of `CachedSignal.batch` output (`[b, s, ...]`, host memory) as a flat-token teacher
+def signal_from_cache_rows(
+    rows: dict[str, torch.Tensor], teacher_vocab: int, device: torch.device
+) -> TeacherSignal:
+    """A micro-batch of `CacheReader.batch` output (`[b, s, ...]`, host memory) as a flat-token teacher
     on the student's device."""
     flat = {k: v.reshape(-1, *v.shape[2:]).to(device, non_blocking=True) for k, v in rows.items()}
     if "tail" in flat:
-        return TopKTeacher(flat["ids"].long(), flat["logprobs"], flat["tail"], teacher_vocab)
-    return SampledTeacher(flat["ids"].long(), flat["weights"])
+        return TopKSignal(flat["ids"].long(), flat["logprobs"], flat["tail"], teacher_vocab)
+    return SampledSignal(flat["ids"].long(), flat["weights"])

@@ -1,0 +1,98 @@
+"""The seam between the distillation loop and the engine that owns the model and its parallelism.
+
+The loop (`distill/training/loop.py`) is about distillation: the domain mixture and DDK, the objective
+and TAID, evaluation and checkpoint cadence, metrics, the training-state dict. An `Engine` is about one
+sharded student: building it and loading its weights, forward/backward over a step's micro-batches with
+a loss callback, the optimizer step, forward-only passes, save/load, and the output layer the fused
+loss applies. Two engines fit this seam:
+
+- megatron-core (`distill/engine/megatron.py`): GPTModel under TP x PP x DP, pipeline schedules.
+- DeepSpeed ZeRO over Hugging Face modules: the same calls, with the loss callback invoked on the
+  module's final hidden states. Under ZeRO-3 the output weight is partitioned; the engine hands the
+  callback a gathered weight (`deepspeed.zero.GatheredParameters` around the callback, with the weight
+  registered via `zero.register_external_parameter` on the module that calls the loss), so its
+  gradient reaches the partitioned copy. The loop never touches a parameter itself.
+
+Callbacks see one micro-batch at a time, on the ranks that compute the loss (megatron: the last
+pipeline stage, every tp rank), as `fn(index, hidden [b, s, h], weight [V/tp, h], labels [b, s])`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from parallel.vocab import VocabShard
+
+# (index of the micro-batch, hidden [b, s, h], output weight [V/tp, h], labels [b, s]) -> result
+OutputFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+# a training loss: the same arguments -> (loss_sum, num_tokens, report of per-micro-batch sums)
+LossFn = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+]
+
+
+class ForwardModel(Protocol):
+    """A sharded model run forward-only (the student in evaluation, a frozen online teacher)."""
+
+    vocab_size: int
+    num_parameters: int
+
+    def forward(self, micro_batches: Sequence[torch.Tensor], fn: OutputFn) -> list[Any]:
+        """Run `micro_batches` (`[b, s + 1]` tokens each); `fn`'s result per micro-batch on loss ranks,
+        None elsewhere."""
+        ...
+
+
+class Engine(ForwardModel, Protocol):
+    """The student, sharded, with its optimizer and checkpoints."""
+
+    tokenizer_dir: Path  # the student's tokenizer (checked against the prepared data by the loop)
+    shard: VocabShard  # this rank's slice of the output vocabulary and the group holding the rest
+    device: torch.device
+    dp_rank: int  # which data-parallel replica this rank belongs to, of `dp_size`
+    dp_size: int
+    is_main: bool  # the one process that writes shared files and prints
+    loss_rank: bool  # this rank runs loss callbacks (and needs the teacher signal)
+    counting_rank: bool  # this rank's loss reports are summed into the global metrics (each counted once)
+    description: str  # one line for the log: model size, layout
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the run's latest checkpoint if there is one and return its training state, else load
+        the initial weights and return None (collective)."""
+        ...
+
+    def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss: LossFn) -> list[dict[str, Any]]:
+        """Zero the gradients, run forward and backward over the step's equal-size micro-batches;
+        gradients are of the token-mean loss over the global batch. Reports on loss ranks."""
+        ...
+
+    def optimizer_step(self, step: int) -> tuple[float, float]:
+        """Reduce gradients, clip, step with the learning rate of optimizer step `step` (0-based);
+        returns (grad norm, lr)."""
+        ...
+
+    def save(self, step: int, training_state: dict[str, Any]) -> Path:
+        """Collective, atomic checkpoint of weights, optimizer and the loop's `training_state`."""
+        ...
+
+    def frozen_model(
+        self, path: Path, *, precision: str, tokenizer_sha256: str, data_dir: Path
+    ) -> ForwardModel:
+        """A second model (the online teacher) sharded like the student, without optimizer state."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` in place over every rank of the job."""
+        ...
+
+    def broadcast_from_main(self, value: Any) -> Any:
+        """The main rank's `value` on every rank (a small picklable object)."""
+        ...
+
+    def close(self) -> None:
+        """Leave the process group (the process may then build another engine)."""
+        ...

@@ -1,0 +1,74 @@
+"""The student's initial weights: an HF directory (`student.init`), or a random student of the
+configured size (`student.arch`) written once into `student.init_dir`.
+
+A sized student is materialised by `transformers` with the run's seed on the main rank, so every
+layout and every engine starts from bit-identical weights; an `init_dir` that already holds a student
+of another architecture is refused with the differing fields named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distill.config import CampaignConfig
+from distill.data.tokenizer import load_tokenizer
+from distill.errors import OutputExistsError
+from distill.models.convert import write_random_student
+from distill.models.hf_io import HFCheckpoint
+from parallel.model import ModelArch
+
+
+def configured_arch(config: CampaignConfig) -> ModelArch:
+    """The architecture `student.arch` describes, with the tokenizer's vocabulary padded to 128."""
+    arch = config.student.arch if config.student else None
+    assert arch is not None
+    vocab = load_tokenizer(config.data.tokenizer.path).vocab_size
+    return ModelArch(
+        model_type=arch.model_type,
+        vocab_size=-(-vocab // 128) * 128,  # padded so any tp up to 128 splits it
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        head_dim=arch.hidden_size // arch.num_attention_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        qkv_bias=arch.model_type == "qwen2",
+    )
+
+
+def student_init_path(
+    config: CampaignConfig, *, is_main: bool, broadcast_from_main: Callable[[Any], Any]
+) -> Path:
+    """Collective: the directory the student starts from (written by the main rank if needed)."""
+    student = config.student
+    assert student is not None
+    if student.init is not None:
+        return student.init
+    assert student.init_dir is not None
+    problem = None
+    if is_main:
+        wanted = configured_arch(config)
+        if not (student.init_dir / "config.json").is_file():
+            write_random_student(
+                wanted, student.init_dir, tokenizer_dir=config.data.tokenizer.path, seed=config.training.seed
+            )
+        elif (found := HFCheckpoint(student.init_dir).arch) != wanted:
+            diff = [
+                f"{k}: {v!r} there vs {wanted.to_json()[k]!r}"
+                for k, v in found.to_json().items()
+                if v != wanted.to_json()[k]
+            ]
+            problem = (
+                f"student.init_dir {student.init_dir} holds a student of another architecture ({', '.join(diff)}); "
+                "delete it or choose another init_dir"
+            )
+    problem = broadcast_from_main(problem)
+    if problem:
+        raise OutputExistsError(problem)
+    return student.init_dir

@@ -1,0 +1,53 @@
+"""Where a model's weights come from, and the one function that loads them into a sharded model.
+
+A model path names either a Hugging Face directory (`config.json` + safetensors) or a distillery
+checkpoint (a step directory, or a checkpoint root whose `latest` is taken). `find_weights` says which
+and reads the architecture; `load_weights` fills this rank's shard of a megatron-core model from
+either (HF: only this rank's slices are read; checkpoint: `dist_checkpointing` reshards to any layout).
+Students, online teachers, the cache writer's teacher and cache inspection all load through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from distill.checkpoint import TOKENIZER, load_checkpoint, read_meta, resolve_checkpoint
+from distill.models.hf_io import HFCheckpoint
+from distill.models.hf_layout import Shard
+from parallel.distributed import ParallelContext
+from parallel.model import ModelArch
+
+
+@dataclass(frozen=True)
+class Weights:
+    arch: ModelArch
+    directory: Path  # the HF directory, or the resolved checkpoint step directory
+    kind: Literal["hf", "checkpoint"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the model's tokenizer files are (a checkpoint keeps a copy in `tokenizer/`)."""
+        return self.directory / TOKENIZER if self.kind == "checkpoint" else self.directory
+
+
+def find_weights(path: Path) -> Weights:
+    """The weights at `path`: an HF directory or a checkpoint (step directory or root)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return Weights(HFCheckpoint(path).arch, path, "hf")
+    ckpt = resolve_checkpoint(path)
+    return Weights(ModelArch.from_json(read_meta(ckpt)["arch"]), ckpt, "checkpoint")
+
+
+def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext) -> None:
+    """Collective: fill this rank's shard of `model` (built for `weights.arch` at `ctx`'s layout)."""
+    if weights.kind == "hf":
+        HFCheckpoint(weights.directory).load_into(
+            model, Shard(weights.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank)
+        )
+    else:
+        load_checkpoint(weights.directory, model=model, optimizer=None, ctx=ctx)

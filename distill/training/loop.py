@@ -1,0 +1,270 @@
+"""The distillation loop, engine-free: what a step means, not how the model is sharded.
+
+`DistillLoop(config, engine)` runs `training.steps` optimizer steps over an `Engine`
+(`distill/engine/base.py`). Each step: the domain mixture draws the global batch (the same on every
+rank), this data-parallel replica takes its slice and splits it into micro-batches, the teacher source
+gives each micro-batch's signal (and reads the next step's ahead), the engine runs forward/backward
+with the objective as its loss callback and steps the optimizer, the loss reports are reduced to global
+token means, TAID advances its tau, DDK reweights the mixture every `data.mixture.interval` steps.
+Every `training.log_interval` steps a metrics record, every `checkpoint.interval` steps (and at the
+end) a checkpoint with the loop's training state (step, objective, mixture), every
+`training.eval_interval` steps (and at the end) the student's held-out perplexity per domain.
+
+This module reads no engine internals: a second engine (DeepSpeed ZeRO) runs the same loop.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.cache.reader import SequenceKey
+from distill.config import CampaignConfig
+from distill.config.loss import LossConfig, LossWeightsConfig
+from distill.data.mixture import Row, rank_slice
+from distill.data.prepared import PreparedData
+from distill.data.tokenizer import load_tokenizer
+from distill.engine.base import Engine
+from distill.errors import DataError
+from distill.metrics import MetricsLogger
+from distill.teacher import MicroBatch, TeacherSource, open_teacher_source
+from distill.training.ddk import DomainMixture
+from distill.training.evaluate import heldout_cross_entropy
+from distill.training.objective import Objective
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+    terms: dict[str, float]  # token-mean of each loss term (unweighted)
+    tau: float | None = None  # TAID's tau used in this step
+    mixture: dict[str, float] | None = None  # DDK's evaluation and new weights, after this step
+
+
+class DistillLoop:
+    def __init__(self, config: CampaignConfig, engine: Engine) -> None:
+        assert config.training is not None and config.checkpoint is not None and config.logging is not None
+        self.config, self.engine, self.cfg = config, engine, config.training
+        self.data = PreparedData(config.data.dir)
+        self._check_tokenizer()
+        self.objective = Objective(config.loss, shard=engine.shard, total_steps=self.cfg.steps)
+        self.eval_objective = Objective(
+            LossConfig(weights=LossWeightsConfig(ce=1.0), chunk_tokens=config.loss.chunk_tokens),
+            shard=engine.shard,
+            total_steps=self.cfg.steps,
+        )
+        sizes = {domain: self.data.num_sequences(domain) for domain in self.data.domains}
+        self.mixture = DomainMixture(config.data.mixture, sizes, self.cfg.seed)
+        self.step = 0
+        state = engine.resume()
+        if state is not None:
+            self.load_state_dict(state)
+        self.teacher: TeacherSource | None = None
+        if self.objective.needs_teacher or self.mixture.is_ddk:
+            self.teacher = open_teacher_source(config, self.data, engine)
+            self._say(f"train: teacher signal from {self.teacher.description}")
+        self.metrics = MetricsLogger(
+            config.logging,
+            enabled=engine.is_main,
+            run_name=config.run.name,
+            run_dir=config.run.dir,
+            config=config.model_dump(mode="json"),
+        )
+        if state is None:
+            record = self.mixture.start(self._student_perplexity, self._teacher_perplexity)
+            if record is not None:
+                self.metrics.log(0, record)
+                self._say(f"train: DDK initial weights {self._weights_text()}")
+        elif self.mixture.is_ddk and self.mixture.teacher_ppl is None:  # a run switched to DDK on resume
+            self.mixture.teacher_ppl = self._teacher_perplexity()
+
+    # -- the training state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_sequences": self.step * self.cfg.global_batch,
+            "objective": self.objective.state_dict(),
+            "mixture": self.mixture.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        if "mixture" not in state:
+            raise DataError(
+                f"checkpoint {state.get('checkpoint', '')} has no data-mixture state (written by an older "
+                "distillery); start a new run directory or restart from it as `student.init`"
+            )
+        self.mixture.load_state_dict(state["mixture"])
+
+    def save(self) -> None:
+        self.engine.save(self.step, self.state_dict())
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def _micro_batch_keys(self, batch: list[Row]) -> list[list[SequenceKey]]:
+        """Sequence keys of this replica's micro-batches of a global batch."""
+        mine = rank_slice(batch, self.engine.dp_rank, self.engine.dp_size)
+        keys = [(domain, "train", index) for domain, index in mine]
+        return [keys[i : i + self.cfg.micro_batch] for i in range(0, len(keys), self.cfg.micro_batch)]
+
+    def train_step(self) -> StepResult:
+        started = time.perf_counter()
+        batch = self.mixture.next_batch(self.cfg.global_batch)  # the global batch, the same on every rank
+        micro = []
+        for keys in self._micro_batch_keys(batch):
+            tokens = np.stack([self.data.sequence(domain, index) for domain, _, index in keys])
+            micro.append(MicroBatch(keys, torch.from_numpy(tokens).to(self.engine.device)))  # [mb, s + 1]
+        signals: list[Any] = [None] * len(micro)
+        if self.teacher is not None and self.objective.needs_teacher:
+            signals = self.teacher.signals(micro)
+            if self.step + 1 < self.cfg.steps:
+                self.teacher.read_ahead(
+                    self._micro_batch_keys(self.mixture.peek_batch(self.cfg.global_batch))
+                )
+        tau = self.objective.tau if self.objective.taid is not None else None
+        reports = self.engine.forward_backward(
+            [m.tokens for m in micro],
+            lambda index, hidden, weight, labels: self.objective(hidden, weight, labels, signals[index]),
+        )
+        grad_norm, lr = self.engine.optimizer_step(self.step)
+        means, count = self._reduce_reports(reports)
+        self.step += 1
+        self.objective.after_step(means, self.step)
+        seconds = time.perf_counter() - started  # the step itself; a DDK evaluation is not training time
+        mixture = self.mixture.after_step(self.step, self._student_perplexity)
+        loss = means.pop("loss")
+        return StepResult(self.step, loss, grad_norm, lr, count, seconds, means, tau, mixture)
+
+    def _reduce_reports(self, reports: list[dict]) -> tuple[dict[str, float], int]:
+        """Global token means of the loss and each term: the counting ranks' sums, reduced over all."""
+        keys = self.objective.report_keys
+        device = self.engine.device
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # NCCL: on the device
+        if self.engine.counting_rank:
+            for r in reports:
+                sums += torch.tensor([float(r[k]) for k in keys], dtype=torch.float64, device=device)
+        self.engine.all_reduce_sum(sums)
+        tokens = float(sums[-1])
+        return {k: float(v) / tokens for k, v in zip(keys[:-1], sums[:-1], strict=True)}, int(tokens)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+
+    def _heldout(self, score: Any, sequences: int) -> dict[str, float]:
+        ce = heldout_cross_entropy(
+            score,
+            self.data,
+            self.engine,
+            sequences=sequences,
+            micro_batch=self.cfg.micro_batch,
+        )
+        return {domain: math.exp(value) for domain, value in ce.items()}
+
+    def _student_cross_entropy(self, micro: list[MicroBatch]) -> list[tuple[float, int] | None]:
+        def ce(
+            index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+        ) -> tuple[float, int]:
+            _, _, report = self.eval_objective(hidden, weight, labels, None)
+            return float(report["ce"]), int(report["tokens"])
+
+        return self.engine.forward([m.tokens for m in micro], ce)
+
+    def _student_perplexity(self, sequences: int | None = None) -> dict[str, float]:
+        """Held-out perplexity per domain (collective: every rank gets the same numbers)."""
+        return self._heldout(
+            self._student_cross_entropy, sequences or self.config.data.mixture.eval_sequences
+        )
+
+    def _teacher_perplexity(self) -> dict[str, float]:
+        assert self.teacher is not None
+        return self._heldout(self.teacher.cross_entropy, self.config.data.mixture.eval_sequences)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity per domain on `training.eval_sequences` sequences each."""
+        return self._student_perplexity(self.cfg.eval_sequences)
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> list[StepResult]:
+        assert self.config.checkpoint is not None
+        results = []
+        while self.step < self.cfg.steps:
+            result = self.train_step()
+            results.append(result)
+            last = result.step == self.cfg.steps
+            if result.step % self.cfg.log_interval == 0 or last:
+                self._log(result)
+            if result.mixture is not None:
+                self.metrics.log(result.step, result.mixture)
+                self._say(f"train: DDK weights at step {result.step}: {self._weights_text()}")
+            if result.step % self.config.checkpoint.interval == 0 or last:
+                self.save()
+            interval = self.cfg.eval_interval
+            if self.cfg.eval_sequences and ((interval and result.step % interval == 0) or last):
+                self._log_eval()
+        self.close()
+        return results
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.teacher is not None:
+            self.teacher.close()
+
+    def _check_tokenizer(self) -> None:
+        prepared = self.data.tokenizer_sha256
+        ours = load_tokenizer(self.engine.tokenizer_dir)
+        if ours.sha256 != prepared:
+            raise DataError(
+                f"the student's tokenizer ({self.engine.tokenizer_dir}, sha256 {ours.sha256[:12]}) is not the one "
+                f"the data in {self.data.directory} was prepared with (sha256 {prepared[:12]})"
+            )
+        if ours.vocab_size > self.engine.vocab_size:
+            raise DataError(
+                f"tokenizer has {ours.vocab_size} tokens but the student's vocabulary is {self.engine.vocab_size}"
+            )
+
+    def _say(self, message: str) -> None:
+        if self.engine.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _weights_text(self) -> str:
+        return ", ".join(f"{d} {w:.3f}" for d, w in self.mixture.sampler.weights_dict().items())
+
+    def _log(self, result: StepResult) -> None:
+        record = {
+            "loss": result.loss,
+            **{f"loss/{name}": value for name, value in result.terms.items()},
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            "tokens_per_s": result.tokens / result.seconds,
+            "step_seconds": result.seconds,
+        }
+        if result.tau is not None:
+            record["taid/tau"] = result.tau
+        self.metrics.log(result.step, record)
+        terms = " ".join(f"{name} {value:.4f}" for name, value in result.terms.items())
+        tau = f" tau {result.tau:.4f}" if result.tau is not None else ""
+        self._say(
+            f"train: step {result.step}/{self.cfg.steps} loss {result.loss:.4f} ({terms}){tau} "
+            f"grad_norm {result.grad_norm:.3f} lr {result.lr:.2e} {result.tokens / result.seconds:,.0f} tok/s"
+        )
+
+    def _log_eval(self) -> dict[str, float]:
+        perplexity = self.evaluate()
+        if perplexity:
+            self.metrics.log(self.step, {f"eval/{domain}/ppl": value for domain, value in perplexity.items()})
+            shown = ", ".join(f"{domain} {value:.2f}" for domain, value in perplexity.items())
+            self._say(f"train: held-out perplexity at step {self.step}: {shown}")
+        return perplexity

@@ -64,6 +64,7 @@ class StageOutput:
     spec_field: str | None = "spec"  # where the record keeps the spec (None: the record is the spec)
     foreign_hint: str | None = None  # what to do about a directory no distillery stage wrote
     replace_stale: bool = False  # another spec's output is derived data, replaced without --overwrite
+    legacy_progress: str | None = None  # where distillery <= 0.1 kept this stage's progress record
 
     def check(self, *, overwrite: bool, resume_facts: dict[str, Any] | None = None) -> Status:
         """What to do with the output directory (see the module docstring); raises on a conflict."""
@@ -82,8 +83,8 @@ class StageOutput:
                 "pass --overwrite to replace it",
                 overwrite,
             )
-        if (out / PROGRESS).is_file():
-            found = read_json(out / PROGRESS)
+        found = self._progress()
+        if found is not None:
             diff = differences(found.get("spec"), self.spec) + [
                 f"{f}: changed since the interrupted {self.stage}"
                 for f in sorted(set(found.get("facts") or {}) | set(resume_facts or {}))
@@ -97,7 +98,8 @@ class StageOutput:
                 "pass --overwrite to start over",
                 overwrite,
             )
-        foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        # a write killed before anything else was recorded leaves only temporaries: not foreign
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp")) if out.is_dir() else []
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             return self._conflict(
@@ -106,6 +108,23 @@ class StageOutput:
                 overwrite,
             )
         return Status.FRESH
+
+    def _progress(self) -> dict[str, Any] | None:
+        """The progress record ({spec, facts}) of an interrupted run, if there is one."""
+        out = Path(self.directory)
+        try:
+            if (out / PROGRESS).is_file():
+                return read_json(out / PROGRESS)
+            if self.legacy_progress and (out / self.legacy_progress).is_file():
+                old = read_json(
+                    out / self.legacy_progress
+                )  # {spec, inputs} (prepare) or the bare spec (cache)
+                return {"spec": old.get("spec", old), "facts": old.get("inputs", {})}
+        except (OSError, ValueError) as exc:
+            raise OutputExistsError(
+                f"{out} holds an unreadable progress record ({exc}); pass --overwrite to start over"
+            ) from exc
+        return None
 
     def _conflict(self, problem: str, remedy: str, overwrite: bool) -> Status:
         if not overwrite:
@@ -135,3 +154,5 @@ class StageOutput:
         """Write the completion record (atomically, last) and drop the progress record."""
         atomic_write_json(Path(self.directory) / self.record, record)
         (Path(self.directory) / PROGRESS).unlink(missing_ok=True)
+        if self.legacy_progress:
+            (Path(self.directory) / self.legacy_progress).unlink(missing_ok=True)

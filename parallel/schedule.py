@@ -13,7 +13,10 @@ Two entry points, one per kind of pass, both over micro-batches of prepared sequ
 
 `output` is what the model's last stage returns: logits `[mb, s, V/tp]`, or final hidden states
 `[mb, s, h]` for a model whose output layer the fused loss applies (`model.emit_hidden_states`).
-Both return one entry per micro-batch, in the given order, on the last stage (None elsewhere).
+`forward_backward` returns the reports in micro-batch order on the last stage (empty elsewhere);
+`forward_only` one result per micro-batch in the given order on the last stage (None elsewhere). Its
+callbacks run group by group, larger micro-batches first: in index order when only the last
+micro-batch is short (what `Tensor.split` gives), which the cache writer relies on.
 """
 
 from __future__ import annotations

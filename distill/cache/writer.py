@@ -37,7 +37,7 @@ from distill.cache.format import (
 )
 from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
-from distill.errors import DataError, OutputExistsError
+from distill.errors import DataError
 from distill.models.teacher import load_teacher, open_teacher
 from distill.stage import StageOutput, Status
 from parallel.distributed import ParallelContext, init_parallel, shutdown
@@ -128,7 +128,9 @@ class CacheWriter:
         """True if the cache is already complete; refuses another config's cache (main rank decides)."""
         decision: list[Any] = [None]
         if self.ctx.is_main:
-            output = StageOutput("cache", self.out, "cache.dir", self.spec, record=MANIFEST)
+            output = StageOutput(
+                "cache", self.out, "cache.dir", self.spec, record=MANIFEST, legacy_progress=".spec.json"
+            )
             try:
                 status = output.check(overwrite=overwrite)
                 if status is Status.REPLACE:
@@ -136,7 +138,7 @@ class CacheWriter:
                 if status in (Status.FRESH, Status.REPLACE):
                     output.begin()
                 decision[0] = status is Status.COMPLETE
-            except (DataError, OutputExistsError) as exc:
+            except Exception as exc:  # every rank raises it, none waits in the broadcast
                 decision[0] = exc
         dist.broadcast_object_list(decision, src=0)
         if isinstance(decision[0], Exception):

@@ -76,7 +76,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
     }
     spec = _spec(data, tokenizer, sources)
     out = data.dir
-    output = StageOutput("prepare", out, "data.dir", spec)
+    output = StageOutput("prepare", out, "data.dir", spec, legacy_progress=f"{PARTIAL}/spec.json")
     inputs = _input_stats(sources)
     status = output.check(overwrite=overwrite, resume_facts=inputs)
     if status is Status.COMPLETE:

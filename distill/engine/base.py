@@ -15,6 +15,11 @@ loss applies. Two engines fit this seam:
 
 Callbacks see one micro-batch at a time, on the ranks that compute the loss (megatron: the last
 pipeline stage, every tp rank), as `fn(index, hidden [b, s, h], weight [V/tp, h], labels [b, s])`.
+Passes are collective: every rank of the job calls `forward` / `forward_backward` the same number of
+times (held-out evaluation pads replicas with fewer sequences). What a frozen model's callback keeps
+(the online teacher's hidden states and output weight, read later by the student's loss) must stay
+valid until that model's next `forward`: a ZeRO-3 engine keeps its teacher's output weight gathered
+for the step (or out of partitioning), since a frozen weight never changes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Held-out cross-entropy per domain of any scorer (the student, or a teacher source), by the whole job.
 
 The first `sequences` held-out sequences of each domain are split over the data-parallel replicas
-(`rank, rank + dp, ...`) into micro-batches; `score(micro_batches)` gives each one's summed CE and
+(`rank, rank + dp, ...`) into micro-batches, the same number of them on every replica; `score(micro_batches)` gives each one's summed CE and
 token count on the ranks that compute losses; the counting ranks' sums are reduced over all ranks, so
 every rank gets the same numbers. The student scores through its engine's forward-only pass, a teacher
 source through `cross_entropy` (the cache's stored target log-probs, or the live teacher's pass).
@@ -10,6 +10,7 @@ Used for the run's held-out perplexity metrics and by DDK's domain reweighting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -31,17 +32,26 @@ def heldout_cross_entropy(
     )  # [domain, (ce, tokens)]
     for d, domain in enumerate(data.domains):
         count = min(sequences, data.num_sequences(domain, "heldout"))
-        mine = np.arange(engine.dp_rank, count, engine.dp_size)
-        if not len(mine):
+        if not count:
             continue
-        tokens = torch.from_numpy(data.store(domain, "heldout").batch(mine)).to(engine.device)
+        mine = np.arange(engine.dp_rank, count, engine.dp_size)
+        # Every replica runs the same number of forward passes (a ZeRO-3 forward is collective): one
+        # with fewer sequences adds a padding micro-batch (a sequence of its domain) and drops its result.
+        passes = math.ceil(math.ceil(count / engine.dp_size) / micro_batch)
+        chunks = [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+        counted = len(chunks)
+        chunks += [np.zeros(1, dtype=np.int64)] * (passes - counted)
+        store = data.store(domain, "heldout")
         micro = [
-            MicroBatch([(domain, "heldout", int(i)) for i in mine[start : start + micro_batch]], chunk)
-            for start, chunk in zip(range(0, len(mine), micro_batch), tokens.split(micro_batch), strict=True)
+            MicroBatch(
+                [(domain, "heldout", int(i)) for i in chunk],
+                torch.from_numpy(store.batch(chunk)).to(engine.device),  # [mb, s + 1]
+            )
+            for chunk in chunks
         ]
         results = score(micro)
         if engine.counting_rank:
-            for result in results:
+            for result in results[:counted]:
                 assert result is not None
                 sums[d, 0] += result[0]
                 sums[d, 1] += result[1]

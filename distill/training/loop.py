@@ -104,8 +104,8 @@ class DistillLoop:
         self.objective.load_state_dict(state.get("objective", {}))
         if "mixture" not in state:
             raise DataError(
-                f"checkpoint {state.get('checkpoint', '')} has no data-mixture state (written by an older "
-                "distillery); start a new run directory or restart from it as `student.init`"
+                f"checkpoint {state.get('checkpoint', '(resumed)')} has no data-mixture state (written by an "
+                "older distillery); start a new run directory or restart from it as `student.init`"
             )
         self.mixture.load_state_dict(state["mixture"])
 

@@ -31,13 +31,7 @@ class OnlineSource:
         """Nothing to prepare: the teacher runs on the step's own tokens."""
 
     def cross_entropy(self, micro_batches: list[MicroBatch]) -> list[tuple[float, int] | None]:
-        def ce(
-            index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-        ) -> tuple[float, int]:
-            _, _, report = self.ce(hidden, weight, labels, None)
-            return float(report["ce"]), int(report["tokens"])
-
-        return self.model.forward([m.tokens for m in micro_batches], ce)
+        return self.ce.cross_entropy(self.model, micro_batches)
 
     def close(self) -> None:
         """The model goes with the engine's process group."""

@@ -173,13 +173,7 @@ class DistillLoop:
         return {domain: math.exp(value) for domain, value in ce.items()}
 
     def _student_cross_entropy(self, micro: list[MicroBatch]) -> list[tuple[float, int] | None]:
-        def ce(
-            index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-        ) -> tuple[float, int]:
-            _, _, report = self.eval_objective(hidden, weight, labels, None)
-            return float(report["ce"]), int(report["tokens"])
-
-        return self.engine.forward([m.tokens for m in micro], ce)
+        return self.eval_objective.cross_entropy(self.engine, micro)
 
     def _student_perplexity(self, sequences: int | None = None) -> dict[str, float]:
         """Held-out perplexity per domain (collective: every rank gets the same numbers)."""

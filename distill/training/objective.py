@@ -10,7 +10,7 @@ loss over all ranks; tau and its schedule state are part of the checkpointed tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from distill.losses.fused import Terms, fused_output_loss
 from distill.losses.signal import TeacherSignal
 from distill.losses.taid import TaidSchedule
 from parallel.vocab import VocabShard
+
+if TYPE_CHECKING:
+    from distill.engine.base import ForwardModel
 
 
 class Objective:
@@ -62,6 +65,18 @@ class Objective:
         tokens = torch.tensor(labels.numel(), dtype=torch.int)
         report = {"loss": loss_sum.detach().double(), **term_sums, "tokens": tokens.clone()}
         return loss_sum, tokens, report
+
+    def cross_entropy(self, model: ForwardModel, micro_batches: list[Any]) -> list[tuple[float, int] | None]:
+        """Forward-only pass of `model` over `micro_batches` (each with `.tokens` `[b, s + 1]`) scored
+        by this (CE-only) objective: (summed CE, tokens) per micro-batch on the loss ranks."""
+
+        def score(
+            index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+        ) -> tuple[float, int]:
+            _, _, report = self(hidden, weight, labels, None)
+            return float(report["ce"]), int(report["tokens"])
+
+        return model.forward([m.tokens for m in micro_batches], score)
 
     def after_step(self, means: dict[str, float], step: int) -> None:
         """Advance TAID with the step's global mean TAID loss (identical on every rank)."""

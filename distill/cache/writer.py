@@ -102,6 +102,9 @@ class CacheWriter:
         dist.broadcast_object_list(digest, src=0)
         self.spec = self._spec(str(digest[0]))
         self.out = self.cfg.dir
+        self.output = StageOutput(
+            "cache", self.out, "cache.dir", self.spec, record=MANIFEST, legacy_progress=".spec.json"
+        )
         self.complete = self._check_output(overwrite)
         self.model = None if self.complete else load_teacher(weights, ctx, config.teacher.precision)
 
@@ -128,9 +131,7 @@ class CacheWriter:
         """True if the cache is already complete; refuses another config's cache (main rank decides)."""
         decision: list[Any] = [None]
         if self.ctx.is_main:
-            output = StageOutput(
-                "cache", self.out, "cache.dir", self.spec, record=MANIFEST, legacy_progress=".spec.json"
-            )
+            output = self.output
             try:
                 status = output.check(overwrite=overwrite)
                 if status is Status.REPLACE:
@@ -256,7 +257,7 @@ class CacheWriter:
             "bytes_per_token": total_bytes / max(1, positions),
             "shards": shards,
         }
-        StageOutput("cache", self.out, "cache.dir", self.spec, record=MANIFEST).finish(manifest)
+        self.output.finish(manifest)
         print(
             f"cache: {positions:,} positions, {manifest['bytes_per_token']:.1f} bytes/token into {self.out}",
             file=sys.stderr,

@@ -63,7 +63,6 @@ class Engine(ForwardModel, Protocol):
     is_main: bool  # the one process that writes shared files and prints
     loss_rank: bool  # this rank runs loss callbacks (and needs the teacher signal)
     counting_rank: bool  # this rank's loss reports are summed into the global metrics (each counted once)
-    description: str  # one line for the log: model size, layout
 
     def resume(self) -> dict[str, Any] | None:
         """Load the run's latest checkpoint if there is one and return its training state, else load

@@ -8,13 +8,17 @@ holds a `[tokens, V]` tensor either.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from distill.cache.reader import SequenceKey
 from distill.engine.base import ForwardModel
 from distill.losses.signal import LiveSignal, TeacherSignal
 from distill.teacher.source import MicroBatch
-from distill.training.objective import Objective
+
+if TYPE_CHECKING:  # the CE objective is passed in; sources do not build objectives
+    from distill.training.objective import Objective
 
 
 class OnlineSource:

@@ -72,7 +72,7 @@ class DistillLoop:
             self.load_state_dict(state)
         self.teacher: TeacherSource | None = None
         if self.objective.needs_teacher or self.mixture.is_ddk:
-            self.teacher = open_teacher_source(config, self.data, engine)
+            self.teacher = open_teacher_source(config, self.data, engine, self.eval_objective)
             self._say(f"train: teacher signal from {self.teacher.description}")
         self.metrics = MetricsLogger(
             config.logging,

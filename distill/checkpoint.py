@@ -3,8 +3,8 @@
 Layout of a checkpoint root:
     latest                  name of the newest complete checkpoint, replaced atomically, last
     step_00000100/          megatron-core `dist_checkpointing` (torch_dist) of model + optimizer,
-                            the common training state (step, data position, schedules, ...),
-                            rng/rank_*.pt (per-rank RNG states), tokenizer/ (its files) and
+                            training_state.json (step, data position, schedules, ...; rank 0),
+                            rng/rank_*.safetensors (per-rank RNG states), tokenizer/ (its files) and
                             distillery.json (metadata: step, layout, architecture), written last
     .step_00000200.partial  a save in progress (or one killed mid-way): never read
 
@@ -13,11 +13,15 @@ Every rank writes its shards into the `.partial` directory; only when all are wr
 point leaves the previous checkpoint as `latest`, complete and loadable. Tensors are saved with their
 global shapes and offsets, so a checkpoint written at tp2 pp1 loads at tp1 pp2 (resharding); RNG
 states are restored only into the layout that wrote them (elsewhere they have no meaning).
+
+Nothing in a checkpoint is unpickled freely: our own state is JSON and safetensors, and megatron's
+files are loaded under `distill.unpickling.no_code_execution` (see there for the audit).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,12 +32,14 @@ import torch.distributed as dist
 from distill.atomic import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from distill.errors import DataError
 from distill.models.hf_io import copy_tokenizer_files
+from distill.unpickling import UnsafeCheckpointError, no_code_execution
 from parallel.distributed import ParallelContext
 
 LATEST = "latest"
 META = "distillery.json"
 TOKENIZER = "tokenizer"
 FORMAT = "distillery.checkpoint"
+TRAINING_STATE = "training_state.json"
 
 
 def step_name(step: int) -> str:
@@ -72,22 +78,51 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as named uint8 tensors (what safetensors stores)."""
     from megatron.core import tensor_parallel
 
-    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {"torch": torch.get_rng_state()}
+    for name, tracked in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        state[f"tracker.{name}"] = tracked
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return {k: v.contiguous() for k, v in state.items()}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")}
+    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
+    """The RNG states in `path` (`.safetensors`; a `.pt` of distillery <= 0.2 is read weights-only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safe = path.with_suffix(".safetensors")
+    if safe.is_file():
+        try:
+            return load_file(safe)
+        except SafetensorError as exc:
+            raise DataError(f"{safe} is not a readable safetensors file ({exc})") from None
+    if not path.with_suffix(".pt").is_file():
+        return None
+    try:
+        old = torch.load(path.with_suffix(".pt"), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path.with_suffix('.pt')} holds objects other than tensors; refusing to unpickle it (a pickle can "
+            f"run code when loaded): {str(exc).splitlines()[0]}"
+        ) from None
+    return {"torch": old["torch"], **{f"tracker.{k}": v for k, v in old["tracker"].items()}} | (
+        {"cuda": old["cuda"]} if "cuda" in old else {}
+    )
 
 
 def save_checkpoint(
@@ -107,6 +142,7 @@ def save_checkpoint(
     `tokenizer_dir`'s tokenizer files are copied in, so a checkpoint exports to a complete HF
     directory on its own."""
     from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
 
     root = Path(root)
     final = root / step_name(step)
@@ -115,14 +151,15 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # a save killed earlier at this step
         partial.mkdir(parents=True)  # dist_checkpointing wants it empty
     dist.barrier()
-    sharded: dict[str, Any] = {"model": model.sharded_state_dict(), "training_state": training_state}
+    sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
     dist_checkpointing.save(sharded, str(partial))
     (partial / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), partial / "rng" / f"rank_{ctx.rank:05d}.pt")
+    save_file(_rng_state(), str(partial / "rng" / f"rank_{ctx.rank:05d}.safetensors"))
     dist.barrier()
     if ctx.is_main:
+        atomic_write_json(partial / TRAINING_STATE, training_state)
         if tokenizer_dir is not None:
             (partial / TOKENIZER).mkdir()
             copy_tokenizer_files(tokenizer_dir, partial / TOKENIZER)
@@ -165,12 +202,33 @@ def load_checkpoint(
     with_optimizer = optimizer is not None and meta["has_optimizer"]
     if with_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    try:
+        with no_code_execution():
+            loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:  # megatron wraps load errors; an unsafe file is a user-facing refusal
+        cause = _unsafe_cause(exc)
+        if cause is None:
+            raise
+        raise UnsafeCheckpointError(f"checkpoint {path}: {cause}") from None
     model.load_state_dict(loaded["model"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     layout = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}
-    rng_file = Path(path) / "rng" / f"rank_{ctx.rank:05d}.pt"
-    if meta["layout"] == layout and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return {**meta, "training_state": loaded.get("training_state", {})}
+    rng = _read_rng_file(Path(path) / "rng" / f"rank_{ctx.rank:05d}")
+    if meta["layout"] == layout and rng is not None:
+        _set_rng_state(rng)
+    state_file = Path(path) / TRAINING_STATE
+    training_state = read_json(state_file) if state_file.is_file() else loaded.get("training_state", {})
+    return {**meta, "training_state": training_state}
+
+
+def _unsafe_cause(exc: BaseException | None) -> str | None:
+    """The refusal message if `exc` (or what caused it) is an unsafe-unpickling refusal."""
+    while exc is not None:
+        if isinstance(exc, UnsafeCheckpointError):
+            return str(exc)
+        if isinstance(exc, pickle.UnpicklingError):
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return f"refusing to unpickle a file that holds more than tensors and plain data ({first})"
+        exc = exc.__cause__ or exc.__context__
+    return None

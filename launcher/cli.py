@@ -8,10 +8,12 @@ stays fast. Later stages (cache, slurm, ...) add their module to `COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from distill.errors import UserError
 from launcher.commands import (
@@ -25,6 +27,7 @@ from launcher.commands import (
     tokenizer_cmd,
     train_cmd,
 )
+from launcher.local import RANK_REPORTS, LaunchFailed
 from parallel.errors import ParallelConfigError
 
 COMMANDS = (
@@ -55,16 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    reports = _rank_reports()
     try:
         return int(args.handler(args) or 0)
     except (UserError, ParallelConfigError) as exc:
         if args.debug:
             traceback.print_exc()
-        print(_paragraph(exc), file=sys.stderr)
+        if reports is not None:  # a launched rank: the launcher prints it once for all ranks
+            reports.with_suffix(".user").write_text(str(exc))
+        else:
+            print(_paragraph(exc), file=sys.stderr)
         return 2
+    except LaunchFailed as exc:
+        print(_paragraph(exc), file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("distillery: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if reports is None:
+            raise
+        reports.with_suffix(".crash").write_text(traceback.format_exc())
+        return 1
+
+
+def _rank_reports() -> Path | None:
+    """Under `distillery launch`: where this rank reports how it ended (`rank_N.user` / `.crash`)."""
+    directory, rank = os.environ.get(RANK_REPORTS), os.environ.get("RANK")
+    if not directory or rank is None or not Path(directory).is_dir():
+        return None
+    return Path(directory) / f"rank_{int(rank):05d}"
 
 
 def _paragraph(exc: Exception) -> str:

@@ -1,26 +1,112 @@
-"""Local multi-process launch: torchrun --standalone running `python -m launcher SUBCOMMAND ...`."""
+"""Local multi-process launch: torch's elastic agent (what torchrun runs) starting `python -m launcher ...`.
+
+The agent runs in this process instead of a `torchrun` child so that a failed rank ends in our words,
+not in torchrun's `ChildFailedError` traceback. Each rank reports how it ended into a directory named by
+`RANK_REPORTS` (see `launcher.cli`): a rank that stopped on user input (exit code 2) leaves its
+one-paragraph message, a rank that crashed leaves its traceback. When the job fails:
+
+- some rank stopped on user input: its message is raised once as `LaunchFailed(2)` (identical messages
+  of several ranks are merged and the ranks named); the other ranks' ends are consequences (killed by
+  the agent, or a collective broken by the missing peer) and are not shown;
+- otherwise every crashed rank's traceback is printed under its rank, and `LaunchFailed(1)` names the
+  ranks, their exit codes or the signal that killed them.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
+import shutil
+import signal
 import sys
+import tempfile
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from distill.errors import UserError
 
+RANK_REPORTS = "DISTILLERY_RANK_REPORTS"  # env: where launched ranks write how they ended
 
-def launch_local(nproc: int, command: Sequence[str]) -> int:
-    """Run `distillery <command>` on `nproc` ranks; returns the exit code (2 if any rank failed on user input)."""
+
+class LaunchFailed(Exception):
+    """A launched job failed; `code` is the exit code the command should end with (2: user input)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def launch_local(nproc: int, command: Sequence[str]) -> None:
+    """Run `distillery <command>` on `nproc` ranks of this machine; raises `LaunchFailed` if any failed."""
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if not command:
         raise UserError(
             "launch needs a subcommand after --, e.g. distillery launch --nproc 2 -- train CONFIG"
         )
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    argv += ["-m", "launcher", *command]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    reports = Path(tempfile.mkdtemp(prefix="distillery-ranks-"))
     threads = max(1, (os.cpu_count() or 1) // nproc)  # share the cores instead of oversubscribing them
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    result = subprocess.run(argv, env=env)
-    return result.returncode
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ[RANK_REPORTS] = str(reports)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"distillery-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # torchrun --standalone: a free port on this machine
+        max_restarts=0,
+    )
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)  # its failure log repeats what we report below
+    try:
+        elastic_launch(config, sys.executable)("-m", "launcher", *command)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        raise _failure(reports, codes) from None
+    finally:
+        agent_log.setLevel(level)
+        os.environ.pop(RANK_REPORTS, None)
+        shutil.rmtree(reports, ignore_errors=True)
+
+
+def _failure(reports: Path, codes: dict[int, int]) -> LaunchFailed:
+    """What to tell the user about a failed job, from the ranks' reports and exit codes."""
+    user = {int(p.stem.split("_")[1]): p.read_text() for p in reports.glob("rank_*.user")}
+    if user:
+        ranks_by_message: dict[str, list[int]] = {}
+        for rank, message in sorted(user.items()):
+            ranks_by_message.setdefault(message, []).append(rank)
+        if len(ranks_by_message) == 1:
+            return LaunchFailed(next(iter(ranks_by_message)), 2)
+        parts = [f"{_ranks(ranks)}: {message}" for message, ranks in ranks_by_message.items()]
+        return LaunchFailed("ranks stopped on different errors:\n" + "\n".join(parts), 2)
+    crashes = {int(p.stem.split("_")[1]): p.read_text() for p in reports.glob("rank_*.crash")}
+    if not crashes and codes and set(codes.values()) == {2}:  # e.g. argparse: each rank printed why
+        return LaunchFailed(f"{_ranks(sorted(codes))} stopped on a usage error (see above)", 2)
+    for rank, trace in sorted(crashes.items()):
+        print(f"--- rank {rank} crashed:\n{trace.rstrip()}", file=sys.stderr)
+    ended = [f"rank {rank} {_how(codes.get(rank))}" for rank in sorted(set(crashes) | set(codes))]
+    return LaunchFailed(
+        "the job failed: " + "; ".join(ended) + (" (tracebacks above)" if crashes else ""), 1
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def _how(code: int | None) -> str:
+    if code is None:
+        return "crashed"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

@@ -63,3 +63,33 @@ def test_missing_tokenizer_directory_is_a_user_error(tmp_path):
     }
     result = distillery("prepare", str(write_config(tmp_path / "c.yaml", tree)))
     assert result.returncode == 2 and "no-tokenizer does not exist" in result.stderr
+
+
+def test_launched_ranks_failing_on_user_input_print_one_message_and_exit_2():
+    result = distillery("launch", "--nproc", "2", "--", "train", "/no/such/config.yaml")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("config file /no/such/config.yaml does not exist") == 1
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+
+
+def test_launch_failure_reports(tmp_path):
+    """How a failed job is summarised from the ranks' reports and exit codes."""
+    from launcher.local import _failure
+
+    (tmp_path / "rank_00000.user").write_text("cache shard x is damaged")
+    (tmp_path / "rank_00001.crash").write_text("Traceback ...\nRuntimeError: Connection closed by peer\n")
+    consequence = _failure(tmp_path, {0: 2, 1: 1})
+    assert (consequence.code, str(consequence)) == (2, "cache shard x is damaged")
+    (tmp_path / "rank_00001.crash").unlink()
+    (tmp_path / "rank_00001.user").write_text("other")
+    both = _failure(tmp_path, {0: 2, 1: 2})
+    assert both.code == 2 and "rank 0: cache shard x is damaged" in str(both) and "rank 1: other" in str(both)
+    for p in tmp_path.iterdir():
+        p.unlink()
+    (tmp_path / "rank_00001.crash").write_text("Traceback ...\nZeroDivisionError\n")
+    crash = _failure(tmp_path, {1: 1, 0: -9})
+    assert crash.code == 1
+    assert (
+        str(crash)
+        == "the job failed: rank 0 was killed by SIGKILL; rank 1 exited with code 1 (tracebacks above)"
+    )

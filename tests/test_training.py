@@ -158,3 +158,26 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(work, uninterrupted
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     assert final_loss(run_dir) == pytest.approx(uninterrupted, abs=1e-6)
     assert not any(p.name.endswith(".partial") for p in root.iterdir())
+
+
+def test_resume_refuses_a_checkpoint_whose_rng_file_would_run_code(work, uninterrupted):
+    """A checkpoint from elsewhere whose RNG file pickles a callable: one named error, exit 2, and the
+    callable never runs (it would create `marker`)."""
+    import torch
+
+    from tests.test_unpickling import Marker
+
+    run_dir = work / "tampered"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(work / "uninterrupted", run_dir)
+    rng = latest_checkpoint(run_dir / "checkpoints") / "rng"
+    marker = work / "code-ran"
+    (rng / "rank_00001.safetensors").unlink()
+    torch.save({"torch": torch.get_rng_state(), "tracker": {}, "x": Marker(marker)}, rng / "rank_00001.pt")
+    result = subprocess.run(
+        train_command(work, run_dir, "training.steps=10"), cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "rank_00001.pt holds objects other than tensors; refusing to unpickle it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()

@@ -18,4 +18,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return launch_local(args.nproc, command)
+    launch_local(args.nproc, command)
+    return 0

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from distill.data.prepare import prepare
-    from distill.data.sources import iter_documents, open_stream, resolve_source
+    from distill.data.sources import iter_documents, resolve_source
     from distill.data.tokenizer import load_tokenizer
 
     config = ensure_data_stages(args.config, ("corpus", "tokenizer"))
@@ -38,7 +38,7 @@ def main() -> None:
     for name, domain in config.data.domains.items():
         for i, source in enumerate(domain.sources):
             resolved = resolve_source(source, f"data.domains.{name}.sources[{i}]")
-            texts.extend(iter_documents(resolved, open_stream(resolved)))
+            texts.extend(iter_documents(resolved))
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(load_tokenizer(config.data.tokenizer.path).backend_json)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,9 @@ def load_checkpoint(
     if with_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
     try:
-        with no_code_execution():
+        with no_code_execution(), warnings.catch_warnings():
+            # megatron-core 0.16.1 calls torch's deprecated alias of `load`; nothing a user can act on
+            warnings.filterwarnings("ignore", r"`load_state_dict` is deprecated", FutureWarning)
             loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as exc:  # megatron wraps load errors; an unsafe file is a user-facing refusal
         cause = _unsafe_cause(exc)

@@ -65,6 +65,7 @@ class StageOutput:
     foreign_hint: str | None = None  # what to do about a directory no distillery stage wrote
     replace_stale: bool = False  # another spec's output is derived data, replaced without --overwrite
     legacy_progress: str | None = None  # where distillery <= 0.1 kept this stage's progress record
+    legacy_specs: tuple[dict[str, Any], ...] = ()  # what older distillery recorded for this same output
 
     def check(self, *, overwrite: bool, resume_facts: dict[str, Any] | None = None) -> Status:
         """What to do with the output directory (see the module docstring); raises on a conflict."""
@@ -74,7 +75,7 @@ class StageOutput:
                 f"{self.key} {out} exists and is not a directory; choose another {self.key}"
             )
         if (out / self.record).is_file() and (found := self.recorded_spec()) is not None:
-            if found == self.spec:
+            if found == self.spec or found in self.legacy_specs:
                 return Status.COMPLETE
             if self.replace_stale:
                 return Status.REPLACE

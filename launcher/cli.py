@@ -93,7 +93,13 @@ def _rank_reports() -> Path | None:
 def _paragraph(exc: Exception) -> str:
     """`distillery: error: ...` with the first line wrapped; indented detail lines kept as they are."""
     first, *rest = str(exc).splitlines() or [""]
-    head = textwrap.fill(f"distillery: error: {first}", width=100, subsequent_indent="  ")
+    head = textwrap.fill(
+        f"distillery: error: {first}",
+        width=100,
+        subsequent_indent="  ",
+        break_long_words=False,  # paths stay whole, so they can be copied
+        break_on_hyphens=False,
+    )
     return "\n".join([head, *rest])
 
 

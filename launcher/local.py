@@ -92,9 +92,7 @@ def _failure(reports: Path, codes: dict[int, int]) -> LaunchFailed:
     for rank, trace in sorted(crashes.items()):
         print(f"--- rank {rank} crashed:\n{trace.rstrip()}", file=sys.stderr)
     ended = [f"rank {rank} {_how(codes.get(rank))}" for rank in sorted(set(crashes) | set(codes))]
-    return LaunchFailed(
-        "the job failed: " + "; ".join(ended) + (" (tracebacks above)" if crashes else ""), 1
-    )
+    return LaunchFailed("the job failed: " + "; ".join(ended) + (" (tracebacks above)" if crashes else ""), 1)
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -279,38 +279,81 @@ def test_killed_cache_resumes_byte_identical(cache_work, tmp_path, mode):
     assert set(info["teacher_heldout_perplexity"]) == {"code", "prose"}
 
 
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.slow
-def test_flipped_byte_is_named_by_verify_and_refused_by_train(cache_work, tmp_path, tiny_model_dir):
+def test_moved_data_trains_and_damage_reached_mid_run_stops_before_an_optimizer_step(
+    cache_work, tmp_path, tiny_model_dir
+):
+    """The prepared data and cache are moved elsewhere and train from there with the same losses. Then
+    a flipped byte in the cache (on 2 launched ranks) and in a token store, first reached by the run
+    resumed at step 2: each stops it at step 3 with the file named, exit 2, no traceback, no step 3."""
     config = str(cache_work / "config.yaml")
     cache = tmp_path / "cache"
     assert distillery("cache", config, "--set", f"cache.dir={cache}").returncode == 0
-    assert distillery("cache", "verify", str(cache)).returncode == 0
-    victim = cache / "prose" / "train" / "shard_00001.bin"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    victim.write_bytes(bytes(data))
-    verify = distillery("cache", "verify", str(cache))
-    assert verify.returncode == 2 and "prose/train/shard_00001.bin: checksum mismatch" in verify.stderr
-    tree_overrides = [
-        f"cache.dir={cache}",
-        f"run.dir={tmp_path / 'run'}",
-        f"student.init={tiny_model_dir}",
-    ]
-    train = distillery(
-        "train", config, *[a for o in tree_overrides for a in ("--set", o)], *_training_sets(tmp_path)
+    reference = distillery(
+        "train", config, *_sets(tmp_path / "ref", cache, cache_work / "data" / "prepared", 2, tiny_model_dir)
     )
-    assert train.returncode == 2 and "damaged" in train.stderr and "shard_00001.bin" in train.stderr
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    prepared, moved = tmp_path / "elsewhere" / "prepared", tmp_path / "elsewhere" / "cache"
+    shutil.copytree(cache_work / "data" / "prepared", prepared)
+    shutil.move(cache, moved)
+    run = tmp_path / "run"
+    first = distillery("train", config, *_sets(run, moved, prepared, 2, tiny_model_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _losses(run) == _losses(tmp_path / "ref")
+
+    for shard in moved.rglob("shard_*.bin"):
+        _flip(shard)
+    verify = distillery("cache", "verify", str(moved))
+    assert verify.returncode == 2 and "prose/train/shard_00001.bin: checksum mismatch" in verify.stderr
+    damaged = distillery(
+        "launch", "--nproc", "2", "--", "train", config, *_sets(run, moved, prepared, 4, tiny_model_dir, tp=2)
+    )
+    assert damaged.returncode == 2, damaged.stderr[-3000:]
+    assert "Traceback" not in damaged.stderr and damaged.stderr.count("distillery: error:") == 1, (
+        damaged.stderr
+    )
+    assert "is damaged, refusing to use its rows" in " ".join(damaged.stderr.split())
+    assert "shard_" in damaged.stderr
+    assert max(_losses(run)) == 2  # no step 3 was taken
+    for shard in moved.rglob("shard_*.bin"):
+        _flip(shard)  # repaired
+
+    _flip(prepared / "code" / "train.bin")
+    stopped = distillery("train", config, *_sets(run, moved, prepared, 4, tiny_model_dir))
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    assert "code/train.bin: sequences" in " ".join(stopped.stderr.split())
+    assert "do not match their checksum" in " ".join(stopped.stderr.split())
+    assert max(_losses(run)) == 2
 
 
-def _training_sets(tmp_path: Path) -> list[str]:
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _sets(run: Path, cache: Path, prepared: Path, steps: int, student: Path, tp: int = 1) -> list[str]:
     items = [
-        "training.steps=2",
+        f"student.init={student}",
+        f"run.dir={run}",
+        f"cache.dir={cache}",
+        f"data.dir={prepared}",
+        f"parallel.tp={tp}",
+        f"training.steps={steps}",
         "training.global_batch=4",
         "training.micro_batch=2",
         "training.lr=1e-3",
-        "loss.weights.forward_kl=1.0",  # trains on the cache, so it must check it
-        f"checkpoint.dir={tmp_path / 'ckpt'}",
-        f"logging.metrics={tmp_path / 'metrics.jsonl'}",
+        "training.log_interval=1",
+        "loss.weights.forward_kl=1.0",
+        "checkpoint.dir=${run.dir}/ckpt",
+        "checkpoint.interval=2",
+        "logging.metrics=${run.dir}/metrics.jsonl",
     ]
     return [a for item in items for a in ("--set", item)]
 

@@ -136,7 +136,7 @@ def test_overwrite_replaces(tmp_path, small_corpus, tokenizer_dir):
         ({"heldout_fraction": 1e-9}, r"data\.domains\.code: no held-out sequence"),
         (
             {"domains": {"a": {"sources": [{"files": "EMPTY"}]}}},
-            r"data\.domains\.a\.sources\[0\]\.files: every matching file is empty",
+            r"empty\.jsonl: empty file \(data\.domains\.a\.sources\[0\]\); fix it, or set data\.on_bad_record: skip",
         ),
         (
             {"domains": {"a": {"sources": [{"files": "BLANK"}]}}},

@@ -1,15 +1,20 @@
 """`CacheReader`: the cached teacher signal of any prepared sequence, read in O(1).
 
 At start it checks the manifest against what the run uses (prepared data fingerprint, tokenizer hash,
-vocabulary size) and refuses a mismatch with a message saying what differs; `verify` checksums shards
-(a job splits them over its ranks). `batch` returns the tensors the losses need for a list of
-sequences. Reading ahead of training is the cached teacher source's job (`distill/teacher/cached.py`).
+vocabulary size) and refuses a mismatch with a message saying what differs. Shards are checksummed
+lazily: the first time this process maps a shard, its `.bin` and `.idx` are hashed against the manifest
+and a mismatch raises a `DataError` naming the shard before any of its rows are returned. Start-up so
+costs O(1) in the cache size (a 40 TB cache is never read whole before step one), and the hashing is
+spread over training, mostly in the read-ahead thread. `verify` checks every shard now (`distillery
+cache verify`). `batch` returns the tensors the losses need for a list of sequences. Reading ahead of
+training is the cached teacher source's job (`distill/teacher/cached.py`).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,24 +54,31 @@ def read_cache_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_errors(directory: Path, shard: dict[str, Any]) -> list[str]:
+    """What is wrong with one shard's files (missing, or bytes that do not match the manifest)."""
+    path = Path(directory) / shard["file"]
+    index = path.with_suffix(".idx")
+    if not path.is_file():
+        return [f"{shard['file']}: missing"]
+    errors = []
+    if file_sha256(path) != shard["sha256"]:
+        errors.append(f"{shard['file']}: checksum mismatch (the file changed or is corrupt)")
+    if not index.is_file() or file_sha256(index) != shard["idx_sha256"]:
+        errors.append(f"{shard['file'][:-4]}.idx: missing or checksum mismatch")
+    return errors
+
+
 def shard_checksum_errors(directory: Path, shards: list[dict[str, Any]]) -> list[str]:
     """Shards whose files are missing or whose bytes do not match the manifest's sha256."""
-    errors = []
-    for shard in shards:
-        path = Path(directory) / shard["file"]
-        if not path.is_file():
-            errors.append(f"{shard['file']}: missing")
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != shard["sha256"]:
-            errors.append(f"{shard['file']}: checksum mismatch (the file changed or is corrupt)")
-        index = path.with_suffix(".idx")
-        if not index.is_file() or hashlib.sha256(index.read_bytes()).hexdigest() != shard["idx_sha256"]:
-            errors.append(f"{shard['file'][:-4]}.idx: missing or checksum mismatch")
-    return errors
+    return [error for shard in shards for error in shard_errors(directory, shard)]
 
 
 class CacheReader:
@@ -102,18 +114,31 @@ class CacheReader:
             self._shards.setdefault((shard["domain"], shard["split"]), []).append(shard)
         self._starts = {key: [s["start"] for s in shards] for key, shards in self._shards.items()}
         self._maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._map_lock = threading.Lock()  # the read-ahead thread and the main thread both read
 
     def verify(self, rank: int = 0, world: int = 1) -> list[str]:
-        """Checksum the shards `rank, rank + world, ...` (so a job verifies the cache once, in parallel)."""
+        """Checksum the shards `rank, rank + world, ...` now (all of them by default)."""
         return shard_checksum_errors(self.directory, self.manifest["shards"][rank::world])
 
     def _map(self, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        if shard["file"] not in self._maps:
-            path = self.directory / shard["file"]
-            data = np.memmap(path, dtype=np.uint8, mode="r") if shard["bytes"] else np.empty(0, np.uint8)
-            offsets = np.fromfile(path.with_suffix(".idx"), dtype="<u8")
-            self._maps[shard["file"]] = (data, offsets)
-        return self._maps[shard["file"]]
+        with self._map_lock:
+            if shard["file"] not in self._maps:
+                self._maps[shard["file"]] = self._verified_map(shard)
+            return self._maps[shard["file"]]
+
+    def _verified_map(self, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Map a shard after checking its checksums (once per shard per process)."""
+        errors = shard_errors(self.directory, shard)
+        if errors:
+            raise DataError(
+                f"teacher cache {self.directory} is damaged, refusing to use its rows: {'; '.join(errors)}. "
+                f"`distillery cache verify {self.directory}` checks every shard; rebuild the cache with "
+                "`distillery cache CONFIG --overwrite`"
+            )
+        path = self.directory / shard["file"]
+        data = np.memmap(path, dtype=np.uint8, mode="r") if shard["bytes"] else np.empty(0, np.uint8)
+        offsets = np.fromfile(path.with_suffix(".idx"), dtype="<u8")
+        return data, offsets
 
     def _raw(self, key: SequenceKey) -> np.ndarray:
         domain, split, index = key

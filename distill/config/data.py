@@ -160,6 +160,29 @@ class DataConfig(Section):
     checkpoint_seconds: float = Field(
         default=30.0, ge=0.0, description="How often progress is saved so an interrupted prepare resumes."
     )
+    on_bad_record: Literal["error", "skip"] = Field(
+        default="error",
+        description="A record that is not a document (not UTF-8, not JSON, no text field, NUL bytes, too long, "
+        "an empty file): stop naming file and line, or skip it and count it per source and reason.",
+    )
+    invalid_utf8: Literal["error", "replace"] = Field(
+        default="error",
+        description="Invalid UTF-8 in a text/JSON record: a bad record, or decoded with U+FFFD and counted.",
+    )
+    max_record_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        description="A longer line/paragraph/document is a bad record (bounds memory).",
+    )
+    max_bad_records: int | None = Field(
+        default=None, ge=0, description="skip: more bad records than this in one source is an error."
+    )
+    max_bad_fraction: float | None = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="skip: a larger share of bad records in a source is an error.",
+    )
 
     mixture: MixtureConfig = MixtureConfig()
 

@@ -7,11 +7,19 @@ of them) until `heldout_sequences` are full, so no document is split across the 
 ends with EOS; streams are cut into sequences of `seq_len + 1` tokens; a final partial sequence is
 dropped and counted.
 
+Bad records (see `records.py`) stop the stage naming file and line, or with `data.on_bad_record: skip`
+are skipped and counted per source and reason in the domain's summary and the manifest.
+
 Resumability: every `checkpoint_seconds` the token files are fsynced and then a small `state.json`
-records the stream positions (`IterableDataset.state_dict()`), sequence counts and the unfinished
+records the readers' positions (file, byte offset, bad-record counts), sequence counts and the unfinished
 sequence tails. A restart truncates the files to the recorded counts and continues from there, so an
 interrupted-and-resumed prepare writes the same bytes as an uninterrupted one. Finished domains are
 moved into place by a directory rename; `manifest.json` is written last.
+
+The stage's spec identifies its inputs by content (files by relative name, size and SHA-256; see
+`sources.py`), and the fingerprint that the cache and training key on hashes only what defines the
+token stores (their SHA-256s, the tokenizer, seq_len, the held-out rule): a prepared directory, its
+cache and its sources can all move without orphaning anything.
 """
 
 from __future__ import annotations
@@ -38,13 +46,15 @@ from distill.config.loader import config_to_yaml
 from distill.config.schema import CampaignConfig, DataConfig
 from distill.data import encode_worker
 from distill.data.prepared import FORMAT, SPLITS, VERSION, read_prepared_manifest
-from distill.data.sources import ResolvedSource, iter_documents, open_stream, resolve_source
+from distill.data.records import RecordPolicy, policy_of
+from distill.data.sources import ResolvedSource, open_documents, resolve_source
 from distill.data.token_store import TokenStore, TokenStoreWriter, token_dtype
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.errors import DataError
 from distill.stage import StageOutput, Status
 
 PARTIAL = ".partial"
+SOURCE_HASHES = ".source-hashes.json"  # {path: [size, mtime_ns, sha256]}: re-runs hash only changed files
 
 
 @dataclass
@@ -62,6 +72,7 @@ class _DomainState:
     heldout_dropped_tokens: int = 0
     train_carry: list[int] = field(default_factory=list)
     heldout_carry: list[int] = field(default_factory=list)
+    sources_done: dict[str, dict] = field(default_factory=dict)  # finished sources' record tallies
 
 
 def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -74,11 +85,18 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
         ]
         for name, domain in data.domains.items()
     }
-    spec = _spec(data, tokenizer, sources)
     out = data.dir
-    output = StageOutput("prepare", out, "data.dir", spec, legacy_progress=f"{PARTIAL}/spec.json")
-    inputs = _input_stats(sources)
-    status = output.check(overwrite=overwrite, resume_facts=inputs)
+    known = _known_hashes(out)
+    spec = _spec(data, tokenizer, sources, known)
+    output = StageOutput(
+        "prepare",
+        out,
+        "data.dir",
+        spec,
+        legacy_progress=f"{PARTIAL}/spec.json",
+        legacy_specs=(_legacy_spec(data, tokenizer, sources),),
+    )
+    status = output.check(overwrite=overwrite)
     if status is Status.COMPLETE:
         done = read_prepared_manifest(out)
         assert done is not None
@@ -87,7 +105,8 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
     if status is Status.REPLACE:
         output.clear()
     if status is not Status.PARTIAL:
-        output.begin(inputs)
+        output.begin()
+    atomic_write_json(out / SOURCE_HASHES, known)
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
 
@@ -101,6 +120,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
                 _prepare_domain(
                     name, sources[name], data, tokenizer, pool, partial / name, out / name, progress
                 )
+            _report_bad_records(name, read_json(out / name / "domain.json"))
 
     manifest = _manifest(out, spec, tokenizer, sources)
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
@@ -121,18 +141,36 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _known_hashes(out: Path) -> dict[str, list[Any]]:
+    try:
+        found = read_json(out / SOURCE_HASHES)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _spec(
-    data: DataConfig, tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
+    data: DataConfig,
+    tokenizer: TokenizerInfo,
+    sources: dict[str, list[ResolvedSource]],
+    known: dict[str, list[Any]],
 ) -> dict[str, Any]:
-    """Everything that determines the output bytes; two prepares with equal specs write equal stores."""
+    """Everything that determines the output bytes, and nothing about where inputs lie: two prepares
+    with equal specs write equal stores."""
+    policy = policy_of(data)
     return {
         "tokenizer_sha256": tokenizer.sha256,
         "seq_len": data.seq_len,
         "heldout_sequences": data.heldout_sequences,
         "heldout_fraction": data.heldout_fraction,
+        "records": {k: getattr(policy, k) for k in ("on_bad_record", "invalid_utf8", "max_record_bytes")},
         "domains": {
             name: [
-                {**s.describe(), "max_documents": s.config.max_documents, "sample_by": s.config.sample_by}
+                {
+                    **s.describe(known),
+                    "max_documents": s.config.max_documents,
+                    "sample_by": s.config.sample_by,
+                }
                 for s in srcs
             ]
             for name, srcs in sources.items()
@@ -140,47 +178,90 @@ def _spec(
     }
 
 
-def _input_stats(sources: dict[str, list[ResolvedSource]]) -> dict[str, list[int]]:
-    stats = {}
-    for srcs in sources.values():
-        for s in srcs:
-            for f in s.files:
-                st = os.stat(f)
-                stats[f] = [st.st_size, st.st_mtime_ns]
-    return stats
+def _legacy_spec(
+    data: DataConfig, tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
+) -> dict[str, Any]:
+    """The spec distillery <= 0.2 recorded (absolute source paths): its complete prepares of this config
+    are complete for this one too (its readers wrote the same bytes for sources without bad records)."""
+    return {
+        "tokenizer_sha256": tokenizer.sha256,
+        "seq_len": data.seq_len,
+        "heldout_sequences": data.heldout_sequences,
+        "heldout_fraction": data.heldout_fraction,
+        "domains": {
+            name: [
+                {
+                    **s.legacy_describe(),
+                    "max_documents": s.config.max_documents,
+                    "sample_by": s.config.sample_by,
+                }
+                for s in srcs
+            ]
+            for name, srcs in sources.items()
+        },
+    }
+
+
+def _report_bad_records(domain: str, summary: dict[str, Any]) -> None:
+    for key, tally in summary.get("bad_records", {}).items():
+        counts = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(tally["bad"].items()))
+        replaced = (
+            f"; {tally['replaced_utf8']:,} with invalid UTF-8 replaced" if tally["replaced_utf8"] else ""
+        )
+        skipped = (
+            f"skipped {sum(tally['bad'].values()):,} of {tally['records']:,} records ({counts})"
+            if counts
+            else ""
+        )
+        first = f"; first: {tally['examples'][0]}" if tally["examples"] else ""
+        _say(f"prepare {domain}: {key}: {skipped}{replaced}{first}".replace(": ; ", ": "))
 
 
 def _batches(
-    sources: list[ResolvedSource], state: _DomainState, chars: int
+    sources: list[ResolvedSource], state: _DomainState, chars: int, policy: RecordPolicy
 ) -> Iterator[tuple[list[str], dict]]:
     """Batches of about `chars` characters of documents from the state's position on, each with the
-    stream position right after it (small batches keep the workers evenly loaded)."""
+    reading position right after it (small batches keep the workers evenly loaded). Positions are
+    snapshots: reading runs ahead of the batches being packed."""
+    done = dict(state.sources_done)
     for index in range(state.source_index, len(sources)):
         source = sources[index]
         resume = index == state.source_index
-        stream = open_stream(source, state.stream_state if resume else None)
+        reader = open_documents(source, policy, state.stream_state if resume else None)
         taken = state.docs_in_source if resume else 0
         limit = source.config.max_documents or float("inf")
         batch: list[str] = []
         batch_chars = 0
-        documents = iter_documents(source, stream)
+        documents = iter(reader)
         while taken < limit and (text := next(documents, None)) is not None:
             batch.append(text)
             batch_chars += len(text)
             taken += 1
             if batch_chars >= chars or taken == limit:
-                yield batch, _position(index, stream, taken)
+                yield batch, _position(index, reader, taken, done)
                 batch, batch_chars = [], 0
         if batch:
-            yield batch, _position(index, stream, taken)
-        yield [], {"source_index": index + 1, "stream_state": None, "docs_in_source": 0}
+            yield batch, _position(index, reader, taken, done)
+        tally = reader.tally.state()
+        if tally["bad"] or tally["replaced_utf8"]:
+            done[source.key] = tally
+        yield (
+            [],
+            {
+                "source_index": index + 1,
+                "stream_state": None,
+                "docs_in_source": 0,
+                "sources_done": dict(done),
+            },
+        )
 
 
-def _position(source_index: int, stream: Any, docs_in_source: int) -> dict[str, Any]:
+def _position(source_index: int, reader: Any, docs_in_source: int, done: dict[str, dict]) -> dict[str, Any]:
     return {
         "source_index": source_index,
-        "stream_state": copy.deepcopy(stream.state_dict()),
+        "stream_state": reader.state(),
         "docs_in_source": docs_in_source,
+        "sources_done": copy.deepcopy(done),
     }
 
 
@@ -264,7 +345,7 @@ def _prepare_domain(
         dynamic_ncols=True,
     )
     pending: deque = deque()
-    batches = _batches(sources, state, data.batch_chars)
+    batches = _batches(sources, state, data.batch_chars, policy_of(data))
     exhausted, last_commit = False, time.monotonic()
     while True:
         while not exhausted and len(pending) < 2 * data.workers:
@@ -287,6 +368,7 @@ def _prepare_domain(
         state.source_index = position["source_index"]
         state.stream_state = position["stream_state"]
         state.docs_in_source = position["docs_in_source"]
+        state.sources_done = position["sources_done"]
         if time.monotonic() - last_commit >= data.checkpoint_seconds:
             commit()
             last_commit = time.monotonic()
@@ -323,8 +405,7 @@ def _finish_domain(
             "sequences",
             file=sys.stderr,
         )
-    train.close()
-    heldout.close()
+    checksums = {"train": train.close(), "heldout": heldout.close()}
     summary = {
         "documents": state.documents,
         "heldout_documents": state.heldout_documents,
@@ -332,6 +413,8 @@ def _finish_domain(
         "train_sequences": state.train_sequences,
         "heldout_sequences": state.heldout_sequences,
         "dropped_tokens": len(state.train_carry) + len(state.heldout_carry) + state.heldout_dropped_tokens,
+        **{f"{split}_{kind}": value for split, sums in checksums.items() for kind, value in sums.items()},
+        "bad_records": state.sources_done,
     }
     atomic_write_json(work / "domain.json", summary)
     (work / "state.json").unlink()
@@ -344,12 +427,15 @@ def _manifest(
     domains = {}
     for name in spec["domains"]:
         summary = read_json(out / name / "domain.json")
-        for split in SPLITS:
-            summary[f"{split}_sha256"] = TokenStore(out / name / split).sha256()
-        summary["sources"] = [s.describe() for s in sources[name]]
+        for split in SPLITS:  # a domain finished by distillery <= 0.2 recorded no checksums
+            if f"{split}_sha256" not in summary:
+                summary[f"{split}_sha256"] = TokenStore(out / name / split).sha256()
+        summary["sources"] = spec["domains"][name]
         domains[name] = summary
-    fingerprint_input = {
-        "spec": spec,
+    fingerprint_input = {  # what the token stores hold, never where anything lies
+        "tokenizer_sha256": spec["tokenizer_sha256"],
+        "seq_len": spec["seq_len"],
+        "heldout": [spec["heldout_sequences"], spec["heldout_fraction"]],
         "domains": {n: {s: d[f"{s}_sha256"] for s in SPLITS} for n, d in domains.items()},
     }
     fingerprint = hashlib.sha256(json.dumps(fingerprint_input, sort_keys=True).encode()).hexdigest()

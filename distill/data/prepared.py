@@ -2,7 +2,9 @@
 
 A prepared directory is complete exactly when `manifest.json` exists (it is written last, atomically).
 `PreparedData` refuses anything else, so the cache and training stages never read a half-written
-prepare. Sequence `i` of domain `d` is a slice of a memory map; nothing is loaded up front.
+prepare. Sequence `i` of domain `d` is a slice of a memory map; nothing is loaded up front, and each
+block of a store is checked against its checksum the first time this process reads it (see
+`token_store.py`), so a store changed after `prepare` never reaches a model.
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ class PreparedData:
             raise DataError(f"{self.directory}: no domain {domain!r}; it has {list(self.domains)}")
         key = (domain, split)
         if key not in self._stores:
-            store = TokenStore(self.directory / domain / split)
+            recorded = self.manifest["domains"][domain]
+            store = TokenStore(
+                self.directory / domain / split,
+                sums_sha256=recorded.get(f"{split}_sums_sha256"),
+                sha256=recorded.get(f"{split}_sha256"),
+            )
             if store.seq_tokens != self.seq_len + 1:
                 raise DataError(
                     f"{store.prefix}: sequences of {store.seq_tokens} tokens, manifest says {self.seq_len + 1}"

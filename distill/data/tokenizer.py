@@ -18,7 +18,8 @@ from typing import Any
 
 from distill.atomic import atomic_directory, atomic_write_json
 from distill.config.schema import DataConfig
-from distill.data.sources import iter_documents, open_stream, resolve_source
+from distill.data.records import policy_of
+from distill.data.sources import iter_documents, resolve_source
 from distill.errors import DataError
 from distill.stage import StageOutput, Status
 
@@ -148,7 +149,7 @@ def _training_texts(data: DataConfig, max_bytes_per_domain: int) -> Iterator[str
         taken = 0
         for i, source in enumerate(domain.sources):
             resolved = resolve_source(source, f"data.domains.{name}.sources[{i}]")
-            for text in iter_documents(resolved, open_stream(resolved)):
+            for text in iter_documents(resolved, policy_of(data)):
                 yield text
                 taken += len(text.encode("utf-8", "surrogatepass"))
                 if taken >= max_bytes_per_domain:

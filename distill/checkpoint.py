@@ -33,7 +33,7 @@ import torch.distributed as dist
 from distill.atomic import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from distill.errors import DataError
 from distill.models.hf_io import copy_tokenizer_files
-from distill.unpickling import UnsafeCheckpointError, no_code_execution
+from distill.unpickling import UnsafeCheckpointError, no_code_execution, refusal_reason
 from parallel.distributed import ParallelContext
 
 LATEST = "latest"
@@ -119,7 +119,7 @@ def _read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path.with_suffix('.pt')} holds objects other than tensors; refusing to unpickle it (a pickle can "
-            f"run code when loaded): {str(exc).splitlines()[0]}"
+            f"run code when loaded): {refusal_reason(exc)}"
         ) from None
     return {"torch": old["torch"], **{f"tracker.{k}": v for k, v in old["tracker"].items()}} | (
         {"cuda": old["cuda"]} if "cuda" in old else {}
@@ -207,6 +207,7 @@ def load_checkpoint(
         with no_code_execution(), warnings.catch_warnings():
             # megatron-core 0.16.1 calls torch's deprecated alias of `load`; nothing a user can act on
             warnings.filterwarnings("ignore", r"`load_state_dict` is deprecated", FutureWarning)
+            warnings.filterwarnings("ignore", r"Please use DTensor instead", FutureWarning)
             loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as exc:  # megatron wraps load errors; an unsafe file is a user-facing refusal
         cause = _unsafe_cause(exc)
@@ -231,7 +232,6 @@ def _unsafe_cause(exc: BaseException | None) -> str | None:
         if isinstance(exc, UnsafeCheckpointError):
             return str(exc)
         if isinstance(exc, pickle.UnpicklingError):
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return f"refusing to unpickle a file that holds more than tensors and plain data ({first})"
+            return f"refusing to unpickle a file that holds more than tensors and plain data ({refusal_reason(exc)})"
         exc = exc.__cause__ or exc.__context__
     return None

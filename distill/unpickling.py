@@ -84,6 +84,13 @@ def _is_dtype(name: str) -> bool:
     return isinstance(getattr(torch, name, None), torch.dtype)
 
 
+def refusal_reason(exc: BaseException) -> str:
+    """What a weights-only `torch.load` refused, without torch's advice to load unsafely instead."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0]
+
+
 def restricted_load(file: IO[bytes], source: str = "checkpoint metadata") -> Any:
     """Unpickle `file` resolving only `ALLOWED_GLOBALS` (and torch dtypes)."""
     return _AllowListUnpickler(file, source).load()

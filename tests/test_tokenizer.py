@@ -34,6 +34,18 @@ def test_campaign_tokenizer_is_trained_once_and_checked(tmp_path, small_corpus):
     assert again.vocab_size == 500 and again.sha256 != first.sha256
 
 
+def test_a_moved_corpus_needs_no_retraining(tmp_path, small_corpus, capsys):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    first = ensure_tokenizer(config(tmp_path, corpus).data)
+    corpus.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert ensure_tokenizer(config(tmp_path, tmp_path / "moved").data).sha256 == first.sha256
+    assert "is complete, nothing to do" in capsys.readouterr().err
+
+
 def test_foreign_tokenizer_directory_is_not_trained_over(tmp_path, small_corpus, tokenizer_dir):
     import shutil
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         settings.path,
         "data.tokenizer.path",
         wanted,
+        legacy_specs=(_legacy_training_record(data),),
         record=TRAINING_RECORD,
         spec_field=None,
         foreign_hint="remove data.tokenizer.train to use it as it is, or pass --overwrite to train over it",
@@ -136,6 +138,26 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
 
 
 def _training_record(data: DataConfig) -> dict[str, Any]:
+    """What the tokenizer was trained on, without a path: file sources by their names below the glob's
+    fixed directory and their sizes, so a corpus moved elsewhere needs no retraining."""
+    assert data.tokenizer.train is not None
+    domains = {}
+    for name, domain in data.domains.items():
+        described = []
+        for i, source in enumerate(domain.sources):
+            entry = source.model_dump(mode="json")
+            if source.files is not None:
+                resolved = resolve_source(source, f"data.domains.{name}.sources[{i}]")
+                entry["files"] = [
+                    [n, os.path.getsize(f)] for n, f in zip(resolved.names, resolved.files, strict=True)
+                ]
+            described.append(entry)
+        domains[name] = described
+    return {**data.tokenizer.train.model_dump(mode="json"), "domains": domains}
+
+
+def _legacy_training_record(data: DataConfig) -> dict[str, Any]:
+    """The record of distillery <= 0.2 (absolute globs): its tokenizers of this config are complete."""
     assert data.tokenizer.train is not None
     return {
         **data.tokenizer.train.model_dump(mode="json"),

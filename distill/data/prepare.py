@@ -16,17 +16,13 @@ sequence tails. A restart truncates the files to the recorded counts and continu
 interrupted-and-resumed prepare writes the same bytes as an uninterrupted one. Finished domains are
 moved into place by a directory rename; `manifest.json` is written last.
 
-The stage's spec identifies its inputs by content (files by relative name, size and SHA-256; see
-`sources.py`), and the fingerprint that the cache and training key on hashes only what defines the
-token stores (their SHA-256s, the tokenizer, seq_len, the held-out rule): a prepared directory, its
-cache and its sources can all move without orphaning anything.
+The stage's spec and fingerprint identify content, never paths (`prepare_spec.py`): a prepared
+directory, its cache and its sources can all move without orphaning anything.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -45,16 +41,22 @@ from distill.atomic import atomic_write_json, atomic_write_text, read_json
 from distill.config.loader import config_to_yaml
 from distill.config.schema import CampaignConfig, DataConfig
 from distill.data import encode_worker
-from distill.data.prepared import FORMAT, SPLITS, VERSION, read_prepared_manifest
+from distill.data.prepare_spec import (
+    SOURCE_HASHES,
+    known_hashes,
+    legacy_prepare_spec,
+    prepare_spec,
+    prepared_manifest,
+)
+from distill.data.prepared import read_prepared_manifest
 from distill.data.records import RecordPolicy, policy_of
 from distill.data.sources import ResolvedSource, open_documents, resolve_source
-from distill.data.token_store import TokenStore, TokenStoreWriter, token_dtype
+from distill.data.token_store import TokenStoreWriter, token_dtype
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.errors import DataError
 from distill.stage import StageOutput, Status
 
 PARTIAL = ".partial"
-SOURCE_HASHES = ".source-hashes.json"  # {path: [size, mtime_ns, sha256]}: re-runs hash only changed files
 
 
 @dataclass
@@ -86,15 +88,15 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
         for name, domain in data.domains.items()
     }
     out = data.dir
-    known = _known_hashes(out)
-    spec = _spec(data, tokenizer, sources, known)
+    known = known_hashes(out)
+    spec = prepare_spec(data, tokenizer, sources, known)
     output = StageOutput(
         "prepare",
         out,
         "data.dir",
         spec,
         legacy_progress=f"{PARTIAL}/spec.json",
-        legacy_specs=(_legacy_spec(data, tokenizer, sources),),
+        legacy_specs=(legacy_prepare_spec(data, tokenizer, sources),),
     )
     status = output.check(overwrite=overwrite)
     if status is Status.COMPLETE:
@@ -122,7 +124,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
                 )
             _report_bad_records(name, read_json(out / name / "domain.json"))
 
-    manifest = _manifest(out, spec, tokenizer, sources)
+    manifest = prepared_manifest(out, spec, tokenizer, sources)
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
     shutil.rmtree(partial)
     output.finish(manifest)
@@ -139,67 +141,6 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
 def _say(message: str) -> None:
     """One status line on stderr (progress bars are optional; these are not)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def _known_hashes(out: Path) -> dict[str, list[Any]]:
-    try:
-        found = read_json(out / SOURCE_HASHES)
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def _spec(
-    data: DataConfig,
-    tokenizer: TokenizerInfo,
-    sources: dict[str, list[ResolvedSource]],
-    known: dict[str, list[Any]],
-) -> dict[str, Any]:
-    """Everything that determines the output bytes, and nothing about where inputs lie: two prepares
-    with equal specs write equal stores."""
-    policy = policy_of(data)
-    return {
-        "tokenizer_sha256": tokenizer.sha256,
-        "seq_len": data.seq_len,
-        "heldout_sequences": data.heldout_sequences,
-        "heldout_fraction": data.heldout_fraction,
-        "records": {k: getattr(policy, k) for k in ("on_bad_record", "invalid_utf8", "max_record_bytes")},
-        "domains": {
-            name: [
-                {
-                    **s.describe(known),
-                    "max_documents": s.config.max_documents,
-                    "sample_by": s.config.sample_by,
-                }
-                for s in srcs
-            ]
-            for name, srcs in sources.items()
-        },
-    }
-
-
-def _legacy_spec(
-    data: DataConfig, tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
-) -> dict[str, Any]:
-    """The spec distillery <= 0.2 recorded (absolute source paths): its complete prepares of this config
-    are complete for this one too (its readers wrote the same bytes for sources without bad records)."""
-    return {
-        "tokenizer_sha256": tokenizer.sha256,
-        "seq_len": data.seq_len,
-        "heldout_sequences": data.heldout_sequences,
-        "heldout_fraction": data.heldout_fraction,
-        "domains": {
-            name: [
-                {
-                    **s.legacy_describe(),
-                    "max_documents": s.config.max_documents,
-                    "sample_by": s.config.sample_by,
-                }
-                for s in srcs
-            ]
-            for name, srcs in sources.items()
-        },
-    }
 
 
 def _report_bad_records(domain: str, summary: dict[str, Any]) -> None:
@@ -419,38 +360,3 @@ def _finish_domain(
     atomic_write_json(work / "domain.json", summary)
     (work / "state.json").unlink()
     os.replace(work, final)
-
-
-def _manifest(
-    out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
-) -> dict[str, Any]:
-    domains = {}
-    for name in spec["domains"]:
-        summary = read_json(out / name / "domain.json")
-        for split in SPLITS:  # a domain finished by distillery <= 0.2 recorded no checksums
-            if f"{split}_sha256" not in summary:
-                summary[f"{split}_sha256"] = TokenStore(out / name / split).sha256()
-        summary["sources"] = spec["domains"][name]
-        domains[name] = summary
-    fingerprint_input = {  # what the token stores hold, never where anything lies
-        "tokenizer_sha256": spec["tokenizer_sha256"],
-        "seq_len": spec["seq_len"],
-        "heldout": [spec["heldout_sequences"], spec["heldout_fraction"]],
-        "domains": {n: {s: d[f"{s}_sha256"] for s in SPLITS} for n, d in domains.items()},
-    }
-    fingerprint = hashlib.sha256(json.dumps(fingerprint_input, sort_keys=True).encode()).hexdigest()
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "spec": spec,
-        "tokenizer": {
-            "sha256": tokenizer.sha256,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "path": str(tokenizer.path),
-        },
-        "seq_len": spec["seq_len"],
-        "dtype": str(token_dtype(tokenizer.vocab_size)),
-        "domains": domains,
-        "fingerprint": fingerprint,
-    }

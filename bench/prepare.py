@@ -4,8 +4,8 @@
 
 The baseline is the best case for tokenizing alone: every document already in memory, one
 `Tokenizer.encode_batch_fast` call over all of them with the Rust thread pool on every core.
-`prepare` does the whole job: stream the jsonl through HF `datasets`, tokenize in worker processes,
-pack, write and fsync the stores, hash them, write the manifest. Ratio = prepare tokens/s / baseline
+`prepare` does the whole job: hash the sources, read the jsonl (distillery's record reader), tokenize in
+worker processes, pack, write and fsync the stores, hash them, write the manifest. Ratio = prepare tokens/s / baseline
 tokens/s (target >= 0.5). Uses the demo teacher campaign's corpus (3.5M tokens, so start-up costs do not
 dominate) and tokenizer, built first if missing.
 """

@@ -6,10 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +19,7 @@ from distill.data.records import RecordPolicy
 from distill.data.sources import open_documents, resolve_source
 from distill.errors import DataError
 from tests.conftest import REPO, stdlib_texts, write_config
-from tests.test_prepare import run_prepare, store_bytes
+from tests.test_prepare import kill_after_progress, run_prepare, store_bytes
 
 GOOD = [t[:3000] for t in stdlib_texts(6, start=10)]
 LIMIT = 4096
@@ -230,16 +228,7 @@ def test_skip_mode_prepare_counts_in_the_manifest_and_a_kill_resumes_byte_identi
     path = write_config(tmp_path / "killed.yaml", tree)
     out = tmp_path / "run" / "prepared"
     command = [sys.executable, "-m", "launcher", "prepare", str(path)]
-    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE)
-    state = out / ".partial" / "code" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["train_sequences"] > 0:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "prepare finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_progress(command, out)
     resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after" in resumed.stderr

@@ -187,15 +187,8 @@ def store_bytes(out: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.slow
-def test_killed_prepare_resumes_byte_identical(tmp_path, small_corpus, tokenizer_dir):
-    """SIGKILL a real `distillery prepare` mid-way (after it committed progress), then re-run it."""
-    _, reference = run_prepare(tmp_path, small_corpus, tokenizer_dir, "reference")
-    path = write_config(
-        tmp_path / "c.yaml", prepare_tree(tmp_path / "run", small_corpus, tokenizer_dir, batch_chars=1)
-    )
-    out = tmp_path / "run" / "prepared"
-    command = [sys.executable, "-m", "launcher", "prepare", str(path)]
+def kill_after_progress(command: list[str], out: Path) -> None:
+    """Start `command` (a prepare into `out`) and SIGKILL it once it has committed some progress."""
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE)
     state = out / ".partial" / "code" / "state.json"
     deadline = time.monotonic() + 120
@@ -206,6 +199,18 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, small_corpus, tokenizer
     assert proc.poll() is None, "prepare finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_prepare_resumes_byte_identical(tmp_path, small_corpus, tokenizer_dir):
+    """SIGKILL a real `distillery prepare` mid-way (after it committed progress), then re-run it."""
+    _, reference = run_prepare(tmp_path, small_corpus, tokenizer_dir, "reference")
+    path = write_config(
+        tmp_path / "c.yaml", prepare_tree(tmp_path / "run", small_corpus, tokenizer_dir, batch_chars=1)
+    )
+    out = tmp_path / "run" / "prepared"
+    command = [sys.executable, "-m", "launcher", "prepare", str(path)]
+    kill_after_progress(command, out)
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no complete prepared data"):
         PreparedData(out)

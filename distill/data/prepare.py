@@ -124,7 +124,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
                 )
             _report_bad_records(name, read_json(out / name / "domain.json"))
 
-    manifest = prepared_manifest(out, spec, tokenizer, sources)
+    manifest = prepared_manifest(out, spec, tokenizer)
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
     shutil.rmtree(partial)
     output.finish(manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,30 +44,26 @@ def prepare_spec(
     with equal specs write equal stores."""
     policy = policy_of(data)
     return {
-        "tokenizer_sha256": tokenizer.sha256,
-        "seq_len": data.seq_len,
-        "heldout_sequences": data.heldout_sequences,
-        "heldout_fraction": data.heldout_fraction,
+        **_spec(data, tokenizer, sources, lambda s: s.describe(known)),
         "records": {k: getattr(policy, k) for k in ("on_bad_record", "invalid_utf8", "max_record_bytes")},
-        "domains": {
-            name: [
-                {
-                    **s.describe(known),
-                    "max_documents": s.config.max_documents,
-                    "sample_by": s.config.sample_by,
-                }
-                for s in srcs
-            ]
-            for name, srcs in sources.items()
-        },
     }
 
 
 def legacy_prepare_spec(
     data: DataConfig, tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
 ) -> dict[str, Any]:
-    """The spec distillery <= 0.2 recorded (absolute source paths): its complete prepares of this config
-    are complete for this one too (its readers wrote the same bytes for sources without bad records)."""
+    """The spec distillery <= 0.2 recorded (absolute source paths, no record policy): its complete
+    prepares of this config are complete for this one too (its readers wrote the same bytes for sources
+    without bad records)."""
+    return _spec(data, tokenizer, sources, lambda s: s.legacy_describe())
+
+
+def _spec(
+    data: DataConfig,
+    tokenizer: TokenizerInfo,
+    sources: dict[str, list[ResolvedSource]],
+    describe: Callable[[ResolvedSource], dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "tokenizer_sha256": tokenizer.sha256,
         "seq_len": data.seq_len,
@@ -74,11 +71,7 @@ def legacy_prepare_spec(
         "heldout_fraction": data.heldout_fraction,
         "domains": {
             name: [
-                {
-                    **s.legacy_describe(),
-                    "max_documents": s.config.max_documents,
-                    "sample_by": s.config.sample_by,
-                }
+                {**describe(s), "max_documents": s.config.max_documents, "sample_by": s.config.sample_by}
                 for s in srcs
             ]
             for name, srcs in sources.items()
@@ -86,9 +79,7 @@ def legacy_prepare_spec(
     }
 
 
-def prepared_manifest(
-    out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
-) -> dict[str, Any]:
+def prepared_manifest(out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo) -> dict[str, Any]:
     domains = {}
     for name in spec["domains"]:
         summary = read_json(out / name / "domain.json")

@@ -104,14 +104,20 @@ class FileDocuments:
         else:
             self._paragraph_line(raw, where)
 
-    def _text_lines(self, raw: bytes | None, where: str) -> None:
+    def _decoded(self, raw: bytes | None, where: str) -> str | None:
+        """A text line after universal-newline translation, or None for a bad one (counted)."""
         try:
             if raw is None:
                 raise BadRecord(f"line longer than data.max_record_bytes ({self.limit} bytes)")
-            text = _universal_newlines(decode(raw, self.tally))
+            return _universal_newlines(decode(raw, self.tally))
         except BadRecord as bad:
             self.tally.records += 1
             self.tally.bad_record(where, bad.reason)
+            return None
+
+    def _text_lines(self, raw: bytes | None, where: str) -> None:
+        text = self._decoded(raw, where)
+        if text is None:
             return
         pieces = text.split("\n")
         for piece in pieces[:-1] if text.endswith("\n") else pieces:
@@ -123,15 +129,10 @@ class FileDocuments:
 
     def _paragraph_line(self, raw: bytes | None, where: str) -> None:
         """Paragraphs: text blocks split on "\\n\\n" (as `datasets`' text builder), bounded in size."""
-        text, first, skipping = self.paragraph
-        try:
-            if raw is None:
-                raise BadRecord(f"line longer than data.max_record_bytes ({self.limit} bytes)")
-            piece = _universal_newlines(decode(raw, self.tally))
-        except BadRecord as bad:
-            self.tally.records += 1
-            self.tally.bad_record(where, bad.reason)
+        piece = self._decoded(raw, where)
+        if piece is None:
             return
+        text, first, skipping = self.paragraph
         if not text and not skipping:
             first = self.line
         text += piece

@@ -144,7 +144,7 @@ class TokenStore:
 
     def _check(self, indices: np.ndarray) -> None:
         """Verify the blocks holding `indices` that this process has not verified yet."""
-        if self._block_sums is None:
+        if self._block_sums is None or self._verified.all():  # the common case once warmed up
             return
         blocks = np.unique(np.asarray(indices) % max(1, self.num_sequences) // self._block_sequences)
         for block in blocks[~self._verified[blocks]].tolist():

@@ -39,6 +39,7 @@ from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
 from distill.errors import DataError
 from distill.models.teacher import load_teacher, open_teacher
+from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.schedule import forward_only
@@ -66,22 +67,6 @@ def shard_plan(data: PreparedData, per_shard: int) -> list[ShardWork]:
             for index, start in enumerate(range(0, count, per_shard)):
                 plan.append(ShardWork(domain, split, index, start, min(count, start + per_shard)))
     return plan
-
-
-def directory_sha256(path: Path) -> str:
-    """Content hash of a model directory (config + weights), independent of its location."""
-    digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in Path(path).rglob("*")
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".distcp", ".pt")
-    )
-    for file in files:
-        digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sequence_seed(seed: int, domain: str, split: str, index: int) -> int:

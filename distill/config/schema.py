@@ -20,6 +20,7 @@ from distill.config.data import (
     TokenizerConfig,
     TokenizerTrainConfig,
 )
+from distill.config.handoff import BaselineConfig, EvalConfig, ReportConfig
 from distill.config.loss import LossConfig, LossWeightsConfig, TaidConfig
 from distill.config.train import (
     CacheConfig,
@@ -34,6 +35,9 @@ from distill.config.train import (
 )
 
 __all__ = [
+    "BaselineConfig",
+    "EvalConfig",
+    "ReportConfig",
     "CacheConfig",
     "CampaignConfig",
     "CheckpointConfig",
@@ -83,6 +87,9 @@ class CampaignConfig(Section):
     teacher: TeacherConfig | None = None
     cache: CacheConfig | None = None
     loss: LossConfig = LossConfig()
+    baseline: BaselineConfig | None = None
+    eval: EvalConfig | None = None
+    report: ReportConfig | None = None
 
     @model_validator(mode="after")
     def _training_sections_together(self) -> CampaignConfig:
@@ -100,6 +107,11 @@ class CampaignConfig(Section):
             )
         if self.export is not None and not present:
             raise ValueError("`export` needs the training sections (student, training, checkpoint, logging)")
+        for name in ("baseline", "report"):
+            if getattr(self, name) is not None and not present:
+                raise ValueError(
+                    f"`{name}` needs the training sections (student, training, checkpoint, logging)"
+                )
         self._check_teacher()
         self._check_loss()
         return self

@@ -94,6 +94,11 @@ class TrainingConfig(Section):
     eval_sequences: int = Field(
         default=32, ge=0, description="Held-out sequences per domain in each evaluation (0: no evaluation)."
     )
+    peak_tflops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak TFLOP/s of one device for MFU (default: a table of known GPUs; none on CPU).",
+    )
 
     @model_validator(mode="after")
     def _batch_and_schedule(self) -> TrainingConfig:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from parallel.model import ModelArch
 from parallel.vocab import VocabShard
 
 # (index of the micro-batch, hidden [b, s, h], output weight [V/tp, h], labels [b, s]) -> result
@@ -43,6 +44,7 @@ LossFn = Callable[
 class ForwardModel(Protocol):
     """A sharded model run forward-only (the student in evaluation, a frozen online teacher)."""
 
+    arch: ModelArch  # what it computes (model FLOPs per token for MFU)
     vocab_size: int
     num_parameters: int
 

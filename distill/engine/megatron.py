@@ -28,7 +28,7 @@ from distill.models.teacher import load_teacher, open_teacher
 from distill.models.weights import find_weights, load_weights
 from distill.training.optimizer import DistillOptimizer
 from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.model import emit_hidden_states, output_weight, precision_dtype
+from parallel.model import ModelArch, emit_hidden_states, output_weight, precision_dtype
 from parallel.schedule import forward_backward, forward_only
 from parallel.vocab import VocabShard
 
@@ -36,9 +36,10 @@ from parallel.vocab import VocabShard
 class MegatronForward:
     """Forward-only passes of a megatron-core model whose last stage emits hidden states."""
 
-    def __init__(self, model: torch.nn.Module, module: Any, num_parameters: int, vocab_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, module: Any, arch: ModelArch) -> None:
         self.model, self.module = model, module  # what the schedule runs (maybe DDP), the GPTModel inside
-        self.num_parameters, self.vocab_size = num_parameters, vocab_size
+        self.arch = arch
+        self.num_parameters, self.vocab_size = arch.num_parameters(), arch.vocab_size
 
     def forward(self, micro_batches: Sequence[torch.Tensor], fn: OutputFn) -> list[Any]:
         def on_output(index: int, hidden: torch.Tensor, labels: torch.Tensor) -> Any:
@@ -91,7 +92,7 @@ class MegatronEngine(MegatronForward):
         self.ddp = ddp
         self.optimizer = DistillOptimizer(model, config.training, mp_group=ctx.mp_group, tp_rank=ctx.tp_rank)
         emit_hidden_states(model)  # the last stage hands hidden states to the fused loss
-        super().__init__(ddp, model, arch.num_parameters(), arch.vocab_size)
+        super().__init__(ddp, model, arch)
         self.shard = VocabShard.of(arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)
         self.device = ctx.device
         self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dims.dp
@@ -141,7 +142,7 @@ class MegatronEngine(MegatronForward):
         weights = open_teacher(path, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir)
         model = load_teacher(weights, self.ctx, precision)
         emit_hidden_states(model)
-        return MegatronForward(model, model, weights.arch.num_parameters(), weights.arch.vocab_size)
+        return MegatronForward(model, model, weights.arch)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor)

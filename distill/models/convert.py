@@ -96,6 +96,41 @@ def export_hf(
         shutdown()
 
 
+def load_as_hf(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Path]:
+    """Any model path (HF directory, checkpoint step or root, any layout) as one unsharded
+    `transformers` causal LM in this process, with the directory holding its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress is shown; its per-tensor bar is noise
+    weights = find_weights(path)
+    if weights.kind == "hf":
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(weights.directory), dtype=dtype, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{weights.directory} does not load with AutoModelForCausalLM: {exc}") from None
+        return model.eval(), weights.directory
+    ctx = init_parallel(1, 1, seed=0)
+    try:
+        if ctx.dims.world_size != 1:
+            raise DataError("loading a checkpoint as one model runs in a single process")
+        params, arch = full_state_dict(weights.directory, ctx)
+        state = to_hf_state_dict(params, arch)
+    finally:
+        shutdown()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch.to_hf_config()), dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (arch.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise DataError(
+            f"{weights.directory}: weights do not match the architecture ({missing + unexpected})"
+        )
+    model.tie_weights()
+    return model.eval(), weights.tokenizer_dir
+
+
 def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, seed: int) -> None:
     """A seeded random HF model of `arch` (transformers' own init), with the campaign's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -9,6 +9,7 @@ Students, online teachers, the cache writer's teacher and cache inspection all l
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,3 +52,19 @@ def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext)
         )
     else:
         load_checkpoint(weights.directory, model=model, optimizer=None, ctx=ctx)
+
+
+def directory_sha256(path: Path) -> str:
+    """Content hash of a model directory (config + weights), independent of its location."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in Path(path).rglob("*")
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".distcp", ".pt")
+    )
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

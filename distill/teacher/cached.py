@@ -33,6 +33,7 @@ class CachedSource:
         self.reader, self.device, self.active = reader, device, active
         self.teacher_vocab = int(reader.manifest["spec"]["teacher_vocab_size"])
         self.description = f"cache {reader.directory} ({reader.mode})"
+        self.arch = None  # no teacher runs in the training job
         self._rows: ReadAhead[list[list[SequenceKey]], Rows] | None = (
             ReadAhead(self._read, "cache-read") if active else None
         )

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the CE objective is passed in; sources do not build objecti
 class OnlineSource:
     def __init__(self, model: ForwardModel, cross_entropy: Objective, description: str) -> None:
         self.model, self.ce, self.description = model, cross_entropy, description
+        self.arch = model.arch  # its forward pass is part of every step (model FLOPs)
 
     def signals(self, micro_batches: list[MicroBatch]) -> list[TeacherSignal | None]:
         def live(index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> LiveSignal:

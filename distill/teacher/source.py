@@ -25,6 +25,7 @@ import torch
 
 from distill.cache.reader import SequenceKey
 from distill.losses.signal import TeacherSignal
+from parallel.model import ModelArch
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class MicroBatch:
 
 class TeacherSource(Protocol):
     description: str  # one line for the log
+    arch: ModelArch | None  # a teacher that runs in the training job (its FLOPs count); None: a cache
 
     def signals(self, micro_batches: list[MicroBatch]) -> list[TeacherSignal | None]: ...
 

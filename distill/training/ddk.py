@@ -115,6 +115,7 @@ class DomainMixture:
         for domain, weight in self.sampler.weights_dict().items():
             record[f"mixture/{domain}"] = weight
             record[f"ddk/student_ppl/{domain}"] = student[domain]
+            record[f"ddk/teacher_ppl/{domain}"] = self.teacher_ppl[domain]
             record[f"ddk/ratio/{domain}"] = student[domain] / self.teacher_ppl[domain]
         return record
 

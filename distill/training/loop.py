@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,11 +32,19 @@ from distill.data.prepared import PreparedData
 from distill.data.tokenizer import load_tokenizer
 from distill.engine.base import Engine
 from distill.errors import DataError
+from distill.eval.text import packed_label_bytes, token_bytes
 from distill.metrics import MetricsLogger
 from distill.teacher import MicroBatch, TeacherSource, open_teacher_source
 from distill.training.ddk import DomainMixture
 from distill.training.evaluate import heldout_cross_entropy
 from distill.training.objective import Objective
+from distill.training.throughput import (
+    StepTimer,
+    device_label,
+    flops_per_token,
+    peak_memory_gib,
+    peak_tflops,
+)
 
 
 @dataclass
@@ -50,6 +58,7 @@ class StepResult:
     terms: dict[str, float]  # token-mean of each loss term (unweighted)
     tau: float | None = None  # TAID's tau used in this step
     mixture: dict[str, float] | None = None  # DDK's evaluation and new weights, after this step
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the step (StepTimer)
 
 
 class DistillLoop:
@@ -81,11 +90,17 @@ class DistillLoop:
             run_dir=config.run.dir,
             config=config.model_dump(mode="json"),
         )
+        self.timer = StepTimer(engine.device)
+        self._cost = self._step_cost()
+        self._label_bytes: dict[str, int] | None = None
         if state is None:
+            self.metrics.log(0, self._run_facts())
             record = self.mixture.start(self._student_perplexity, self._teacher_perplexity)
             if record is not None:
                 self.metrics.log(0, record)
                 self._say(f"train: DDK initial weights {self._weights_text()}")
+            if self.teacher is not None and self.cfg.eval_sequences:
+                self._log_teacher_reference()
         elif self.mixture.is_ddk and self.mixture.teacher_ppl is None:  # a run switched to DDK on resume
             self.mixture.teacher_ppl = self._teacher_perplexity()
 
@@ -122,11 +137,13 @@ class DistillLoop:
 
     def train_step(self) -> StepResult:
         started = time.perf_counter()
+        self.timer.start()
         batch = self.mixture.next_batch(self.cfg.global_batch)  # the global batch, the same on every rank
         micro = []
         for keys in self._micro_batch_keys(batch):
             tokens = np.stack([self.data.sequence(domain, index) for domain, _, index in keys])
             micro.append(MicroBatch(keys, torch.from_numpy(tokens).to(self.engine.device)))  # [mb, s + 1]
+        self.timer.mark("data")
         signals: list[Any] = [None] * len(micro)
         if self.teacher is not None and self.objective.needs_teacher:
             signals = self.teacher.signals(micro)
@@ -134,19 +151,25 @@ class DistillLoop:
                 self.teacher.read_ahead(
                     self._micro_batch_keys(self.mixture.peek_batch(self.cfg.global_batch))
                 )
+            # a cache's wait for its read-ahead, or a live teacher's forward pass
+            self.timer.mark("teacher_forward" if self.teacher.arch is not None else "teacher_wait")
         tau = self.objective.tau if self.objective.taid is not None else None
         reports = self.engine.forward_backward(
             [m.tokens for m in micro],
             lambda index, hidden, weight, labels: self.objective(hidden, weight, labels, signals[index]),
         )
+        self.timer.mark("forward_backward")
         grad_norm, lr = self.engine.optimizer_step(self.step)
+        self.timer.mark("optimizer")
         means, count = self._reduce_reports(reports)
         self.step += 1
         self.objective.after_step(means, self.step)
+        self.timer.mark("other")
         seconds = time.perf_counter() - started  # the step itself; a DDK evaluation is not training time
         mixture = self.mixture.after_step(self.step, self._student_perplexity)
         loss = means.pop("loss")
-        return StepResult(self.step, loss, grad_norm, lr, count, seconds, means, tau, mixture)
+        phases = dict(self.timer.seconds)
+        return StepResult(self.step, loss, grad_norm, lr, count, seconds, means, tau, mixture, phases)
 
     def _reduce_reports(self, reports: list[dict]) -> tuple[dict[str, float], int]:
         """Global token means of the loss and each term: the counting ranks' sums, reduced over all."""
@@ -163,14 +186,41 @@ class DistillLoop:
     # -- evaluation ---------------------------------------------------------------------------------
 
     def _heldout(self, score: Any, sequences: int) -> dict[str, float]:
-        ce = heldout_cross_entropy(
-            score,
-            self.data,
-            self.engine,
-            sequences=sequences,
-            micro_batch=self.cfg.micro_batch,
+        """Held-out perplexity per domain (what DDK compares)."""
+        return {domain: math.exp(value) for domain, value in self._heldout_ce(score, sequences).items()}
+
+    def _heldout_ce(self, score: Any, sequences: int) -> dict[str, float]:
+        return heldout_cross_entropy(
+            score, self.data, self.engine, sequences=sequences, micro_batch=self.cfg.micro_batch
         )
-        return {domain: math.exp(value) for domain, value in ce.items()}
+
+    def _eval_record(self, prefix: str, ce: dict[str, float]) -> dict[str, float]:
+        """ce, ppl and bits per byte per domain. Bits per byte of packed sequences: the summed NLL of
+        every predicted token (EOS included) over the UTF-8 bytes of those tokens; `distillery eval`
+        scores complete documents with rolling windows instead (README, "Evaluation")."""
+        if self._label_bytes is None:
+            table = token_bytes(self.tokenizer)
+            self._label_bytes = {
+                d: packed_label_bytes(self.data, d, self.cfg.eval_sequences, table) for d in self.data.domains
+            }
+        record = {}
+        for domain, value in ce.items():
+            tokens = (
+                min(self.cfg.eval_sequences, self.data.num_sequences(domain, "heldout")) * self.data.seq_len
+            )
+            record[f"{prefix}/{domain}/ce"] = value
+            record[f"{prefix}/{domain}/ppl"] = math.exp(value)
+            if self._label_bytes[domain]:
+                record[f"{prefix}/{domain}/bpb"] = value * tokens / math.log(2) / self._label_bytes[domain]
+        return record
+
+    def _log_teacher_reference(self) -> None:
+        """The teacher's held-out numbers on the sequences the student is evaluated on (step 0)."""
+        assert self.teacher is not None
+        record = self._eval_record(
+            "teacher", self._heldout_ce(self.teacher.cross_entropy, self.cfg.eval_sequences)
+        )
+        self.metrics.log(0, record)
 
     def _student_cross_entropy(self, micro: list[MicroBatch]) -> list[tuple[float, int] | None]:
         return self.eval_objective.cross_entropy(self.engine, micro)
@@ -188,6 +238,12 @@ class DistillLoop:
     def evaluate(self) -> dict[str, float]:
         """Held-out perplexity per domain on `training.eval_sequences` sequences each."""
         return self._student_perplexity(self.cfg.eval_sequences)
+
+    def evaluate_record(self) -> dict[str, float]:
+        """The student's held-out ce, ppl and bits per byte per domain (`eval/<domain>/...`)."""
+        return self._eval_record(
+            "eval", self._heldout_ce(self._student_cross_entropy, self.cfg.eval_sequences)
+        )
 
     # -- the run ------------------------------------------------------------------------------------
 
@@ -218,7 +274,7 @@ class DistillLoop:
 
     def _check_tokenizer(self) -> None:
         prepared = self.data.tokenizer_sha256
-        ours = load_tokenizer(self.engine.tokenizer_dir)
+        ours = self.tokenizer = load_tokenizer(self.engine.tokenizer_dir)
         if ours.sha256 != prepared:
             raise DataError(
                 f"the student's tokenizer ({self.engine.tokenizer_dir}, sha256 {ours.sha256[:12]}) is not the one "
@@ -236,7 +292,30 @@ class DistillLoop:
     def _weights_text(self) -> str:
         return ", ".join(f"{d} {w:.3f}" for d, w in self.mixture.sampler.weights_dict().items())
 
+    def _step_cost(self) -> dict[str, Any]:
+        """Model FLOPs of one step over the job, and the peak of one device (None on CPU)."""
+        seq_len, tokens = self.data.seq_len, self.cfg.global_batch * self.data.seq_len
+        flops = flops_per_token(self.engine.arch, seq_len, backward=True)
+        teacher = self.teacher.arch if self.teacher is not None and self.objective.needs_teacher else None
+        if teacher is not None:
+            flops += flops_per_token(teacher, seq_len, backward=False)
+        world = self.engine.dp_size * self.config.parallel.tp * self.config.parallel.pp
+        peak = peak_tflops(self.cfg.peak_tflops, self.engine.device)
+        return {"step_flops": flops * tokens, "devices": world, "peak_tflops": peak}
+
+    def _run_facts(self) -> dict[str, Any]:
+        """Logged once at step 0: what the throughput numbers are relative to."""
+        return {
+            "device": device_label(self.engine.device),
+            "devices": self._cost["devices"],
+            "peak_tflops": self._cost["peak_tflops"],
+            "model_flops_per_step": self._cost["step_flops"],
+            "student_parameters": self.engine.num_parameters,
+            "tokens_per_step": self.cfg.global_batch * self.data.seq_len,
+        }
+
     def _log(self, result: StepResult) -> None:
+        achieved = self._cost["step_flops"] / result.seconds / self._cost["devices"] / 1e12  # per device
         record = {
             "loss": result.loss,
             **{f"loss/{name}": value for name, value in result.terms.items()},
@@ -244,7 +323,12 @@ class DistillLoop:
             "lr": result.lr,
             "tokens_per_s": result.tokens / result.seconds,
             "step_seconds": result.seconds,
+            **{f"time/{phase}": seconds for phase, seconds in result.phases.items()},
+            "tflops_per_device": achieved,
+            **peak_memory_gib(self.engine.device),
         }
+        if self._cost["peak_tflops"]:
+            record["mfu"] = achieved / self._cost["peak_tflops"]
         if result.tau is not None:
             record["taid/tau"] = result.tau
         self.metrics.log(result.step, record)
@@ -256,9 +340,13 @@ class DistillLoop:
         )
 
     def _log_eval(self) -> dict[str, float]:
-        perplexity = self.evaluate()
-        if perplexity:
-            self.metrics.log(self.step, {f"eval/{domain}/ppl": value for domain, value in perplexity.items()})
-            shown = ", ".join(f"{domain} {value:.2f}" for domain, value in perplexity.items())
+        record = self.evaluate_record()
+        if record:
+            self.metrics.log(self.step, record)
+            shown = ", ".join(
+                f"{key.split('/')[1]} {value:.2f} ({record.get(key[:-3] + 'bpb', math.nan):.3f} bits/byte)"
+                for key, value in record.items()
+                if key.endswith("/ppl")
+            )
             self._say(f"train: held-out perplexity at step {self.step}: {shown}")
-        return perplexity
+        return record

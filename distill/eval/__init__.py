@@ -1,0 +1,1 @@
+"""Held-out evaluation in bits per byte (see `run.py`)."""

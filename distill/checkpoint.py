@@ -68,6 +68,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The loop's training state of checkpoint `path` without loading weights ({} when it has none
+    in JSON: an imported model, or a checkpoint of distillery <= 0.2)."""
+    state_file = Path(path) / TRAINING_STATE
+    return read_json(state_file) if state_file.is_file() else {}
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """Accept a checkpoint directory or a checkpoint root (then its `latest`)."""
     path = Path(path)

@@ -21,8 +21,10 @@ from launcher.commands import (
     config_cmd,
     convert_cmd,
     corpus_cmd,
+    eval_cmd,
     launch_cmd,
     prepare_cmd,
+    report_cmd,
     run_cmd,
     tokenizer_cmd,
     train_cmd,
@@ -39,6 +41,8 @@ COMMANDS = (
     cache_cmd,
     train_cmd,
     convert_cmd,
+    eval_cmd,
+    report_cmd,
     launch_cmd,
 )
 
@@ -46,7 +50,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillery",
-        description="Pretraining distillation campaigns: prepare -> cache -> train -> export.",
+        description="Pretraining distillation campaigns: prepare -> cache -> train -> export -> eval -> report.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)

@@ -29,9 +29,3 @@ class BaselineConfig(Section):
     batch as the distilled one, so the difference in bits per byte is what distillation bought."""
 
     dir: AbsPath = Field(description="Its checkpoints, metrics.jsonl and export (`student/`).")
-
-
-class ReportConfig(Section):
-    """The `report` stage: PNG plots and report.md of the run (and the baseline) after eval."""
-
-    dir: AbsPath = Field(description="Where the plots and report.md go.")

@@ -20,7 +20,7 @@ from distill.config.data import (
     TokenizerConfig,
     TokenizerTrainConfig,
 )
-from distill.config.handoff import BaselineConfig, EvalConfig, ReportConfig
+from distill.config.handoff import BaselineConfig, EvalConfig
 from distill.config.loss import LossConfig, LossWeightsConfig, TaidConfig
 from distill.config.train import (
     CacheConfig,
@@ -37,7 +37,6 @@ from distill.config.train import (
 __all__ = [
     "BaselineConfig",
     "EvalConfig",
-    "ReportConfig",
     "CacheConfig",
     "CampaignConfig",
     "CheckpointConfig",
@@ -67,6 +66,12 @@ class RunConfig(Section):
     dir: AbsPath = Field(
         description="Root directory of the campaign's outputs; the resolved config lands here."
     )
+    nproc: int | None = Field(
+        default=None,
+        gt=0,
+        description="Processes of a local run's train stages (`distillery run`; --nproc overrides); "
+        "default parallel.tp x parallel.pp. Data parallelism is what the world leaves after tp x pp.",
+    )
 
 
 class CampaignConfig(Section):
@@ -89,7 +94,6 @@ class CampaignConfig(Section):
     loss: LossConfig = LossConfig()
     baseline: BaselineConfig | None = None
     eval: EvalConfig | None = None
-    report: ReportConfig | None = None
 
     @model_validator(mode="after")
     def _training_sections_together(self) -> CampaignConfig:
@@ -107,11 +111,10 @@ class CampaignConfig(Section):
             )
         if self.export is not None and not present:
             raise ValueError("`export` needs the training sections (student, training, checkpoint, logging)")
-        for name in ("baseline", "report"):
-            if getattr(self, name) is not None and not present:
-                raise ValueError(
-                    f"`{name}` needs the training sections (student, training, checkpoint, logging)"
-                )
+        if self.baseline is not None and not present:
+            raise ValueError(
+                "`baseline` needs the training sections (student, training, checkpoint, logging)"
+            )
         self._check_teacher()
         self._check_loss()
         return self

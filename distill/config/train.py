@@ -133,6 +133,13 @@ class LoggingConfig(Section):
 class ExportConfig(Section):
     dir: AbsPath = Field(description="Hugging Face directory the final student is written to.")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    license: str | None = Field(
+        default=None, description="The model card's license (an SPDX id such as apache-2.0)."
+    )
+    datasets: list[str] = Field(
+        default=[], description="Hub dataset ids for the model card (besides the `dataset:` sources)."
+    )
+    tags: list[str] = Field(default=[], description="Extra model card tags (`distillation` is always there).")
 
 
 class TeacherConfig(Section):

@@ -69,6 +69,7 @@ def evaluate(
     key: str = "eval.dir",
     overwrite: bool = False,
     progress: bool = True,
+    show_table: bool = True,
 ) -> dict[str, Any]:
     """Score `models` on the held-out documents of `data_dir` into `out` (skipped when complete)."""
     data = PreparedData(data_dir)
@@ -97,7 +98,8 @@ def evaluate(
     with atomic_directory(Path(out), overwrite=True) as tmp:
         write_lm_eval_tasks(data, settings.sequences, tokenizer, tmp / LM_EVAL_DIR, Path(out) / LM_EVAL_DIR)
         atomic_write_json(tmp / EVAL_FILE, record)
-    print(format_table(record), file=sys.stderr)
+    if show_table:
+        print(format_table(record), file=sys.stderr)
     return record
 
 

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from distill.checkpoint import TOKENIZER, resolve_checkpoint, save_checkpoint
+from distill.checkpoint import TOKENIZER, read_training_state, resolve_checkpoint, save_checkpoint
 from distill.errors import DataError
 from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
 from distill.models.hf_layout import to_hf_state_dict
+from distill.models.model_card import CARD, render_model_card
 from distill.models.weights import Weights, find_weights, load_weights
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.model import ModelArch, build_gpt
@@ -81,6 +82,7 @@ def export_hf(
             raise DataError("export runs in a single process")
         params, arch = full_state_dict(ckpt, ctx)
         tokenizer = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_dir() else None
+        card = model_card_of(ckpt, arch, Path(out))
         write_hf_directory(
             out,
             to_hf_state_dict(params, arch),
@@ -89,7 +91,10 @@ def export_hf(
             dtype=DTYPES[dtype],
             generation=generation_config(tokenizer),
             overwrite=overwrite,
-            extra_files={EXPORT_RECORD: json.dumps(record, indent=2) + "\n"} if record else None,
+            extra_files={
+                CARD: card,
+                **({EXPORT_RECORD: json.dumps(record, indent=2) + "\n"} if record else {}),
+            },
         )
         return Path(out)
     finally:
@@ -129,6 +134,22 @@ def load_as_hf(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch
         )
     model.tie_weights()
     return model.eval(), weights.tokenizer_dir
+
+
+def model_card_of(
+    ckpt: Path,
+    arch: ModelArch,
+    out: Path,
+    evaluation: dict[str, Any] | None = None,
+    own_sha256: str | None = None,
+) -> str:
+    """The model card of the export of checkpoint `ckpt` into `out` (see `model_card.py`)."""
+    state = read_training_state(ckpt)
+    run = ((state.get("provenance") or {}).get("config") or {}).get("run") or {}
+    name = f"{run['name']} student" if run.get("name") else out.name
+    return render_model_card(
+        arch, state, name=name, location=str(out), evaluation=evaluation, own_sha256=own_sha256
+    )
 
 
 def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, seed: int) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -43,6 +43,10 @@ class TeacherSource(Protocol):
     def read_ahead(self, keys: list[list[SequenceKey]]) -> None: ...
 
     def cross_entropy(self, micro_batches: list[MicroBatch]) -> list[tuple[float, int] | None]: ...
+
+    def provenance(self) -> dict[str, Any]:
+        """For the model card: the teacher's content hash (`sha256`) and how its signal was stored."""
+        ...
 
     def close(self) -> None: ...
 

@@ -9,8 +9,9 @@ baseline draws domains in their natural proportions. Its checkpoints, metrics an
 
 from __future__ import annotations
 
-from distill.config import CampaignConfig, LossConfig, LossWeightsConfig
+from distill.config import CampaignConfig
 from distill.config.data import MixtureConfig
+from distill.config.loss import LossConfig, LossWeightsConfig
 
 
 def baseline_config(config: CampaignConfig) -> CampaignConfig:
@@ -35,6 +36,5 @@ def baseline_config(config: CampaignConfig) -> CampaignConfig:
             ),
             "baseline": None,
             "eval": None,
-            "report": None,
         }
     )

@@ -34,6 +34,8 @@ from distill.engine.base import Engine
 from distill.errors import DataError
 from distill.eval.text import packed_label_bytes, token_bytes
 from distill.metrics import MetricsLogger
+from distill.models.weights import find_weights
+from distill.provenance import run_provenance
 from distill.teacher import MicroBatch, TeacherSource, open_teacher_source
 from distill.training.ddk import DomainMixture
 from distill.training.evaluate import heldout_cross_entropy
@@ -90,6 +92,7 @@ class DistillLoop:
             run_dir=config.run.dir,
             config=config.model_dump(mode="json"),
         )
+        self.provenance = self._provenance() if engine.is_main else None  # in every checkpoint
         self.timer = StepTimer(engine.device)
         self._cost = self._step_cost()
         self._label_bytes: dict[str, int] | None = None
@@ -112,6 +115,7 @@ class DistillLoop:
             "consumed_sequences": self.step * self.cfg.global_batch,
             "objective": self.objective.state_dict(),
             "mixture": self.mixture.state_dict(),
+            "provenance": self.provenance,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,6 +295,20 @@ class DistillLoop:
 
     def _weights_text(self) -> str:
         return ", ".join(f"{d} {w:.3f}" for d, w in self.mixture.sampler.weights_dict().items())
+
+    def _provenance(self) -> dict[str, Any]:
+        """What the exported model card says about this run (main rank; hashes an online teacher)."""
+        teacher = None
+        if self.config.teacher is not None and self.teacher is not None:
+            path = self.config.teacher.path
+            teacher = {
+                "path": str(path),
+                "mode": self.config.teacher.mode,
+                "parameters": find_weights(path).arch.num_parameters(),
+                "signal": self.teacher.description,
+                **self.teacher.provenance(),
+            }
+        return run_provenance(self.config, self.data.manifest, teacher)
 
     def _step_cost(self) -> dict[str, Any]:
         """Model FLOPs of one step over the job, and the peak of one device (None on CPU)."""

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--nproc",
         type=int,
         default=None,
-        help="ranks for multi-process stages (default: parallel.tp x parallel.pp)",
+        help="ranks of the multi-process stages (default: run.nproc, else parallel.tp x parallel.pp)",
     )
     parser.set_defaults(handler=_run)
 

@@ -1,0 +1,203 @@
+"""The model card (`README.md`) of an exported student: what a downstream team needs to trust it.
+
+YAML front matter that the Hugging Face Hub reads (`library_name`, `pipeline_tag`, `tags`, `license` and
+`datasets` when the config names them), then prose rendered from the checkpoint alone: its training
+state carries the run's provenance (`distill/provenance.py`: resolved config and hash, distillery's
+version and commit, data fingerprint and sources, teacher path, size, hash and signal), the step and
+consumed sequences, TAID's tau and the mixture's final weights. `export` writes the card; `eval` writes
+it again with the held-out bits per byte of the student, its teacher and the CE-only baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from parallel.model import ModelArch
+
+CARD = "README.md"
+
+
+def _front_matter(config: dict[str, Any]) -> str:
+    export = config.get("export") or {}
+    hub_datasets = [
+        s["dataset"]
+        for d in (config.get("data") or {}).get("domains", {}).values()
+        for s in d.get("sources", [])
+        if s.get("dataset")
+    ]
+    matter: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["distillation", "knowledge-distillation", "distillery", *export.get("tags", [])],
+    }
+    if export.get("license"):
+        matter["license"] = export["license"]
+    datasets = list(dict.fromkeys([*hub_datasets, *export.get("datasets", [])]))
+    if datasets:
+        matter["datasets"] = datasets
+    return "---\n" + yaml.safe_dump(matter, sort_keys=False) + "---\n"
+
+
+def _weights_text(weights: dict[str, float]) -> str:
+    return ", ".join(f"{domain} {value:.3f}" for domain, value in weights.items())
+
+
+def _sources_text(sources: list[dict[str, Any]]) -> str:
+    out = []
+    for s in sources:
+        if s.get("dataset"):
+            out.append(f"dataset `{s['dataset']}`" + (f" ({s['data_dir']})" if s.get("data_dir") else ""))
+        else:
+            names = [f["name"] if isinstance(f, dict) else Path(str(f)).name for f in s.get("files", [])]
+            shown = ", ".join(f"`{n}`" for n in names[:3]) + (
+                f" and {len(names) - 3} more" if len(names) > 3 else ""
+            )
+            out.append(f"{len(names)} file(s): {shown}")
+    return "; ".join(out) or "not recorded"
+
+
+def _eval_table(evaluation: dict[str, Any], own_sha256: str | None) -> list[str]:
+    models = evaluation["models"]
+    own = next((n for n, m in models.items() if m.get("sha256") == own_sha256), None)
+    order = [n for n in (own, "teacher", "baseline") if n in models] or list(models)
+    label = {own: "this model", "teacher": "teacher", "baseline": "CE-only baseline (same size and tokens)"}
+    domains = list(dict.fromkeys(d for n in order for d in models[n]["domains"]))
+    rows = [
+        "| domain | " + " | ".join(label.get(n, n) for n in order) + " |",
+        "|---" * (len(order) + 1) + "|",
+    ]
+    for domain in [*domains, "all"]:
+        cells = []
+        for n in order:
+            found = models[n]["all"] if domain == "all" else models[n]["domains"].get(domain)
+            cells.append(f"{found['bits_per_byte']:.4f}" if found else "-")
+        rows.append(f"| {domain} | " + " | ".join(cells) + " |")
+    p = evaluation["protocol"]
+    return [
+        "Held-out bits per UTF-8 byte (lower is better) on the documents of the first "
+        f"{p['sequences']} held-out sequences of each domain, scored with lm-evaluation-harness's rolling "
+        f"windows of {p['max_len']} tokens in {p['dtype']} (`distillery eval`; the same documents ship as "
+        "an lm-eval task, see distillery's README).",
+        "",
+        *rows,
+    ]
+
+
+def render_model_card(
+    arch: ModelArch,
+    state: dict[str, Any],
+    *,
+    name: str,
+    location: str,
+    evaluation: dict[str, Any] | None = None,
+    own_sha256: str | None = None,
+) -> str:
+    """The card of a student of `arch` whose checkpoint's training state is `state`; `location` is what
+    the usage example passes to `from_pretrained`."""
+    prov = state.get("provenance") or {}
+    config = prov.get("config") or {}
+    lines = [_front_matter(config), f"# {name}", ""]
+    teacher = prov.get("teacher")
+    if teacher:
+        lines.append(
+            f"A {arch.num_parameters() / 1e6:.1f}M-parameter {arch.model_type} student distilled from "
+            f"`{teacher['path']}` by distillery (pretraining distillation)."
+        )
+    else:
+        lines.append(
+            f"A {arch.num_parameters() / 1e6:.1f}M-parameter {arch.model_type} model trained by distillery without a teacher (next-token cross-entropy)."
+        )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{location}")',
+        "```",
+        "",
+    ]
+    lines += [
+        "## Student",
+        "",
+        f"- architecture: {arch.model_type}, {arch.num_layers} layers, hidden size {arch.hidden_size}, "
+        f"{arch.num_attention_heads} attention heads ({arch.num_key_value_heads} key/value), FFN {arch.ffn_hidden_size}, "
+        f"vocabulary {arch.vocab_size}, {'tied' if arch.tie_word_embeddings else 'untied'} embeddings, "
+        f"{arch.num_parameters():,} parameters",
+    ]
+    data = prov.get("data") or {}
+    tokenizer = ((config.get("data") or {}).get("tokenizer") or {}).get("path")
+    lines.append(
+        f"- tokenizer: `{tokenizer or 'not recorded'}` (sha256 {str(data.get('tokenizer_sha256', '?'))[:16]})"
+    )
+    lines += ["", "## Teacher", ""]
+    if teacher:
+        lines += [
+            f"- path: `{teacher['path']}`",
+            f"- parameters: {teacher['parameters']:,}",
+            f"- fingerprint (sha256 of config and weights): {teacher.get('sha256', 'not recorded')}",
+            f"- signal: {teacher.get('signal', teacher.get('mode'))}",
+        ]
+    else:
+        lines.append("- none: this model was trained on next-token cross-entropy only")
+    seq_len = data.get("seq_len")
+    consumed = state.get("consumed_sequences")
+    lines += ["", "## Training data", ""]
+    lines.append(f"- prepared data fingerprint: {data.get('fingerprint', 'not recorded')}")
+    if consumed is not None and seq_len:
+        lines.append(
+            f"- tokens seen: {consumed * seq_len:,} ({state.get('step')} steps of {consumed // max(1, state.get('step') or 1)} sequences of {seq_len} tokens)"
+        )
+    for domain, sources in (data.get("sources") or {}).items():
+        lines.append(f"- domain `{domain}`: {_sources_text(sources)}")
+    mixture_cfg = (config.get("data") or {}).get("mixture") or {}
+    final = state.get("mixture", {}).get("sampler", {})
+    if mixture_cfg:
+        lines.append(
+            f"- mixture: {mixture_cfg.get('type')}"
+            + (
+                f", configured weights {_weights_text(mixture_cfg['weights'])}"
+                if mixture_cfg.get("weights")
+                else ""
+            )
+        )
+    if final.get("domains") and final.get("weights"):
+        lines.append(
+            f"- final mixture weights: {_weights_text(dict(zip(final['domains'], final['weights'], strict=True)))}"
+        )
+    loss = config.get("loss") or {}
+    weights = {k: v for k, v in (loss.get("weights") or {}).items() if v}
+    lines += ["", "## Objective", ""]
+    lines.append(
+        "- loss terms and weights: " + (", ".join(f"{k} {v:g}" for k, v in weights.items()) or "not recorded")
+    )
+    lines.append(f"- temperature: {loss.get('temperature', 'not recorded')}")
+    if "taid" in weights:
+        taid = loss.get("taid") or {}
+        tau = (state.get("objective") or {}).get("taid", {}).get("tau")
+        lines.append(
+            f"- TAID: tau from {taid.get('tau_start')} towards {taid.get('tau_end')} (alpha {taid.get('alpha')}, "
+            f"beta {taid.get('beta')})"
+            + (f", final tau {tau:.4f}" if tau is not None and not math.isnan(tau) else "")
+        )
+    else:
+        lines.append("- TAID: not used")
+    if evaluation:
+        lines += ["", "## Evaluation", "", *_eval_table(evaluation, own_sha256)]
+    version = prov.get("distillery") or {}
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- campaign config sha256: {prov.get('config_sha256', 'not recorded')}",
+        f"- distillery {version.get('version') or 'unknown version'}, commit {version.get('commit') or 'unknown'}",
+        f"- checkpoint step: {state.get('step', 'not recorded')}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""`distillery report`: plots and a summary of a run (see `build.py`)."""

@@ -1,0 +1,161 @@
+"""What each campaign stage does on this machine (the order and the skipping live in `campaign.py`).
+
+Every stage is idempotent under the stage contract (`distill/stage.py`): a complete output is skipped,
+an interrupted one resumed, another config's refused. Multi-process stages (cache, train, baseline)
+are launched with torch's elastic agent on the resolved config written into their run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.atomic import atomic_write_text, read_json
+from distill.config import CampaignConfig, config_to_yaml
+from distill.data.corpus import DemoCorpusSpec, build_demo_corpus
+from distill.errors import UserError
+from distill.stage import StageOutput, Status
+from launcher.local import launch_local
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    progress: bool = True
+    nproc: int | None = (
+        None  # ranks of the train stages (default run.nproc, else tp x pp); cache: its own tp x pp
+    )
+
+
+def corpus(config: CampaignConfig, options: RunOptions) -> None:
+    demo = config.data.demo_corpus
+    assert demo is not None
+    spec = DemoCorpusSpec(demo.domains, demo.max_bytes_per_domain, demo.max_doc_chars)
+    build_demo_corpus(demo.dir, spec, progress=options.progress)
+
+
+def cache(config: CampaignConfig, options: RunOptions) -> None:
+    assert config.cache is not None and config.teacher is not None
+    nproc = options.nproc or config.teacher.layout.tp * config.teacher.layout.pp
+    launch_local(nproc, ["cache", str(config.run.dir / "config.yaml")])
+
+
+def _final_step(config: CampaignConfig) -> int | None:
+    from distill.checkpoint import latest_checkpoint, read_meta
+
+    assert config.checkpoint is not None
+    latest = latest_checkpoint(config.checkpoint.dir)
+    return None if latest is None else int(read_meta(latest)["step"])
+
+
+def train(config: CampaignConfig, options: RunOptions) -> None:
+    """Train `config`'s student; its resolved config must be at `run.dir/config.yaml`."""
+    assert config.training is not None and config.checkpoint is not None
+    if (_final_step(config) or 0) >= config.training.steps:
+        print(
+            f"train: {config.checkpoint.dir} holds step {config.training.steps}, nothing to do",
+            file=sys.stderr,
+        )
+        return
+    nproc = options.nproc or config.run.nproc or config.parallel.tp * config.parallel.pp
+    launch_local(nproc, ["train", str(config.run.dir / "config.yaml")])
+
+
+def export(config: CampaignConfig, options: RunOptions) -> None:
+    from distill.checkpoint import latest_checkpoint
+    from distill.models.convert import EXPORT_RECORD, export_hf
+
+    assert config.export is not None and config.checkpoint is not None
+    source = latest_checkpoint(config.checkpoint.dir)
+    if source is None:
+        raise UserError(f"export: no checkpoint in {config.checkpoint.dir}; run the train stage first")
+    record = {"checkpoint": str(source), "dtype": config.export.dtype}
+    out = config.export.dir
+    output = StageOutput(
+        "export",
+        out,
+        "export.dir",
+        record,
+        record=EXPORT_RECORD,
+        spec_field=None,
+        foreign_hint="choose another export.dir",
+        replace_stale=True,  # an export of an older checkpoint is replaced by the latest
+    )
+    if output.check(overwrite=False) is Status.COMPLETE:
+        print(f"export: {out} is complete, nothing to do", file=sys.stderr)
+        return
+    export_hf(source, out, dtype=config.export.dtype, overwrite=out.exists(), record=record)
+    print(f"export: wrote {out} from {source.name}", file=sys.stderr)
+
+
+def baseline(config: CampaignConfig, options: RunOptions) -> None:
+    """The CE-only student of the same size and tokens (`distill/training/baseline.py`), and its export."""
+    from distill.training.baseline import baseline_config
+
+    base = baseline_config(config)
+    base.run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(base.run.dir / "config.yaml", config_to_yaml(base))
+    print(f"baseline: CE only, same student, data and steps, in {base.run.dir}", file=sys.stderr)
+    train(base, options)
+    if base.export is not None:
+        export(base, options)
+
+
+def _trained_model(config: CampaignConfig) -> Path:
+    """What a campaign hands over: its export, else its latest checkpoint."""
+    assert config.checkpoint is not None
+    return config.export.dir if config.export is not None else config.checkpoint.dir
+
+
+def evaluate(config: CampaignConfig, options: RunOptions) -> None:
+    """Held-out bits per byte of the teacher, the student and the baseline; then the model cards
+    of the exports get the numbers."""
+    from distill.eval.run import EvalSettings, ModelToEval
+    from distill.eval.run import evaluate as run_eval
+    from distill.training.baseline import baseline_config
+
+    cfg = config.eval
+    assert cfg is not None
+    models = []
+    if config.teacher is not None and cfg.teacher:
+        models.append(ModelToEval("teacher", config.teacher.path, reused=True))
+    if config.trains:
+        models.append(ModelToEval("student", _trained_model(config)))
+    base = baseline_config(config) if config.baseline is not None else None
+    if base is not None:
+        models.append(ModelToEval("baseline", _trained_model(base)))
+    if not models:
+        raise UserError("eval: nothing to evaluate (no teacher with eval.teacher, no training sections)")
+    settings = EvalSettings(cfg.sequences, cfg.dtype, cfg.micro_batch)
+    # a campaign that trains ends with the report stage, which prints the table last
+    record = run_eval(
+        models, config.data.dir, cfg.dir, settings, progress=options.progress, show_table=not config.trains
+    )
+    for owner in (config, base):
+        if owner is not None and owner.export is not None:
+            write_card_with_eval(owner.export.dir, record)
+
+
+def write_card_with_eval(export_dir: Path, evaluation: dict[str, Any]) -> None:
+    """Rewrite an export's model card with the eval numbers (the card is not part of its hash)."""
+    from distill.checkpoint import resolve_checkpoint
+    from distill.models.convert import EXPORT_RECORD, model_card_of
+    from distill.models.model_card import CARD
+    from distill.models.weights import directory_sha256, find_weights
+
+    made_from = read_json(export_dir / EXPORT_RECORD)["checkpoint"]
+    ckpt = resolve_checkpoint(Path(made_from))
+    card = model_card_of(
+        ckpt, find_weights(export_dir).arch, export_dir, evaluation, own_sha256=directory_sha256(export_dir)
+    )
+    atomic_write_text(export_dir / CARD, card)
+
+
+def report(config: CampaignConfig, options: RunOptions) -> None:
+    from distill.eval.run import format_table
+    from distill.report.build import build_report
+
+    build_report(config.run.dir)
+    if config.eval is not None and (config.eval.dir / "eval.json").is_file():
+        print(format_table(read_json(config.eval.dir / "eval.json")), file=sys.stderr)

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "models",
         metavar="[NAME=]MODEL",
-        nargs="+",
+        nargs="*",
         help="an HF directory or a checkpoint (step directory or root); NAME labels its column",
     )
     parser.add_argument("--data", required=True, type=Path, help="a prepared data directory (data.dir)")
@@ -50,6 +50,8 @@ def _models(args: argparse.Namespace) -> list:
         if not name or not path:
             raise UserError(f"model {spec!r}: expected PATH or NAME=PATH")
         models.append(ModelToEval(name, Path(path)))
+    if not models:
+        raise UserError("nothing to evaluate: name a model (PATH or NAME=PATH) or --teacher")
     names = [m.name for m in models]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -67,14 +67,21 @@ def build_caches(config_path: str, base, root: Path) -> dict[str, Path]:
         caches[f"topk{k}"] = root / f"cache-topk{k}"
         config = load_config(
             config_path,
-            [f"cache.dir={caches[f'topk{k}']}", "cache.mode=topk", f"cache.k={k}", "loss.weights.forward_kl=0.0",
-             "loss.weights.ce=1.0"],
+            [
+                f"cache.dir={caches[f'topk{k}']}",
+                "cache.mode=topk",
+                f"cache.k={k}",
+                "loss.weights.forward_kl=0.0",
+                "loss.weights.ce=1.0",
+            ],
         )
         run_stages(config, ["cache"], RunOptions(progress=False))
     return caches
 
 
-def train_and_score(config_path: str, base, overrides: list[str], tmp: str, name: str, seed: int, steps: int) -> dict:
+def train_and_score(
+    config_path: str, base, overrides: list[str], tmp: str, name: str, seed: int, steps: int
+) -> dict:
     from distill.config import load_config
     from distill.data.prepared import PreparedData
     from distill.eval.score import score_model
@@ -138,7 +145,9 @@ def main() -> None:
                     args.config, base, teacher_overrides(signal, caches) + overrides, tmp, name, seed, steps
                 )
                 runs.setdefault(name, {})[seed] = result
-                print(f"{name} seed {seed}: {result['all']:.4f} bits/byte, {result['seconds_per_step']:.2f} s/step")
+                print(
+                    f"{name} seed {seed}: {result['all']:.4f} bits/byte, {result['seconds_per_step']:.2f} s/step"
+                )
     teacher = score_model(base.teacher.path, PreparedData(base.data.dir), sequences=32, progress=False)
     summary = {}
     for name, by_seed in runs.items():
@@ -147,7 +156,9 @@ def main() -> None:
         summary[name] = {
             "all_mean": statistics.mean(values),
             "all_spread": max(values) - min(values),
-            "domains_mean": {d: statistics.mean(r["bits_per_byte"][d] for r in by_seed.values()) for d in domains},
+            "domains_mean": {
+                d: statistics.mean(r["bits_per_byte"][d] for r in by_seed.values()) for d in domains
+            },
             "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in by_seed.values()),
         }
     write_result(
@@ -156,8 +167,10 @@ def main() -> None:
             "steps": steps,
             "tokens": steps * base.training.global_batch * base.data.seq_len,
             "seeds": args.seeds,
-            "teacher": {"all": teacher["all"]["bits_per_byte"],
-                        "domains": {d: s["bits_per_byte"] for d, s in teacher["domains"].items()}},
+            "teacher": {
+                "all": teacher["all"]["bits_per_byte"],
+                "domains": {d: s["bits_per_byte"] for d, s in teacher["domains"].items()},
+            },
             "summary": summary,
             "runs": runs,
         },

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from parallel.model import ModelArch
 from parallel.vocab import VocabShard
+
+if TYPE_CHECKING:  # an annotation: the loop stays free of model-building code
+    from parallel.model import ModelArch
 
 # (index of the micro-batch, hidden [b, s, h], output weight [V/tp, h], labels [b, s]) -> result
 OutputFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]

@@ -8,7 +8,6 @@ from distill.config import CampaignConfig
 from distill.data.prepared import PreparedData
 from distill.engine.base import Engine
 from distill.errors import DataError
-from distill.models.weights import find_weights
 from distill.teacher.cached import CachedSource, open_cache
 from distill.teacher.online import OnlineSource
 from distill.teacher.source import MicroBatch, ReadAhead, TeacherSource
@@ -42,7 +41,6 @@ def open_teacher_source(
             model,
             cross_entropy,
             f"online teacher {teacher.path} ({model.num_parameters / 1e6:.1f}M parameters)",
-            find_weights(teacher.path).directory,
         )
     assert config.cache is not None
     reader = open_cache(config.cache.dir, data, engine.vocab_size)

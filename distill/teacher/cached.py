@@ -9,8 +9,6 @@ that the cache stored, so DDK's reference needs no teacher pass either.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -61,11 +59,6 @@ class CachedSource:
             targets = np.concatenate([self.reader.sequence(key)["target_logprob"] for key in micro.keys])
             out.append((float(-targets.astype(np.float64).sum()), len(targets)))
         return out
-
-    def provenance(self) -> dict[str, Any]:
-        spec = self.reader.manifest["spec"]
-        kept = ("mode", "k", "temperature", "samples", "seed")
-        return {"sha256": spec["teacher_sha256"], "cache": {k: spec[k] for k in kept if k in spec}}
 
     def close(self) -> None:
         if self._rows is not None:

@@ -8,15 +8,13 @@ holds a `[tokens, V]` tensor either.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from distill.cache.reader import SequenceKey
 from distill.engine.base import ForwardModel
 from distill.losses.signal import LiveSignal, TeacherSignal
-from distill.models.weights import directory_sha256
 from distill.teacher.source import MicroBatch
 
 if TYPE_CHECKING:  # the CE objective is passed in; sources do not build objectives
@@ -24,11 +22,8 @@ if TYPE_CHECKING:  # the CE objective is passed in; sources do not build objecti
 
 
 class OnlineSource:
-    def __init__(
-        self, model: ForwardModel, cross_entropy: Objective, description: str, weights_dir: Path
-    ) -> None:
+    def __init__(self, model: ForwardModel, cross_entropy: Objective, description: str) -> None:
         self.model, self.ce, self.description = model, cross_entropy, description
-        self.weights_dir = weights_dir  # the teacher's files (hashed for the model card)
         self.arch = model.arch  # its forward pass is part of every step (model FLOPs)
 
     def signals(self, micro_batches: list[MicroBatch]) -> list[TeacherSignal | None]:
@@ -42,9 +37,6 @@ class OnlineSource:
 
     def cross_entropy(self, micro_batches: list[MicroBatch]) -> list[tuple[float, int] | None]:
         return self.ce.cross_entropy(self.model, micro_batches)
-
-    def provenance(self) -> dict[str, Any]:
-        return {"sha256": directory_sha256(self.weights_dir)}
 
     def close(self) -> None:
         """The model goes with the engine's process group."""

@@ -19,13 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 
 from distill.cache.reader import SequenceKey
 from distill.losses.signal import TeacherSignal
-from parallel.model import ModelArch
+
+if TYPE_CHECKING:
+    from parallel.model import ModelArch
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,6 @@ class TeacherSource(Protocol):
     def read_ahead(self, keys: list[list[SequenceKey]]) -> None: ...
 
     def cross_entropy(self, micro_batches: list[MicroBatch]) -> list[tuple[float, int] | None]: ...
-
-    def provenance(self) -> dict[str, Any]:
-        """For the model card: the teacher's content hash (`sha256`) and how its signal was stored."""
-        ...
 
     def close(self) -> None: ...
 

@@ -34,7 +34,6 @@ from distill.engine.base import Engine
 from distill.errors import DataError
 from distill.eval.text import packed_label_bytes, token_bytes
 from distill.metrics import MetricsLogger
-from distill.models.weights import find_weights
 from distill.provenance import run_provenance
 from distill.teacher import MicroBatch, TeacherSource, open_teacher_source
 from distill.training.ddk import DomainMixture
@@ -64,7 +63,11 @@ class StepResult:
 
 
 class DistillLoop:
-    def __init__(self, config: CampaignConfig, engine: Engine) -> None:
+    def __init__(
+        self, config: CampaignConfig, engine: Engine, teacher_facts: dict[str, Any] | None = None
+    ) -> None:
+        """`teacher_facts` (main rank): the teacher's path, mode, parameters and content hash, recorded
+        in every checkpoint for the model card (`train.teacher_facts`)."""
         assert config.training is not None and config.checkpoint is not None and config.logging is not None
         self.config, self.engine, self.cfg = config, engine, config.training
         self.data = PreparedData(config.data.dir)
@@ -92,7 +95,7 @@ class DistillLoop:
             run_dir=config.run.dir,
             config=config.model_dump(mode="json"),
         )
-        self.provenance = self._provenance() if engine.is_main else None  # in every checkpoint
+        self.provenance = self._provenance(teacher_facts) if engine.is_main else None  # in every checkpoint
         self.timer = StepTimer(engine.device)
         self._cost = self._step_cost()
         self._label_bytes: dict[str, int] | None = None
@@ -296,18 +299,11 @@ class DistillLoop:
     def _weights_text(self) -> str:
         return ", ".join(f"{d} {w:.3f}" for d, w in self.mixture.sampler.weights_dict().items())
 
-    def _provenance(self) -> dict[str, Any]:
-        """What the exported model card says about this run (main rank; hashes an online teacher)."""
+    def _provenance(self, teacher_facts: dict[str, Any] | None) -> dict[str, Any]:
+        """What the exported model card says about this run (main rank)."""
         teacher = None
-        if self.config.teacher is not None and self.teacher is not None:
-            path = self.config.teacher.path
-            teacher = {
-                "path": str(path),
-                "mode": self.config.teacher.mode,
-                "parameters": find_weights(path).arch.num_parameters(),
-                "signal": self.teacher.description,
-                **self.teacher.provenance(),
-            }
+        if teacher_facts is not None and self.teacher is not None:
+            teacher = {**teacher_facts, "signal": self.teacher.description}
         return run_provenance(self.config, self.data.manifest, teacher)
 
     def _step_cost(self) -> dict[str, Any]:

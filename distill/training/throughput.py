@@ -21,10 +21,12 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
-from parallel.model import ModelArch
+if TYPE_CHECKING:
+    from parallel.model import ModelArch
 
 # dense bf16 tensor-core peak, TFLOP/s per device (vendor data sheets; SXM parts unless named)
 PEAK_TFLOPS = {

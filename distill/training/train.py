@@ -4,17 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill.cache.reader import read_cache_manifest
 from distill.config import CampaignConfig
 from distill.engine import build_engine
 from distill.errors import DataError
+from distill.models.weights import directory_sha256, find_weights
 from distill.training.loop import DistillLoop, StepResult
+
+
+def teacher_facts(config: CampaignConfig) -> dict[str, Any] | None:
+    """The teacher as the model card names it: path, mode, parameters, content hash (from the cache's
+    manifest when cached; hashed here when online)."""
+    teacher = config.teacher
+    if teacher is None:
+        return None
+    weights = find_weights(teacher.path)
+    facts: dict[str, Any] = {
+        "path": str(teacher.path),
+        "mode": teacher.mode,
+        "parameters": weights.arch.num_parameters(),
+    }
+    if teacher.mode == "cached" and config.cache is not None:
+        spec = read_cache_manifest(config.cache.dir)["spec"]
+        facts["sha256"] = spec["teacher_sha256"]
+        facts["cache"] = {k: spec[k] for k in ("mode", "k", "temperature", "samples", "seed") if k in spec}
+    else:
+        facts["sha256"] = directory_sha256(weights.directory)
+    return facts
+
+
+def _loop(config: CampaignConfig, engine: Any) -> DistillLoop:
+    facts = teacher_facts(config) if engine.is_main else None
+    return DistillLoop(config, engine, facts)
 
 
 def build_loop(config: CampaignConfig, ctx: Any = None) -> DistillLoop:
     """The loop over this config's engine (`ctx`: an already built parallel context, for tests)."""
     if not config.trains:
         raise DataError("this config has no training sections (student, training, checkpoint, logging)")
-    return DistillLoop(config, build_engine(config, ctx))
+    return _loop(config, build_engine(config, ctx))
 
 
 def train(config: CampaignConfig) -> list[StepResult]:
@@ -23,6 +51,6 @@ def train(config: CampaignConfig) -> list[StepResult]:
         raise DataError("this config has no training sections (student, training, checkpoint, logging)")
     engine = build_engine(config)
     try:
-        return DistillLoop(config, engine).run()
+        return _loop(config, engine).run()
     finally:
         engine.close()

@@ -132,28 +132,27 @@ def evaluate(config: CampaignConfig, options: RunOptions) -> None:
     record = run_eval(
         models, config.data.dir, cfg.dir, settings, progress=options.progress, show_table=not config.trains
     )
-    for owner in (config, base):
+    for name, owner in (("student", config), ("baseline", base)):
         if owner is not None and owner.export is not None:
-            write_card_with_eval(owner.export.dir, record)
+            write_card_with_eval(owner.export.dir, record, name)
 
 
-def write_card_with_eval(export_dir: Path, evaluation: dict[str, Any]) -> None:
-    """Rewrite an export's model card with the eval numbers (the card is not part of its hash)."""
+def write_card_with_eval(export_dir: Path, evaluation: dict[str, Any], name: str) -> None:
+    """Rewrite an export's model card with the eval numbers, where it is model `name` (the card is not
+    part of the export's hash)."""
     from distill.checkpoint import resolve_checkpoint
     from distill.models.convert import EXPORT_RECORD, model_card_of
     from distill.models.model_card import CARD
-    from distill.models.weights import directory_sha256, find_weights
+    from distill.models.weights import find_weights
 
     made_from = read_json(export_dir / EXPORT_RECORD)["checkpoint"]
     ckpt = resolve_checkpoint(Path(made_from))
-    card = model_card_of(
-        ckpt, find_weights(export_dir).arch, export_dir, evaluation, own_sha256=directory_sha256(export_dir)
-    )
+    card = model_card_of(ckpt, find_weights(export_dir).arch, export_dir, evaluation, own=name)
     atomic_write_text(export_dir / CARD, card)
 
 
 def report(config: CampaignConfig, options: RunOptions) -> None:
-    from distill.eval.run import format_table
+    from distill.eval.results import format_table
     from distill.report.build import build_report
 
     build_report(config.run.dir)

@@ -89,7 +89,8 @@ def check_handoff(run: Path, stderr: str) -> None:
         "prepared data fingerprint",
     ):
         assert fact in card, fact
-    assert "without a teacher" in (run / "baseline" / "student" / "README.md").read_text()
+    baseline_card = (run / "baseline" / "student" / "README.md").read_text()
+    assert "without a teacher" in baseline_card and "| domain | this model | teacher |\n" in baseline_card
 
     report = run / "report"
     assert {"report.md", "loss.png", "heldout_bits_per_byte.png", "throughput.png"} <= {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from distill.atomic import atomic_directory, atomic_write_json, read_json
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
+from distill.eval.results import format_table
 from distill.eval.score import model_weights, score_model
 from distill.eval.text import heldout_documents
 from distill.models.weights import directory_sha256
@@ -157,26 +157,3 @@ def write_lm_eval_tasks(
             "metadata": {"version": 1.0},
         }
         (out / f"{TASK_PREFIX}_{domain}.yaml").write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
-
-
-def format_table(record: dict[str, Any]) -> str:
-    """Held-out bits per UTF-8 byte: one row per domain (and all), one column per model."""
-    models = record["models"]
-    domains = list(dict.fromkeys(d for m in models.values() for d in m["domains"]))
-    names = list(models)
-    width = max(10, *(len(n) + 2 for n in names))
-    head = f"{'domain':<14}" + "".join(f"{n:>{width}}" for n in names)
-    rows = [head, "-" * len(head)]
-    for domain in [*domains, "all"]:
-        cells = []
-        for name in names:
-            found = models[name]["all"] if domain == "all" else models[name]["domains"].get(domain)
-            value = found["bits_per_byte"] if found else math.nan
-            cells.append(f"{value:>{width}.4f}")
-        rows.append(f"{domain:<14}" + "".join(cells))
-    p = record["protocol"]
-    title = (
-        f"held-out bits per UTF-8 byte (lower is better): the documents in the first {p['sequences']} "
-        f"held-out sequences per domain, rolling windows of {p['max_len']} tokens"
-    )
-    return "\n".join([title, *rows])

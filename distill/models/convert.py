@@ -141,15 +141,13 @@ def model_card_of(
     arch: ModelArch,
     out: Path,
     evaluation: dict[str, Any] | None = None,
-    own_sha256: str | None = None,
+    own: str | None = None,
 ) -> str:
     """The model card of the export of checkpoint `ckpt` into `out` (see `model_card.py`)."""
     state = read_training_state(ckpt)
     run = ((state.get("provenance") or {}).get("config") or {}).get("run") or {}
     name = f"{run['name']} student" if run.get("name") else out.name
-    return render_model_card(
-        arch, state, name=name, location=str(out), evaluation=evaluation, own_sha256=own_sha256
-    )
+    return render_model_card(arch, state, name=name, location=str(out), evaluation=evaluation, own=own)
 
 
 def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, seed: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from distill.eval.results import table_rows
 from parallel.model import ModelArch
 
 CARD = "README.md"
@@ -60,21 +61,16 @@ def _sources_text(sources: list[dict[str, Any]]) -> str:
     return "; ".join(out) or "not recorded"
 
 
-def _eval_table(evaluation: dict[str, Any], own_sha256: str | None) -> list[str]:
+def _eval_table(evaluation: dict[str, Any], own: str | None) -> list[str]:
     models = evaluation["models"]
-    own = next((n for n, m in models.items() if m.get("sha256") == own_sha256), None)
-    order = [n for n in (own, "teacher", "baseline") if n in models] or list(models)
-    label = {own: "this model", "teacher": "teacher", "baseline": "CE-only baseline (same size and tokens)"}
-    domains = list(dict.fromkeys(d for n in order for d in models[n]["domains"]))
+    order = list(dict.fromkeys(n for n in (own, "teacher", "baseline") if n in models)) or list(models)
+    label = {"teacher": "teacher", "baseline": "CE-only baseline (same size and tokens)", own: "this model"}
     rows = [
         "| domain | " + " | ".join(label.get(n, n) for n in order) + " |",
         "|---" * (len(order) + 1) + "|",
     ]
-    for domain in [*domains, "all"]:
-        cells = []
-        for n in order:
-            found = models[n]["all"] if domain == "all" else models[n]["domains"].get(domain)
-            cells.append(f"{found['bits_per_byte']:.4f}" if found else "-")
+    for domain, scores in table_rows(evaluation, order):
+        cells = [f"{s['bits_per_byte']:.4f}" if s else "-" for s in scores]
         rows.append(f"| {domain} | " + " | ".join(cells) + " |")
     p = evaluation["protocol"]
     return [
@@ -94,10 +90,10 @@ def render_model_card(
     name: str,
     location: str,
     evaluation: dict[str, Any] | None = None,
-    own_sha256: str | None = None,
+    own: str | None = None,
 ) -> str:
     """The card of a student of `arch` whose checkpoint's training state is `state`; `location` is what
-    the usage example passes to `from_pretrained`."""
+    the usage example passes to `from_pretrained`; `own` names this model among `evaluation`'s models."""
     prov = state.get("provenance") or {}
     config = prov.get("config") or {}
     lines = [_front_matter(config), f"# {name}", ""]
@@ -189,7 +185,7 @@ def render_model_card(
     else:
         lines.append("- TAID: not used")
     if evaluation:
-        lines += ["", "## Evaluation", "", *_eval_table(evaluation, own_sha256)]
+        lines += ["", "## Evaluation", "", *_eval_table(evaluation, own)]
     version = prov.get("distillery") or {}
     lines += [
         "",

@@ -19,6 +19,7 @@ import yaml
 
 from distill.atomic import atomic_directory, read_json
 from distill.errors import DataError
+from distill.eval.results import table_rows
 from distill.report.metrics_file import Metrics, read_metrics
 from distill.report.plots import plot_bits_per_byte, plot_losses, plot_mixture, plot_tau, plot_throughput
 
@@ -132,16 +133,15 @@ def _facts(layout: dict[str, Any], run: Metrics) -> list[str]:
 
 
 def _final_table(evaluation: dict[str, Any]) -> list[str]:
-    models = evaluation["models"]
-    names = list(models)
-    domains = list(dict.fromkeys(d for m in models.values() for d in m["domains"]))
+    names = list(evaluation["models"])
     head = "| domain | " + " | ".join(f"{n} bits/byte | {n} ppl" for n in names) + " |"
     rows = [head, "|---" * (2 * len(names) + 1) + "|"]
-    for domain in [*domains, "all"]:
-        cells = []
-        for n in names:
-            found = models[n]["all"] if domain == "all" else models[n]["domains"].get(domain)
-            cells += [_fmt(found and found["bits_per_byte"], ".4f"), _fmt(found and found["ppl"], ".2f")]
+    for domain, scores in table_rows(evaluation, names):
+        cells = [
+            _fmt(s and s[key], spec)
+            for s in scores
+            for key, spec in (("bits_per_byte", ".4f"), ("ppl", ".2f"))
+        ]
         rows.append(f"| {domain} | " + " | ".join(cells) + " |")
     p = evaluation["protocol"]
     note = (

@@ -67,8 +67,12 @@ class StageOutput:
     legacy_progress: str | None = None  # where distillery <= 0.1 kept this stage's progress record
     legacy_specs: tuple[dict[str, Any], ...] = ()  # what older distillery recorded for this same output
 
-    def check(self, *, overwrite: bool, resume_facts: dict[str, Any] | None = None) -> Status:
-        """What to do with the output directory (see the module docstring); raises on a conflict."""
+    def check(
+        self, *, overwrite: bool, resume_facts: dict[str, Any] | None = None, shared: bool = False
+    ) -> Status:
+        """What to do with the output directory (see the module docstring); raises on a conflict.
+        `shared`: other jobs (array tasks) may be writing into it now, so an interrupted run's
+        temporaries are left alone (each writer replaces its own)."""
         out = Path(self.directory)
         if out.exists() and not out.is_dir():
             raise OutputExistsError(
@@ -92,7 +96,8 @@ class StageOutput:
                 if (found.get("facts") or {}).get(f) != (resume_facts or {}).get(f)
             ]
             if not diff:
-                remove_temporaries(out)  # half-written files of the killed run; what they held is redone
+                if not shared:
+                    remove_temporaries(out)  # half-written files of the killed run; what they held is redone
                 return Status.PARTIAL
             return self._conflict(
                 f"{out} holds an interrupted {self.stage} of a different config or input ({'; '.join(diff[:8])})",

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.stop import EXIT_STOPPED, StopRequested
 from launcher.commands import (
     cache_cmd,
     config_cmd,
@@ -26,6 +27,7 @@ from launcher.commands import (
     prepare_cmd,
     report_cmd,
     run_cmd,
+    submit_cmd,
     tokenizer_cmd,
     train_cmd,
 )
@@ -43,6 +45,7 @@ COMMANDS = (
     convert_cmd,
     eval_cmd,
     report_cmd,
+    submit_cmd,
     launch_cmd,
 )
 
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     reports = _rank_reports()
+    if reports is not None:
+        _die_with_agent()
     try:
         return int(args.handler(args) or 0)
     except (UserError, ParallelConfigError) as exc:
@@ -73,8 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(_paragraph(exc), file=sys.stderr)
         return 2
+    except StopRequested as exc:
+        if reports is not None:  # a launched rank: the launcher says it once
+            reports.with_suffix(".stopped").write_text(str(exc))
+        else:
+            print(f"distillery: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except LaunchFailed as exc:
-        print(_paragraph(exc), file=sys.stderr)
+        print(f"distillery: {exc}" if exc.code == EXIT_STOPPED else _paragraph(exc), file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("distillery: interrupted", file=sys.stderr)
@@ -92,6 +103,18 @@ def _rank_reports() -> Path | None:
     if not directory or rank is None or not Path(directory).is_dir():
         return None
     return Path(directory) / f"rank_{int(rank):05d}"
+
+
+def _die_with_agent() -> None:
+    """A launched rank ends when its agent does (Linux PR_SET_PDEATHSIG): the agent runs in its own
+    session, so a SIGKILL of the job's process group at the end of Slurm's KillWait would otherwise
+    leave the ranks running."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _paragraph(exc: Exception) -> str:

@@ -8,8 +8,16 @@ one-paragraph message, a rank that crashed leaves its traceback. When the job fa
 - some rank stopped on user input: its message is raised once as `LaunchFailed(2)` (identical messages
   of several ranks are merged and the ranks named); the other ranks' ends are consequences (killed by
   the agent, or a collective broken by the missing peer) and are not shown;
+- every rank that reported stopped on a stop request (`distill/stop.py`) and none crashed:
+  `LaunchFailed(EXIT_STOPPED)`, which a Slurm batch script reads as "requeue me";
 - otherwise every crashed rank's traceback is printed under its rank, and `LaunchFailed(1)` names the
   ranks, their exit codes or the signal that killed them.
+
+Several nodes (`nnodes` > 1, one agent per node, e.g. one Slurm task per node): the agents meet in a
+c10d rendezvous at `rdzv_endpoint` (host:port of the first node, reachable from the others) under
+`rdzv_id` (the job id), and torch numbers the ranks across the nodes. Under a stop file
+(`DISTILLERY_STOP_FILE`, set by the batch script) SIGTERM to the agent is relayed through that file
+instead of torch's default of terminating the workers, so the ranks finish their step and checkpoint.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from distill.errors import UserError
+from distill.stop import EXIT_STOPPED, STOP_FILE
 
 RANK_REPORTS = "DISTILLERY_RANK_REPORTS"  # env: where launched ranks write how they ended
 
@@ -37,8 +47,18 @@ class LaunchFailed(Exception):
         self.code = code
 
 
-def launch_local(nproc: int, command: Sequence[str]) -> None:
-    """Run `distillery <command>` on `nproc` ranks of this machine; raises `LaunchFailed` if any failed."""
+def launch_local(
+    nproc: int,
+    command: Sequence[str],
+    *,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+) -> None:
+    """Run `distillery <command>` on `nproc` ranks of this machine (times `nnodes` machines, each
+    running this call); raises `LaunchFailed` if any failed."""
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node's address)")
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if not command:
@@ -53,14 +73,15 @@ def launch_local(nproc: int, command: Sequence[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ[RANK_REPORTS] = str(reports)
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=nnodes,
+        max_nodes=nnodes,
         nproc_per_node=nproc,
-        run_id=f"distillery-{uuid.uuid4().hex[:8]}",
+        run_id=rdzv_id or f"distillery-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # torchrun --standalone: a free port on this machine
+        rdzv_endpoint=rdzv_endpoint or "localhost:0",  # alone: torchrun --standalone, a free local port
         max_restarts=0,
     )
+    relay = _relay_sigterm_to_stop_file()
     agent_log = logging.getLogger("torch.distributed.elastic")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)  # its failure log repeats what we report below
@@ -72,12 +93,33 @@ def launch_local(nproc: int, command: Sequence[str]) -> None:
     finally:
         agent_log.setLevel(level)
         os.environ.pop(RANK_REPORTS, None)
+        if relay is not None:
+            signal.signal(signal.SIGTERM, relay)
+            os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
         shutil.rmtree(reports, ignore_errors=True)
+
+
+def _relay_sigterm_to_stop_file() -> Any:
+    """Under a stop file, SIGTERM to the agent writes it (every rank of every node then stops at its
+    next step and checkpoints) instead of torch's handler, which would terminate the workers at once.
+    Returns the previous handler, or None when there is no stop file."""
+    path = os.environ.get(STOP_FILE)
+    if not path:
+        return None
+
+    def request_stop(signum: int, frame: Any) -> None:
+        Path(path).touch()
+
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    return signal.signal(signal.SIGTERM, request_stop)
 
 
 def _failure(reports: Path, codes: dict[int, int]) -> LaunchFailed:
     """What to tell the user about a failed job, from the ranks' reports and exit codes."""
     user = {int(p.stem.split("_")[1]): p.read_text() for p in reports.glob("rank_*.user")}
+    stopped = {int(p.stem.split("_")[1]): p.read_text() for p in reports.glob("rank_*.stopped")}
+    if stopped and not user and not list(reports.glob("rank_*.crash")):
+        return LaunchFailed(next(iter(stopped.values())), EXIT_STOPPED)
     if user:
         ranks_by_message: dict[str, list[int]] = {}
         for rank, message in sorted(user.items()):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from distill.checkpoint import latest_checkpoint, read_meta
+from distill.training.sample_log import read_sample_log
 from tests.conftest import REPO, write_config
 from tests.distributed import run_ranks
 
@@ -92,7 +93,8 @@ def train_command(work: Path, run_dir: Path, *overrides: str) -> list[str]:
         "train",
         str(work / "config.yaml"),
     ]
-    for item in (f"run.dir={run_dir}", "training.steps=8", *overrides):
+    samples = "logging.samples=${run.dir}/samples.jsonl"
+    for item in (f"run.dir={run_dir}", "training.steps=8", samples, *overrides):
         command += ["--set", item]
     return command
 
@@ -158,6 +160,36 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(work, uninterrupted
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     assert final_loss(run_dir) == pytest.approx(uninterrupted, abs=1e-6)
     assert not any(p.name.endswith(".partial") for p in root.iterdir())
+
+
+def test_a_stop_request_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(work, uninterrupted):
+    """The stop file (what a Slurm batch script writes on its grace signal) reaches both ranks; they
+    agree, checkpoint the step they are at (interval 100: no other checkpoint exists) and exit 75; the
+    resumed run ends at the same loss and its log of consumed samples equals the uninterrupted run's."""
+    from distill.stop import EXIT_STOPPED
+
+    run_dir = work / "stopped"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stop_file = work / "stop-now"
+    command = train_command(work, run_dir, "checkpoint.interval=100")
+    env = {**os.environ, "DISTILLERY_STOP_FILE": str(stop_file)}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    samples = run_dir / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    while not (samples.is_file() and len(samples.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the stop"
+        time.sleep(0.01)
+    stop_file.touch()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STOPPED, stderr[-3000:]
+    assert "stopped on request (stop file" in stderr and "Traceback" not in stderr
+    stopped_at = int(read_meta(latest_checkpoint(run_dir / "checkpoints"))["step"])
+    assert 3 <= stopped_at < 8
+    stop_file.unlink()
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    assert final_loss(run_dir) == pytest.approx(uninterrupted, abs=1e-6)
+    assert samples.read_text() == (work / "uninterrupted" / "samples.jsonl").read_text()
+    assert [step for step, _ in read_sample_log(samples)] == list(range(1, 9))
 
 
 def test_resume_refuses_a_checkpoint_whose_rng_file_would_run_code(work, uninterrupted):

@@ -8,6 +8,13 @@ is skipped on restart and an interrupted one is redone from the start. Draws of 
 seeded per sequence, so the cache bytes do not depend on the layout, the shard split or restarts.
 The manifest (written last by rank 0) records the teacher hash, the prepared data's fingerprint and
 tokenizer hash, the mode and its parameters and every shard's checksum; see `format.py` for records.
+
+Scale-out over jobs (a Slurm job array): `part=(i, n)` takes the plan's shards `i, i + n, ...` (then
+split over its own data-parallel replicas as above). Parts write disjoint shards and identical progress
+records; whichever part finds every shard complete writes the (identical) manifest, atomically. Since
+shard bytes depend on nothing but the sequence and the config, the cache of an n-part run is the
+cache of a 1-part run, byte for byte. A stop request (`distill/stop.py`) is agreed over all ranks
+before each shard: finished shards stay, the job exits to be requeued.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from distill.errors import DataError
 from distill.models.teacher import load_teacher, open_teacher
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
+from distill.stop import StopRequest
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.schedule import forward_only
 
@@ -75,9 +83,18 @@ def sequence_seed(seed: int, domain: str, split: str, index: int) -> int:
 
 
 class CacheWriter:
-    def __init__(self, config: CampaignConfig, ctx: ParallelContext, *, overwrite: bool) -> None:
+    def __init__(
+        self,
+        config: CampaignConfig,
+        ctx: ParallelContext,
+        *,
+        overwrite: bool,
+        part: tuple[int, int] = (0, 1),
+        stop: StopRequest | None = None,
+    ) -> None:
         assert config.teacher is not None and config.cache is not None
         self.config, self.ctx, self.cfg = config, ctx, config.cache
+        self.part, self.stop = part, stop or StopRequest()
         self.data = PreparedData(config.data.dir)
         weights = open_teacher(
             config.teacher.path, tokenizer_sha256=self.data.tokenizer_sha256, data_dir=self.data.directory
@@ -118,7 +135,7 @@ class CacheWriter:
         if self.ctx.is_main:
             output = self.output
             try:
-                status = output.check(overwrite=overwrite)
+                status = output.check(overwrite=overwrite, shared=self.part[1] > 1)
                 if status is Status.REPLACE:
                     output.clear()
                 if status in (Status.FRESH, Status.REPLACE):
@@ -141,19 +158,34 @@ class CacheWriter:
                 print(f"cache: {self.out} is complete, nothing to do", file=sys.stderr)
             return
         plan = shard_plan(self.data, self.cfg.sequences_per_shard)
-        mine = [w for i, w in enumerate(plan) if i % self.ctx.dims.dp == self.ctx.dp_rank]
+        index, parts = self.part
+        ours = [w for i, w in enumerate(plan) if i % parts == index]
+        mine = [w for i, w in enumerate(ours) if i % self.ctx.dims.dp == self.ctx.dp_rank]
         todo = [w for w in mine if not (self.out / f"{w.stem}.json").is_file()]
         show = self.writes and self.ctx.dp_rank == 0
         positions = sum(w.end - w.start for w in todo) * self.data.seq_len
+        # every rank checks for a stop as often as the busiest replica writes shards (a collective)
+        rounds = torch.tensor([len(todo)], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
         with tqdm(
             total=positions, unit="tok", unit_scale=True, desc="cache", disable=not show, file=sys.stderr
         ) as bar:
-            for work in todo:
-                self._write_shard(work)
-                bar.update((work.end - work.start) * self.data.seq_len)
+            for turn in range(int(rounds.item())):
+                self.stop.check(dist.all_reduce, self.ctx.device)
+                if turn < len(todo):
+                    self._write_shard(todo[turn])
+                    bar.update((todo[turn].end - todo[turn].start) * self.data.seq_len)
         dist.barrier()
         if self.ctx.is_main:
-            self._write_manifest(plan)
+            missing = [w.stem for w in plan if not (self.out / f"{w.stem}.json").is_file()]
+            if not missing:
+                self._write_manifest(plan)
+            else:
+                print(
+                    f"cache: part {index}/{parts} complete; {len(missing)} shard(s) of other parts to go "
+                    f"(the last part to finish writes the manifest)",
+                    file=sys.stderr,
+                )
 
     def _write_shard(self, work: ShardWork) -> None:
         tokens = torch.from_numpy(
@@ -296,13 +328,15 @@ class _ShardSink:
         )
 
 
-def build_cache(config: CampaignConfig, *, overwrite: bool = False) -> None:
-    """The cache stage on this process (one per teacher rank: tp x pp x dp)."""
+def build_cache(config: CampaignConfig, *, overwrite: bool = False, part: tuple[int, int] = (0, 1)) -> None:
+    """The cache stage on this process (one per teacher rank: tp x pp x dp), or its part `(i, n)`."""
     if config.teacher is None or config.cache is None:
         raise DataError("this config has no `teacher` and `cache` sections")
     teacher = config.teacher
+    stop = StopRequest.from_environment().install()
     ctx = init_parallel(teacher.layout.tp, teacher.layout.pp, seed=0)
     try:
-        CacheWriter(config, ctx, overwrite=overwrite).run()
+        CacheWriter(config, ctx, overwrite=overwrite, part=part, stop=stop).run()
     finally:
         shutdown()
+        stop.uninstall()

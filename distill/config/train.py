@@ -127,6 +127,11 @@ class WandbConfig(Section):
 
 class LoggingConfig(Section):
     metrics: AbsPath = Field(description="JSON-lines file of every logged step (always written).")
+    samples: AbsPath | None = Field(
+        default=None,
+        description="JSON-lines file of the training sequences each step consumed (domain, index): "
+        "a resumed run truncates it to its checkpoint, so it shows no sample lost or repeated.",
+    )
     wandb: WandbConfig | None = None
 
 

@@ -21,7 +21,8 @@ def baseline_config(config: CampaignConfig) -> CampaignConfig:
     mixture = config.data.mixture
     if mixture.type == "ddk":
         mixture = MixtureConfig(type="natural")
-    logging = config.logging.model_copy(update={"metrics": root / "metrics.jsonl"})
+    samples = None if config.logging.samples is None else root / "samples.jsonl"
+    logging = config.logging.model_copy(update={"metrics": root / "metrics.jsonl", "samples": samples})
     return config.model_copy(
         update={
             "run": config.run.model_copy(update={"name": f"{config.run.name}-baseline", "dir": root}),

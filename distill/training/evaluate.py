@@ -24,13 +24,23 @@ Scorer = Callable[[list[MicroBatch]], list[tuple[float, int] | None]]
 
 
 def heldout_cross_entropy(
-    score: Scorer, data: PreparedData, engine: Engine, *, sequences: int, micro_batch: int
+    score: Scorer,
+    data: PreparedData,
+    engine: Engine,
+    *,
+    sequences: int,
+    micro_batch: int,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Mean next-token CE (nats) per domain over its first `sequences` held-out sequences."""
+    """Mean next-token CE (nats) per domain over its first `sequences` held-out sequences.
+    `check_stop` (collective) runs before each domain's passes: a stop request ends the evaluation
+    there (it raises `StopRequested`), on every rank at the same point."""
     sums = torch.zeros(
         len(data.domains), 2, dtype=torch.float64, device=engine.device
     )  # [domain, (ce, tokens)]
     for d, domain in enumerate(data.domains):
+        if check_stop is not None:
+            check_stop()
         count = min(sequences, data.num_sequences(domain, "heldout"))
         if not count:
             continue

@@ -6,9 +6,14 @@ rank), this data-parallel replica takes its slice and splits it into micro-batch
 gives each micro-batch's signal (and reads the next step's ahead), the engine runs forward/backward
 with the objective as its loss callback and steps the optimizer, the loss reports are reduced to global
 token means, TAID advances its tau, DDK reweights the mixture every `data.mixture.interval` steps.
-Every `training.log_interval` steps a metrics record, every `checkpoint.interval` steps (and at the
-end) a checkpoint with the loop's training state (step, objective, mixture), every
-`training.eval_interval` steps (and at the end) the student's held-out perplexity per domain.
+Every `training.log_interval` steps a metrics record, every `training.eval_interval` steps (and at
+the end) the student's held-out perplexity per domain, every `checkpoint.interval` steps (and at the
+end) a checkpoint with the loop's training state (step, objective, mixture).
+
+A stop request (`distill/stop.py`: preemption, a time limit, a budget) is agreed by all ranks before
+each step and between the passes of a DDK update or an evaluation. The loop then saves a checkpoint of
+the last finished step, noting which of that step's DDK update and evaluation did not finish
+(`pending`); a resumed run does those first, so a stopped-and-resumed run equals an uninterrupted one.
 
 This module reads no engine internals: a second engine (DeepSpeed ZeRO) runs the same loop.
 """
@@ -35,10 +40,12 @@ from distill.errors import DataError
 from distill.eval.text import packed_label_bytes, token_bytes
 from distill.metrics import MetricsLogger
 from distill.provenance import run_provenance
+from distill.stop import NEVER, StopRequest, StopRequested
 from distill.teacher import MicroBatch, TeacherSource, open_teacher_source
 from distill.training.ddk import DomainMixture
 from distill.training.evaluate import heldout_cross_entropy
 from distill.training.objective import Objective
+from distill.training.sample_log import SampleLog
 from distill.training.throughput import (
     StepTimer,
     device_label,
@@ -60,14 +67,20 @@ class StepResult:
     tau: float | None = None  # TAID's tau used in this step
     mixture: dict[str, float] | None = None  # DDK's evaluation and new weights, after this step
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the step (StepTimer)
+    samples: list[Row] = field(default_factory=list)  # the global batch: (domain, index) of each sequence
 
 
 class DistillLoop:
     def __init__(
-        self, config: CampaignConfig, engine: Engine, teacher_facts: dict[str, Any] | None = None
+        self,
+        config: CampaignConfig,
+        engine: Engine,
+        teacher_facts: dict[str, Any] | None = None,
+        stop: StopRequest = NEVER,
     ) -> None:
         """`teacher_facts` (main rank): the teacher's path, mode, parameters and content hash, recorded
-        in every checkpoint for the model card (`train.teacher_facts`)."""
+        in every checkpoint for the model card (`train.teacher_facts`). `stop`: this rank's view of a
+        stop request (agreed over all ranks before acting)."""
         assert config.training is not None and config.checkpoint is not None and config.logging is not None
         self.config, self.engine, self.cfg = config, engine, config.training
         self.data = PreparedData(config.data.dir)
@@ -81,6 +94,9 @@ class DistillLoop:
         sizes = {domain: self.data.num_sequences(domain) for domain in self.data.domains}
         self.mixture = DomainMixture(config.data.mixture, sizes, self.cfg.seed)
         self.step = 0
+        self.stop = stop
+        self.pending: list[str] = []  # post-step work of `self.step` not done yet: "mixture", "eval"
+        self._saved_step = 0
         state = engine.resume()
         if state is not None:
             self.load_state_dict(state)
@@ -96,6 +112,11 @@ class DistillLoop:
             config=config.model_dump(mode="json"),
         )
         self.provenance = self._provenance(teacher_facts) if engine.is_main else None  # in every checkpoint
+        self.sample_log = (
+            SampleLog(config.logging.samples, self.step)
+            if config.logging.samples is not None and engine.is_main
+            else None
+        )
         self.timer = StepTimer(engine.device)
         self._cost = self._step_cost()
         self._label_bytes: dict[str, int] | None = None
@@ -119,10 +140,12 @@ class DistillLoop:
             "objective": self.objective.state_dict(),
             "mixture": self.mixture.state_dict(),
             "provenance": self.provenance,
+            "pending": list(self.pending),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
+        self.pending = list(state.get("pending", []))
         self.objective.load_state_dict(state.get("objective", {}))
         if "mixture" not in state:
             raise DataError(
@@ -133,6 +156,11 @@ class DistillLoop:
 
     def save(self) -> None:
         self.engine.save(self.step, self.state_dict())
+        self._saved_step = self.step
+
+    def _check_stop(self) -> None:
+        """Collective: raise `StopRequested` on every rank when any rank was asked to stop."""
+        self.stop.check(self.engine.all_reduce_sum, self.engine.device)
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -173,10 +201,13 @@ class DistillLoop:
         self.objective.after_step(means, self.step)
         self.timer.mark("other")
         seconds = time.perf_counter() - started  # the step itself; a DDK evaluation is not training time
-        mixture = self.mixture.after_step(self.step, self._student_perplexity)
         loss = means.pop("loss")
         phases = dict(self.timer.seconds)
-        return StepResult(self.step, loss, grad_norm, lr, count, seconds, means, tau, mixture, phases)
+        if self.sample_log is not None:
+            self.sample_log.write(self.step, batch)
+        self.pending = self._post_step_work()
+        mixture = self._pending_mixture()  # may stop (raise) mid-way: the step is saved with it pending
+        return StepResult(self.step, loss, grad_norm, lr, count, seconds, means, tau, mixture, phases, batch)
 
     def _reduce_reports(self, reports: list[dict]) -> tuple[dict[str, float], int]:
         """Global token means of the loss and each term: the counting ranks' sums, reduced over all."""
@@ -198,7 +229,12 @@ class DistillLoop:
 
     def _heldout_ce(self, score: Any, sequences: int) -> dict[str, float]:
         return heldout_cross_entropy(
-            score, self.data, self.engine, sequences=sequences, micro_batch=self.cfg.micro_batch
+            score,
+            self.data,
+            self.engine,
+            sequences=sequences,
+            micro_batch=self.cfg.micro_batch,
+            check_stop=self._check_stop,
         )
 
     def _eval_record(self, prefix: str, ce: dict[str, float]) -> dict[str, float]:
@@ -255,27 +291,68 @@ class DistillLoop:
     # -- the run ------------------------------------------------------------------------------------
 
     def run(self) -> list[StepResult]:
-        assert self.config.checkpoint is not None
-        results = []
-        while self.step < self.cfg.steps:
-            result = self.train_step()
-            results.append(result)
-            last = result.step == self.cfg.steps
-            if result.step % self.cfg.log_interval == 0 or last:
-                self._log(result)
-            if result.mixture is not None:
-                self.metrics.log(result.step, result.mixture)
-                self._say(f"train: DDK weights at step {result.step}: {self._weights_text()}")
-            if result.step % self.config.checkpoint.interval == 0 or last:
+        """Train to `training.steps`; on an agreed stop request, checkpoint and raise `StopRequested`."""
+        results: list[StepResult] = []
+        try:
+            self._after_step(None)  # what a stopped run left of its last step (nothing on a fresh run)
+            while self.step < self.cfg.steps:
+                self._check_stop()
+                result = self.train_step()
+                results.append(result)
+                self._after_step(result)
+        except StopRequested as stop:
+            if self.step > self._saved_step or self.pending:
                 self.save()
-            interval = self.cfg.eval_interval
-            if self.cfg.eval_sequences and ((interval and result.step % interval == 0) or last):
-                self._log_eval()
+            self._say(
+                f"train: {stop.reason}: stopped after step {self.step}"
+                + (f" (left for the resumed run: {', '.join(self.pending)})" if self.pending else "")
+                + "; re-running resumes from its checkpoint"
+            )
+            self.close()
+            raise
         self.close()
         return results
 
+    def _post_step_work(self) -> list[str]:
+        """What follows the step just taken, in order: DDK's update and the held-out evaluation."""
+        work = []
+        if self.mixture.is_ddk and self.step % self.config.data.mixture.interval == 0:
+            work.append("mixture")
+        interval = self.cfg.eval_interval
+        last = self.step == self.cfg.steps
+        if self.cfg.eval_sequences and ((interval and self.step % interval == 0) or last):
+            work.append("eval")
+        return work
+
+    def _pending_mixture(self) -> dict[str, Any] | None:
+        """DDK's update after this step, if it is due and not done yet; returns what it logged."""
+        if "mixture" not in self.pending:
+            return None
+        record = self.mixture.after_step(self.step, self._student_perplexity)
+        self.pending.remove("mixture")
+        if record is not None:
+            self.metrics.log(self.step, record)
+            self._say(f"train: DDK weights at step {self.step}: {self._weights_text()}")
+        return record
+
+    def _after_step(self, result: StepResult | None) -> None:
+        """Log the step, do its pending work (each item is removed once done), checkpoint when due.
+        With `result` None: only the work a stopped run left for the step it saved."""
+        assert self.config.checkpoint is not None
+        last = self.step == self.cfg.steps
+        if result is not None and (result.step % self.cfg.log_interval == 0 or last):
+            self._log(result)
+        self._pending_mixture()
+        if "eval" in self.pending:
+            self._log_eval()
+            self.pending.remove("eval")
+        if result is not None and (result.step % self.config.checkpoint.interval == 0 or last):
+            self.save()
+
     def close(self) -> None:
         self.metrics.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
         if self.teacher is not None:
             self.teacher.close()
 

@@ -9,6 +9,7 @@ from distill.config import CampaignConfig
 from distill.engine import build_engine
 from distill.errors import DataError
 from distill.models.weights import directory_sha256, find_weights
+from distill.stop import NEVER, StopRequest
 from distill.training.loop import DistillLoop, StepResult
 
 
@@ -33,9 +34,9 @@ def teacher_facts(config: CampaignConfig) -> dict[str, Any] | None:
     return facts
 
 
-def _loop(config: CampaignConfig, engine: Any) -> DistillLoop:
+def _loop(config: CampaignConfig, engine: Any, stop: StopRequest = NEVER) -> DistillLoop:
     facts = teacher_facts(config) if engine.is_main else None
-    return DistillLoop(config, engine, facts)
+    return DistillLoop(config, engine, facts, stop)
 
 
 def build_loop(config: CampaignConfig, ctx: Any = None) -> DistillLoop:
@@ -46,11 +47,15 @@ def build_loop(config: CampaignConfig, ctx: Any = None) -> DistillLoop:
 
 
 def train(config: CampaignConfig) -> list[StepResult]:
-    """The `train` stage on this process (launched once per rank by torchrun or `distillery launch`)."""
+    """The `train` stage on this process (launched once per rank by torchrun or `distillery launch`).
+    A stop request (SIGTERM, SIGUSR1/2, the stop file, the time budget; `distill/stop.py`) ends it with
+    a checkpoint and `StopRequested`."""
     if not config.trains:
         raise DataError("this config has no training sections (student, training, checkpoint, logging)")
+    stop = StopRequest.from_environment().install()
     engine = build_engine(config)
     try:
-        return _loop(config, engine).run()
+        return _loop(config, engine, stop).run()
     finally:
         engine.close()
+        stop.uninstall()

@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 
 from distill.errors import DataError
-from launcher.commands.common import add_config_arguments, add_overwrite_argument, config_from
+from launcher.commands.common import (
+    add_config_arguments,
+    add_overwrite_argument,
+    add_part_argument,
+    config_from,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +36,11 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     build = argparse.ArgumentParser(prog="distillery cache", description="Write the teacher logit cache.")
     add_config_arguments(build)
     add_overwrite_argument(build)
+    add_part_argument(
+        build,
+        "write only part I of N of the shards (0 <= I < N; a job array task); the last part to finish "
+        "writes the manifest, and the cache equals a 1-part run's byte for byte",
+    )
     verify = argparse.ArgumentParser(prog="distillery cache verify", description="Check a cache's shards.")
     verify.add_argument("directory", type=Path)
     inspect = argparse.ArgumentParser(prog="distillery cache inspect", description="Statistics of a cache.")
@@ -58,7 +68,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from distill.cache.writer import build_cache  # torch + megatron-core: imported only when used
 
-    build_cache(config_from(options), overwrite=options.overwrite)
+    part = options.part or (0, 1)
+    if part[1] > 1 and options.overwrite:
+        raise DataError("--overwrite cannot be combined with --part: the other parts write there too")
+    build_cache(config_from(options), overwrite=options.overwrite, part=part)
     return 0
 
 

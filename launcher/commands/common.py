@@ -33,3 +33,18 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def part_argument(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N) with integers 0 <= I < N: this job's part of a stage split into N (a Slurm array
+    task); argparse names --part in its error."""
+    index, slash, count = text.partition("/")
+    if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected I/N, two integers such as 0/4, got {text!r}")
+    if not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"{text!r}: part I of N must satisfy 0 <= I < N (0-based)")
+    return int(index), int(count)
+
+
+def add_part_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--part", type=part_argument, metavar="I/N", help=help)

@@ -16,6 +16,10 @@ sequence tails. A restart truncates the files to the recorded counts and continu
 interrupted-and-resumed prepare writes the same bytes as an uninterrupted one. Finished domains are
 moved into place by a directory rename; `manifest.json` is written last.
 
+Scale-out: `prepare --part I/N` (`prepare_parts.py`) splits the reading and tokenizing over the tasks of
+a job array; this function, finding their units in `data.dir/.parts/`, is then the pack step, which
+feeds them through the same packer and writes the same bytes as a one-part run.
+
 The stage's spec and fingerprint identify content, never paths (`prepare_spec.py`): a prepared
 directory, its cache and its sources can all move without orphaning anything.
 """
@@ -57,6 +61,7 @@ from distill.errors import DataError
 from distill.stage import StageOutput, Status
 
 PARTIAL = ".partial"
+PARTS = ".parts"  # units encoded by `prepare --part I/N` (prepare_parts.py)
 
 
 @dataclass
@@ -77,8 +82,23 @@ class _DomainState:
     sources_done: dict[str, dict] = field(default_factory=dict)  # finished sources' record tallies
 
 
-def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume, or skip) the prepare of `config.data`; returns the manifest."""
+@dataclass(frozen=True)
+class PrepareStage:
+    """What every way of running `prepare` starts from (this module, and the parts and pack of
+    `prepare_parts.py`): the config, its tokenizer and sources, the spec and `data.dir`'s contract."""
+
+    config: CampaignConfig
+    data: DataConfig
+    out: Path  # data.dir
+    tokenizer: TokenizerInfo
+    sources: dict[str, list[ResolvedSource]]
+    known: dict[str, list[Any]]  # the source-hash cache, written to `SOURCE_HASHES`
+    spec: dict[str, Any]
+    output: StageOutput
+
+
+def open_stage(config: CampaignConfig) -> PrepareStage:
+    """Load the tokenizer, resolve (and hash) the sources, and describe `data.dir` by the spec."""
     data = config.data
     tokenizer = load_tokenizer(data.tokenizer.path)
     sources = {
@@ -87,32 +107,41 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
         ]
         for name, domain in data.domains.items()
     }
-    out = data.dir
-    known = known_hashes(out)
+    known = known_hashes(data.dir)
     spec = prepare_spec(data, tokenizer, sources, known)
     output = StageOutput(
         "prepare",
-        out,
+        data.dir,
         "data.dir",
         spec,
         legacy_progress=f"{PARTIAL}/spec.json",
         legacy_specs=(legacy_prepare_spec(data, tokenizer, sources),),
     )
+    return PrepareStage(config, data, Path(data.dir), tokenizer, sources, known, spec, output)
+
+
+def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume, or skip) the prepare of `config.data`; returns the manifest. When `data.dir`
+    holds units encoded by `prepare --part I/N`, this is the pack step (`prepare_parts.pack`)."""
+    stage = open_stage(config)
+    data, out, output = stage.data, stage.out, stage.output
+    if (out / PARTS).is_dir():
+        from distill.data.prepare_parts import pack  # prepare_parts builds on this module
+
+        return pack(stage, overwrite=overwrite, progress=progress)
     status = output.check(overwrite=overwrite)
     if status is Status.COMPLETE:
-        done = read_prepared_manifest(out)
-        assert done is not None
-        _say(f"prepare: {out} is complete (fingerprint {done['fingerprint'][:12]}), nothing to do")
-        return done
+        return already_complete(out)
     if status is Status.REPLACE:
         output.clear()
     if status is not Status.PARTIAL:
         output.begin()
-    atomic_write_json(out / SOURCE_HASHES, known)
+    atomic_write_json(out / SOURCE_HASHES, stage.known)
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
 
     started = time.monotonic()
+    tokenizer = stage.tokenizer
     context = multiprocessing.get_context("spawn")
     with context.Pool(
         data.workers, encode_worker.init_worker, (tokenizer.backend_json, tokenizer.eos_id)
@@ -120,14 +149,26 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
         for name in data.domains:
             if not (out / name / "domain.json").is_file():
                 _prepare_domain(
-                    name, sources[name], data, tokenizer, pool, partial / name, out / name, progress
+                    name, stage.sources[name], data, tokenizer, pool, partial / name, out / name, progress
                 )
             _report_bad_records(name, read_json(out / name / "domain.json"))
+    return complete(stage, started)
 
-    manifest = prepared_manifest(out, spec, tokenizer)
-    atomic_write_text(out / "config.yaml", config_to_yaml(config))
-    shutil.rmtree(partial)
-    output.finish(manifest)
+
+def already_complete(out: Path) -> dict[str, Any]:
+    done = read_prepared_manifest(out)
+    assert done is not None
+    _say(f"prepare: {out} is complete (fingerprint {done['fingerprint'][:12]}), nothing to do")
+    return done
+
+
+def complete(stage: PrepareStage, started: float) -> dict[str, Any]:
+    """After every domain is in place: the manifest (last), `config.yaml`, and the closing line."""
+    data, out = stage.data, stage.out
+    manifest = prepared_manifest(out, stage.spec, stage.tokenizer)
+    atomic_write_text(out / "config.yaml", config_to_yaml(stage.config))
+    shutil.rmtree(out / PARTIAL)
+    stage.output.finish(manifest)
     tokens = sum(d["train_sequences"] + d["heldout_sequences"] for d in manifest["domains"].values()) * (
         data.seq_len + 1
     )
@@ -358,5 +399,5 @@ def _finish_domain(
         "bad_records": state.sources_done,
     }
     atomic_write_json(work / "domain.json", summary)
-    (work / "state.json").unlink()
+    (work / "state.json").unlink(missing_ok=True)  # the pack step keeps no state.json
     os.replace(work, final)

@@ -3,7 +3,8 @@
 # Idempotent: a second run takes seconds.
 #  - torch goes in first, pinned, so that nothing later resolves it to a multi-GB CUDA build;
 #  - deepspeed ships only as an sdist whose setup.py imports torch: it builds without isolation;
-#  - groff renders the man pages of the demo corpus (docs, multilingual domains).
+#  - groff renders the man pages of the demo corpus (docs, multilingual domains);
+#  - Slurm and munge run the private test cluster of scripts/slurm_cluster.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ apt_install() {
 }
 
 command -v groff >/dev/null || apt_install groff-base
+command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || apt_install slurmctld slurmd slurm-client munge
 
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {

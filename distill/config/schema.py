@@ -22,6 +22,7 @@ from distill.config.data import (
 )
 from distill.config.handoff import BaselineConfig, EvalConfig
 from distill.config.loss import LossConfig, LossWeightsConfig, TaidConfig
+from distill.config.slurm import SlurmConfig, SlurmStageConfig
 from distill.config.train import (
     CacheConfig,
     CheckpointConfig,
@@ -50,6 +51,8 @@ __all__ = [
     "ParallelConfig",
     "RunConfig",
     "Section",
+    "SlurmConfig",
+    "SlurmStageConfig",
     "SourceConfig",
     "StudentArchConfig",
     "StudentConfig",
@@ -94,6 +97,7 @@ class CampaignConfig(Section):
     loss: LossConfig = LossConfig()
     baseline: BaselineConfig | None = None
     eval: EvalConfig | None = None
+    slurm: SlurmConfig | None = None
 
     @model_validator(mode="after")
     def _training_sections_together(self) -> CampaignConfig:
@@ -117,7 +121,40 @@ class CampaignConfig(Section):
             )
         self._check_teacher()
         self._check_loss()
+        self._check_slurm()
         return self
+
+    def stage_ranks(self, stage: str) -> int:
+        """Ranks a multi-process stage needs at least: the teacher's tp x pp for cache, tp x pp to train."""
+        if stage == "cache":
+            return self.teacher.layout.tp * self.teacher.layout.pp if self.teacher is not None else 1
+        if stage in ("train", "baseline"):
+            return self.run.nproc or self.parallel.tp * self.parallel.pp
+        return 1
+
+    def ranks_per_node(self, stage: str) -> int:
+        """Ranks a Slurm job of `stage` starts per node: slurm.stages.<stage>.procs_per_node, else its GPUs
+        per node, else (CPU nodes) the stage's tp x pp."""
+        resources = self.slurm.stage(stage) if self.slurm is not None else SlurmStageConfig()
+        return resources.procs_per_node or resources.gpus_per_node or self.stage_ranks(stage)
+
+    def _check_slurm(self) -> None:
+        if self.slurm is None:
+            return
+        for stage in ("cache", "train", "baseline"):
+            resources = self.slurm.stage(stage)
+            unit = (
+                self.teacher.layout.tp * self.teacher.layout.pp
+                if stage == "cache" and self.teacher is not None
+                else self.parallel.tp * self.parallel.pp
+            )
+            per_node = self.ranks_per_node(stage)
+            world = resources.nodes * per_node
+            if world % unit:
+                raise ValueError(
+                    f"slurm.stages.{stage}: {resources.nodes} node(s) x {per_node} rank(s) = {world} ranks, "
+                    f"not a multiple of the {'teacher' if stage == 'cache' else 'student'}'s tp x pp = {unit}"
+                )
 
     def _check_teacher(self) -> None:
         teacher, cache = self.teacher, self.cache

@@ -1,0 +1,1 @@
+"""Slurm campaigns: job plan (`jobs.py`), sbatch scripts (`render.py`), submit/status/cancel (`submit.py`)."""

@@ -147,3 +147,15 @@ def test_ddk_weights_follow_the_ratio_and_a_resumed_run_draws_the_same(runs):
     for key in ("cursor", "epoch", "counts", "drawn"):  # the same samples were drawn
         assert after[key] == expected[key], key
     assert after["weights"] == pytest.approx(expected["weights"], abs=1e-6)  # evaluated at another layout
+
+
+def test_a_stop_inside_a_ddk_pass_saves_the_update_as_pending_and_the_resumed_run_does_it(runs):
+    cached, stopped = runs["ddk_cached"], runs["ddk_stopped_in_pass"]
+    assert stopped["reason"] == "test stop"
+    assert stopped["saved"] == {"step": 2, "pending": ["mixture"]}
+    assert stopped["loss"] == pytest.approx(cached["loss"][2:], abs=1e-5)  # steps 3-5 as uninterrupted
+    after, expected = stopped["mixture"], cached["mixture"]
+    assert after["updates"] == expected["updates"]  # the update at step 2 was done once, on resume
+    assert after["sampler"]["weights"] == pytest.approx(expected["sampler"]["weights"], abs=1e-6)
+    for key in ("cursor", "epoch", "counts", "drawn"):
+        assert after["sampler"][key] == expected["sampler"][key], key

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from distill.checkpoint import latest_checkpoint, read_training_state
 from distill.config import load_config
+from distill.stop import StopRequest, StopRequested
 from distill.training.loop import DistillLoop, StepResult
 from distill.training.train import build_loop
 from parallel.distributed import init_parallel, shutdown
@@ -28,6 +30,18 @@ def summary(results: list[StepResult]) -> dict[str, list]:
         "terms": [r.terms for r in results],
         "tau": [r.tau for r in results],
     }
+
+
+class StopAtCheck(StopRequest):
+    """Asks to stop at its n-th check: the same point on every rank, so a test can aim inside a pass."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.calls, self.n = 0, n
+
+    def local(self) -> str | None:
+        self.calls += 1
+        return "test stop" if self.calls >= self.n else None
 
 
 def trainer(
@@ -112,6 +126,24 @@ def main() -> None:
     first.metrics.close()
     again = trainer(work, "cached.yaml", "ddk_resume", 1, 2, *fkl, *ddk, fresh=False)
     found["ddk_resumed"] = {**summary(stopped + again.run()), "mixture": again.mixture.state_dict()}
+
+    # a stop inside the DDK pass after step 2 (checks: before step 1, before step 2, then the pass's
+    # first domain): step 2 is saved with its DDK update pending, which the resumed run does first
+    first = trainer(work, "cached.yaml", "ddk_stop", 1, 1, *fkl, *ddk)
+    first.stop = StopAtCheck(3)
+    try:
+        first.run()
+        raise AssertionError("the stop request was not honoured")
+    except StopRequested as stop:
+        reason = stop.reason
+    state = read_training_state(latest_checkpoint(work / "runs" / "ddk_stop" / "checkpoints"))
+    again = trainer(work, "cached.yaml", "ddk_stop", 1, 1, *fkl, *ddk, fresh=False)
+    found["ddk_stopped_in_pass"] = {
+        **summary(again.run()),
+        "reason": reason,
+        "saved": {"step": state["step"], "pending": state["pending"]},
+        "mixture": again.mixture.state_dict(),
+    }
     report(out, dist.get_rank(), found)
     shutdown()
 

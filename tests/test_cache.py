@@ -279,6 +279,29 @@ def test_killed_cache_resumes_byte_identical(cache_work, tmp_path, mode):
     assert set(info["teacher_heldout_perplexity"]) == {"code", "prose"}
 
 
+@pytest.mark.slow
+def test_a_stopped_cache_part_exits_75_and_the_parts_finish_the_1_part_cache(cache_work, tmp_path):
+    """Part 1/2 stops at once (a wall-time budget of 0 s: exit 75, nothing written), is re-run, then
+    part 0/2 finishes and writes the manifest; the cache equals a 1-part run's byte for byte."""
+    from distill.stop import EXIT_STOPPED
+
+    config = str(cache_work / "config.yaml")
+    reference, parts = tmp_path / "reference", tmp_path / "parts"
+    assert distillery("cache", config, "--set", f"cache.dir={reference}").returncode == 0
+    part = ["cache", config, "--set", f"cache.dir={parts}", "--part"]
+    stopped = distillery(*part, "1/2", env={**os.environ, "DISTILLERY_STOP_AFTER": "0"})
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert "stopped on request (wall-time budget)" in stopped.stderr
+    assert not list(parts.rglob("shard_*.json"))
+    second = distillery(*part, "1/2")
+    assert second.returncode == 0 and "shard(s) of other parts to go" in second.stderr, second.stderr[-3000:]
+    assert not (parts / "manifest.json").exists()
+    assert distillery(*part, "0/2").returncode == 0
+    assert cache_files(parts) == cache_files(reference)
+    refused = distillery(*part, "0/2", "--overwrite")
+    assert refused.returncode == 2 and "--overwrite cannot be combined with --part" in refused.stderr
+
+
 def _flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40

@@ -66,6 +66,7 @@ class StageOutput:
     replace_stale: bool = False  # another spec's output is derived data, replaced without --overwrite
     legacy_progress: str | None = None  # where distillery <= 0.1 kept this stage's progress record
     legacy_specs: tuple[dict[str, Any], ...] = ()  # what older distillery recorded for this same output
+    working_files: tuple[str, ...] = ()  # names the stage may write before its progress record (not foreign)
 
     def check(
         self, *, overwrite: bool, resume_facts: dict[str, Any] | None = None, shared: bool = False
@@ -105,7 +106,15 @@ class StageOutput:
                 overwrite,
             )
         # a write killed before anything else was recorded leaves only temporaries: not foreign
-        foreign = sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp")) if out.is_dir() else []
+        foreign = (
+            sorted(
+                p.name
+                for p in out.iterdir()
+                if not p.name.endswith(".tmp") and p.name not in self.working_files
+            )
+            if out.is_dir()
+            else []
+        )
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             return self._conflict(

@@ -116,6 +116,7 @@ def open_stage(config: CampaignConfig) -> PrepareStage:
         spec,
         legacy_progress=f"{PARTIAL}/spec.json",
         legacy_specs=(legacy_prepare_spec(data, tokenizer, sources),),
+        working_files=(PARTS, SOURCE_HASHES),  # array tasks write these and no progress record
     )
     return PrepareStage(config, data, Path(data.dir), tokenizer, sources, known, spec, output)
 

@@ -58,7 +58,7 @@ from distill.data.records import EXAMPLES, RecordPolicy, Tally, policy_of
 from distill.data.sources import ResolvedSource, open_documents
 from distill.data.token_store import TokenStoreWriter, token_dtype
 from distill.errors import ConfigError, DataError, OutputExistsError
-from distill.stage import PROGRESS, Status, differences
+from distill.stage import Status, differences
 
 ARRAYS = {"tokens": None, "lengths": np.dtype("<i8"), "scores": np.dtype("<f8")}  # None: the token dtype
 CHUNK_TOKENS = 1 << 22  # tokens handed to the packer at a time (whole documents)
@@ -103,7 +103,7 @@ def prepare_part(
     if not 0 <= part < parts:
         raise ConfigError(f"--part {part}/{parts}: expected I/N with 0 <= I < N")
     stage, who = open_stage(config), f"prepare part {part}/{parts}"
-    if _status(stage, overwrite, shared=True) is Status.COMPLETE:
+    if stage.output.check(overwrite=overwrite, shared=True) is Status.COMPLETE:
         _say(f"{who}: {stage.out} is complete, nothing to do")
         return {"units": 0, "encoded": 0}
     _other_units(stage, overwrite)
@@ -121,7 +121,7 @@ def prepare_part(
 def pack(stage: PrepareStage, *, overwrite: bool, progress: bool) -> dict[str, Any]:
     """The last step: every unit (encoding missing ones) through the packer into a complete prepare."""
     out = stage.out
-    status = _status(stage, overwrite, shared=False)
+    status = stage.output.check(overwrite=overwrite)
     if status is Status.COMPLETE:
         _remove(out / PARTS / spec_id(stage.spec))  # units a straggling part wrote after the pack
         if not any((out / PARTS).iterdir()):
@@ -148,20 +148,6 @@ def pack(stage: PrepareStage, *, overwrite: bool, progress: bool) -> dict[str, A
         streaming._report_bad_records(name, read_json(out / name / "domain.json"))
     shutil.rmtree(out / PARTS)
     return streaming.complete(stage, started)
-
-
-def _status(stage: PrepareStage, overwrite: bool, *, shared: bool) -> Status:
-    """`data.dir`'s stage contract, with `.parts/` and the source-hash cache not foreign. `shared` (a
-    part): others may be writing now, so temporaries are not removed (the contract's resume would)."""
-    out, output = stage.out, stage.output
-    if out.is_dir() and not (out / output.record).is_file():
-        if (out / PROGRESS).is_file():
-            found = _json_or_none(out / PROGRESS)  # unreadable: the contract says so
-            if shared and isinstance(found, dict) and found.get("spec") == stage.spec:
-                return Status.PARTIAL
-        elif all(p.name in (PARTS, SOURCE_HASHES) or p.name.endswith(".tmp") for p in out.iterdir()):
-            return Status.FRESH
-    return output.check(overwrite=overwrite)
 
 
 def _other_units(stage: PrepareStage, overwrite: bool) -> None:

@@ -85,12 +85,13 @@ def sbatch_lines(config: CampaignConfig, job: Job) -> list[str]:
     return [f"#SBATCH {option}" for option in options]
 
 
-def _distillery(python: str, arguments: tuple[str, ...], part: str | None) -> str:
-    """`"$PYTHON" -m launcher ARGS...`, each argument quoted; PART becomes the array task's I/N."""
-    words = []
-    for argument in arguments:
-        words.append(part if argument == "PART" and part is not None else shlex.quote(argument))
-    return f'"{python}" -m launcher ' + " ".join(words)
+def _arguments(arguments: tuple[str, ...], part: str | None) -> str:
+    """`distillery` arguments for a shell line, each quoted; PART becomes the array task's I/N."""
+    return " ".join(part if a == "PART" and part is not None else shlex.quote(a) for a in arguments)
+
+
+def _distillery(arguments: tuple[str, ...], part: str | None) -> str:
+    return '"$PYTHON" -m launcher ' + _arguments(arguments, part)
 
 
 def body(config: CampaignConfig, job: Job) -> str:
@@ -99,7 +100,7 @@ def body(config: CampaignConfig, job: Job) -> str:
     assert slurm is not None
     part = f'"${{SLURM_ARRAY_TASK_ID}}/{job.array}"' if job.array > 1 else None
     if not job.launched:
-        return f"run_step {_distillery('$PYTHON', job.command, part)}"
+        return f"run_step {_distillery(job.command, part)}"
     launch = (
         f'launch --nproc {job.ranks_per_node} --nnodes "$SLURM_NNODES" --rdzv-endpoint "$head_addr:$port" '
         f'--rdzv-id "slurm-$SLURM_JOB_ID" --'
@@ -112,12 +113,12 @@ def body(config: CampaignConfig, job: Job) -> str:
         f"port=$(({slurm.port} + SLURM_JOB_ID % 1000))",
         "run_step srun --ntasks-per-node=1 --kill-on-bad-exit=0 \\",
         f'  "$PYTHON" -m launcher {launch} \\',
-        "  " + _distillery("$PYTHON", job.command, part).split(" -m launcher ", 1)[1],
+        "  " + _arguments(job.command, part),
     ]
     if job.then:
         lines += [
             'if [ "$status" -eq 0 ]; then',
-            f"  run_step {_distillery('$PYTHON', job.then, None)}",
+            f"  run_step {_distillery(job.then, None)}",
             "fi",
         ]
     return "\n".join(lines)

@@ -35,11 +35,25 @@ class DemoCorpusConfig(Section):
         return domains
 
 
-class TokenizerTrainConfig(Section):
-    """Train a byte-level BPE on the campaign's own domains (the `tokenizer` stage)."""
+TokenizerAlgorithm = Literal["byte_level_bpe", "unigram"]
 
+
+class TokenizerTrainConfig(Section):
+    """Train a tokenizer on the campaign's own domains (the `tokenizer` stage).
+
+    Both algorithms encode any text without an unknown token: byte-level BPE because its alphabet is
+    the 256 bytes, unigram through SentencePiece-style byte fallback (`<0x00>`..`<0xFF>` tokens).
+    """
+
+    algorithm: TokenizerAlgorithm = Field(
+        default="byte_level_bpe",
+        description="byte_level_bpe: GPT-2-style BPE over bytes; unigram: SentencePiece-style unigram "
+        "language model (`▁` marks a space) with byte fallback for characters it has no piece for.",
+    )
     vocab_size: int = Field(default=8192, ge=300, le=1 << 20)
-    min_frequency: int = Field(default=2, ge=1)
+    min_frequency: int = Field(
+        default=2, ge=1, description="byte_level_bpe: merges seen fewer times are not learned."
+    )
     max_bytes_per_domain: int = Field(
         default=2_000_000, gt=0, description="Training text taken from each domain, so domains weigh alike."
     )

@@ -1,4 +1,4 @@
-"""Tokenizers: train a byte-level BPE, load any local Hugging Face tokenizer, fingerprint it.
+"""Tokenizers: train a byte-level BPE or a unigram, load any local Hugging Face tokenizer, fingerprint it.
 
 The prepared data, the teacher cache and the student all have to agree on the tokenizer, so every
 artifact records `TokenizerInfo.sha256`: a hash of the tokenizer's canonical JSON (vocabulary, merges,
@@ -10,23 +10,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill.atomic import atomic_directory, atomic_write_json
+from distill.config.data import TokenizerAlgorithm, TokenizerTrainConfig
 from distill.config.schema import DataConfig
 from distill.data.records import policy_of
 from distill.data.sources import iter_documents, resolve_source
 from distill.errors import DataError
 from distill.stage import StageOutput, Status
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+UNK_TOKEN = "<unk>"  # unigram only: byte fallback needs an unknown id, though no text ever encodes to it
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # unigram's byte fallback, SentencePiece's names
 TRAINING_RECORD = "distillery_tokenizer.json"
+# Unigram: the rarest characters, together this share of the training text's characters, get no piece of
+# their own and are encoded as bytes (SentencePiece's `character_coverage` default for large alphabets).
+CHARACTER_COVERAGE = 0.9995
+# Unigram: the trainer sees no word (run of non-spaces, or of spaces) longer than this; tokenizers 0.23's
+# UnigramTrainer crashes the process (SIGSEGV) on words of some 70k characters (minified code, base64).
+MAX_TRAINING_RUN = 4096
+_ALGORITHM_NAMES = {"byte_level_bpe": "byte-level BPE", "unigram": "unigram (byte fallback)"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,35 @@ def load_tokenizer(path: Path) -> TokenizerInfo:
     return TokenizerInfo(path, backend_json, int(tok.eos_token_id), len(tok), digest)
 
 
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: Path,
+    *,
+    algorithm: TokenizerAlgorithm = "byte_level_bpe",
+    vocab_size: int,
+    min_frequency: int = 2,
+    overwrite: bool = False,
+    record: dict[str, Any] | None = None,
+) -> TokenizerInfo:
+    """Train a tokenizer on `texts` and save it as a HF tokenizer directory, atomically.
+
+    Either algorithm gives the same kind of directory (`<|endoftext|>` as eos and bos, `<|pad|>`,
+    TRAINING_RECORD written inside the atomic directory), so `load_tokenizer` and every later stage
+    treat them alike. `min_frequency` applies to byte_level_bpe only (the unigram trainer has none).
+    """
+    if algorithm == "byte_level_bpe":
+        tokenizer = _train_byte_level_bpe(texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    elif algorithm == "unigram":
+        tokenizer = _train_unigram(texts, vocab_size=vocab_size)
+    else:
+        raise DataError(f"unknown tokenizer algorithm {algorithm!r}; valid: byte_level_bpe, unigram")
+    if not record:
+        record = {"vocab_size": vocab_size, "min_frequency": min_frequency}
+        if algorithm != "byte_level_bpe":
+            record["algorithm"] = algorithm
+    return _save_tokenizer(tokenizer, Path(out_dir), overwrite=overwrite, record=record)
+
+
 def train_byte_level_bpe(
     texts: Iterable[str],
     out_dir: Path,
@@ -71,9 +116,37 @@ def train_byte_level_bpe(
     overwrite: bool = False,
     record: dict[str, Any] | None = None,
 ) -> TokenizerInfo:
-    """Train a byte-level BPE on `texts` and save it as a HF tokenizer directory, atomically."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """`train_tokenizer` with algorithm byte_level_bpe: kept for callers from before there was a choice."""
+    return train_tokenizer(
+        texts,
+        out_dir,
+        algorithm="byte_level_bpe",
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        overwrite=overwrite,
+        record=record,
+    )
+
+
+def _save_tokenizer(
+    tokenizer: Tokenizer, out_dir: Path, *, overwrite: bool, record: dict[str, Any]
+) -> TokenizerInfo:
+    """Wrap `tokenizer` as a PreTrainedTokenizerFast and write it with its training record, atomically:
+    the record is what makes the stage complete, so it must never exist beside a half-written tokenizer."""
     from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        hf.save_pretrained(str(tmp))
+        atomic_write_json(tmp / TRAINING_RECORD, record)
+    return load_tokenizer(out_dir)
+
+
+def _train_byte_level_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int) -> Tokenizer:
+    """GPT-2-style BPE over bytes: lossless on any UTF-8 because every byte is in the alphabet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -89,15 +162,124 @@ def train_byte_level_bpe(
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if tokenizer.get_vocab_size() < 256 + 2:
         raise DataError("tokenizer training saw no text")
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    return tokenizer
+
+
+def _train_unigram(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
+    """A SentencePiece-style unigram with byte fallback, lossless on any text but U+2581 (`▁`).
+
+    No normalizer and no space prepended (Metaspace `prepend_scheme="never"`, after a split into
+    words), so decoding gives back exactly the text: spaces become `▁` and back. Characters without a piece (unseen, or too rare to
+    get one, see CHARACTER_COVERAGE) are encoded as their UTF-8 bytes, `<0x00>`..`<0xFF>`; a literal
+    `▁` in the text is indistinguishable from a space and decodes as one (as in SentencePiece).
+
+    `tokenizers`' UnigramTrainer cannot do byte fallback itself: it replaces the model it trains with
+    one that has `byte_fallback` off (whatever the model was), has no byte pieces, and demands a piece
+    for every character it sees. So the trainer learns the pieces only, and the model is rebuilt from
+    them: ids 0..2 `<|endoftext|>`, `<|pad|>`, `<unk>`, ids 3..258 the byte tokens, then the learned
+    pieces, `vocab_size` in all, with `byte_fallback=True` and `<unk>` as the unknown id (fallback only
+    replaces what the Viterbi search marks unknown, and that needs an unknown id).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    reserved = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *BYTE_TOKENS]
+    # Words keep the one space before them (`▁word`); a longer run of spaces is a word of its own less
+    # that space (`▁▁▁`, `▁return`). Metaspace alone would split before every space, and indented code
+    # would spend a token per space (about half of all tokens in the demo code domain).
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r" ?[^ ]+| +(?![^ ])"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False),
+        ]
     )
-    with atomic_directory(Path(out_dir), overwrite=overwrite) as tmp:
-        hf.save_pretrained(str(tmp))
-        atomic_write_json(
-            tmp / TRAINING_RECORD, record or {"vocab_size": vocab_size, "min_frequency": min_frequency}
-        )
-    return load_tokenizer(Path(out_dir))
+    # Unlike SentencePiece, tokenizers matches the byte tokens and <unk> against the text like any
+    # piece, so "<0x41>" in a text could come back as "A". Their score (below) loses to the same text
+    # spelled out by ordinary pieces, as long as each of its characters has one: hence this alphabet.
+    alphabet = sorted(set("".join(reserved)))
+    kept, characters = _training_strings(texts, keep=set(alphabet))
+    if not characters:
+        raise DataError("tokenizer training saw no text")
+    training = Tokenizer(models.Unigram())
+    training.pre_tokenizer = pre_tokenizer
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - len(reserved) + 2,  # the trainer counts its special tokens in
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],  # so that their spelled-out text is not learned from
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    try:
+        training.train_from_iterator(kept, trainer=trainer)
+    except Exception as exc:  # tokenizers raises a bare Exception, e.g. for too many characters
+        raise DataError(
+            f"unigram training failed ({exc}): the text has {characters} distinct characters "
+            f"(after dropping the rarest); vocab_size {vocab_size} keeps {len(reserved)} tokens "
+            f"for specials and bytes, so it may be too small"
+        ) from None
+    names = set(reserved)
+    learned = [
+        (piece, score)
+        for piece, score in json.loads(training.to_str())["model"]["vocab"]
+        if piece not in names and not _looks_like_byte_token(piece.replace("▁", " "))
+    ]
+    finite = [s for _, s in learned if s is not None and math.isfinite(s)]
+    lowest = min([*finite, -1.0])
+    learned = [(p, s if s is not None and math.isfinite(s) else lowest) for p, s in learned]
+    # Far below any path of ordinary pieces through a reserved name (at most 13 characters).
+    never = 100.0 * lowest
+    model = models.Unigram(
+        [(token, never) for token in reserved] + learned, unk_id=reserved.index(UNK_TOKEN), byte_fallback=True
+    )
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tokenizer.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+    if not json.loads(tokenizer.to_str())["model"].get("byte_fallback"):  # what the trainer loses
+        raise DataError("tokenizers built the unigram without byte fallback; this version is unsupported")
+    return tokenizer
+
+
+def _looks_like_byte_token(piece: str) -> bool:
+    """Whether the ByteFallback decoder reads `piece` as a byte (its test: 6 UTF-8 bytes, `<0x`..`>`,
+    the middle parsed as hex, which also accepts lowercase and a `+` sign): a learned piece like that,
+    from text such as `<0x0a>`, would decode as one byte instead of its text, so it is not kept."""
+    return len(piece.encode()) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
+def _training_strings(texts: Iterable[str], *, keep: set[str]) -> tuple[list[str], int]:
+    """What the unigram trainer is given: the texts cut around their rarest characters and inside runs
+    longer than MAX_TRAINING_RUN; and how many distinct characters remain.
+
+    The unigram trainer gives every character it sees a piece, so a corpus with thousands of rare
+    characters (CJK, symbols) would spend the vocabulary on them or fail to train; with byte fallback
+    they need no piece. Characters outside `keep` that together make up the last 1 - CHARACTER_COVERAGE
+    of the character count are cut out (the text on each side trains on as separate strings, which is
+    how an encoded text is segmented around them too). Texts are held in memory for the two passes.
+    """
+    kept = [t for t in texts if t]
+    counts: Counter[str] = Counter()
+    for text in kept:
+        counts.update(text)
+    counts.pop(" ", None)  # becomes `▁`, the commonest piece
+    total, covered, rare = sum(counts.values()), 0, []
+    for char, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if covered >= CHARACTER_COVERAGE * total and char not in keep:
+            rare.append(char)
+        covered += count
+    if rare:
+        pattern = re.compile("[" + "".join(re.escape(c) for c in rare) + "]+")
+        kept = [part for text in kept for part in pattern.split(text) if part]
+    long_run = re.compile(f"[^ ]{{{MAX_TRAINING_RUN}}}| {{{MAX_TRAINING_RUN}}}")
+    cut = []
+    for text in kept:
+        start = 0
+        for match in long_run.finditer(text):
+            cut.append(text[start : match.end()])
+            start = match.end()
+        if start < len(text):
+            cut.append(text[start:])
+    return cut, len(counts) - len(rare)
 
 
 def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerInfo:
@@ -115,7 +297,8 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         settings.path,
         "data.tokenizer.path",
         wanted,
-        legacy_specs=(_legacy_training_record(data),),
+        # distillery <= 0.2 trained byte-level BPE only
+        legacy_specs=(_legacy_training_record(data),) if settings.train.algorithm == "byte_level_bpe" else (),
         record=TRAINING_RECORD,
         spec_field=None,
         foreign_hint="remove data.tokenizer.train to use it as it is, or pass --overwrite to train over it",
@@ -124,10 +307,12 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         print(f"tokenizer: {settings.path} is complete, nothing to do", file=sys.stderr)
         return load_tokenizer(settings.path)
     texts = _training_texts(data, settings.train.max_bytes_per_domain)
-    print(f"tokenizer: training a byte-level BPE of {settings.train.vocab_size} tokens", file=sys.stderr)
-    info = train_byte_level_bpe(
+    kind = _ALGORITHM_NAMES[settings.train.algorithm]
+    print(f"tokenizer: training a {kind} of {settings.train.vocab_size} tokens", file=sys.stderr)
+    info = train_tokenizer(
         texts,
         settings.path,
+        algorithm=settings.train.algorithm,
         vocab_size=settings.train.vocab_size,
         min_frequency=settings.train.min_frequency,
         overwrite=overwrite or settings.path.exists(),  # checked above: replaced, or an empty directory
@@ -153,16 +338,23 @@ def _training_record(data: DataConfig) -> dict[str, Any]:
                 ]
             described.append(entry)
         domains[name] = described
-    return {**data.tokenizer.train.model_dump(mode="json"), "domains": domains}
+    return {**_train_settings(data.tokenizer.train), "domains": domains}
 
 
 def _legacy_training_record(data: DataConfig) -> dict[str, Any]:
     """The record of distillery <= 0.2 (absolute globs): its tokenizers of this config are complete."""
     assert data.tokenizer.train is not None
     return {
-        **data.tokenizer.train.model_dump(mode="json"),
+        **_train_settings(data.tokenizer.train),
         "domains": {name: [s.model_dump(mode="json") for s in d.sources] for name, d in data.domains.items()},
     }
+
+
+def _train_settings(train: TokenizerTrainConfig) -> dict[str, Any]:
+    """`data.tokenizer.train` as the record keeps it. The default algorithm is left out: records written
+    before there was a choice have no `algorithm`, and their tokenizers must stay complete."""
+    default = TokenizerTrainConfig.model_fields["algorithm"].default
+    return train.model_dump(mode="json", exclude={"algorithm"} if train.algorithm == default else None)
 
 
 def _training_texts(data: DataConfig, max_bytes_per_domain: int) -> Iterator[str]:

@@ -1,4 +1,4 @@
-"""`distillery tokenizer train CONFIG`: train the campaign's byte-level BPE on its own domains."""
+"""`distillery tokenizer train CONFIG`: train the campaign's tokenizer (byte-level BPE or Unigram) on its own domains."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
     train = actions.add_parser(
         "train",
-        help="train a byte-level BPE (data.tokenizer.train) on the config's domains into data.tokenizer.path",
+        help="train a byte-level BPE or a Unigram (data.tokenizer.train.algorithm) on the config's domains into data.tokenizer.path",
     )
     add_config_arguments(train)
     add_overwrite_argument(train)

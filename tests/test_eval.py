@@ -1,5 +1,7 @@
-"""`distillery eval`: rolling windows, bytes per token, scores against direct transformers math, bad input."""
+"""`distillery eval`: rolling windows, bytes per token, scores against direct transformers math, bad input,
+models with another tokenizer than the data's (scored on the text re-encoded)."""
 
+import json
 import math
 import subprocess
 import sys
@@ -11,7 +13,10 @@ import torch
 
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import load_tokenizer
-from distill.eval.score import score_documents
+from distill.errors import DataError
+from distill.eval.results import format_table
+from distill.eval.run import EvalSettings, ModelToEval, evaluate
+from distill.eval.score import find_data_tokenizer, reencode, score_documents
 from distill.eval.text import Document, heldout_documents, packed_label_bytes, token_bytes
 from distill.eval.windows import rolling_windows
 from tests.conftest import REPO, stdlib_texts
@@ -147,21 +152,6 @@ def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
     assert not_a_model.returncode == 2 and "Traceback" not in not_a_model.stderr
     assert f"{tmp_path / 'a'} is neither a Hugging Face model directory" in message
 
-    other_tokenizer = tmp_path / "other-tok"
-    from distill.data.tokenizer import train_byte_level_bpe
-
-    train_byte_level_bpe(stdlib_texts(5, start=100), other_tokenizer, vocab_size=400)
-    mismatched = tmp_path / "mismatched"
-    import shutil
-
-    shutil.copytree(tiny_model_dir, mismatched)
-    for f in other_tokenizer.iterdir():
-        shutil.copy(f, mismatched / f.name)
-    refused = run_cli("eval", "--data", data, mismatched, "--out", tmp_path / "d")
-    message = " ".join(refused.stderr.split())
-    assert refused.returncode == 2 and "is not the one" in message
-    assert str(mismatched) in message and data in message
-
 
 def test_report_without_metrics_is_a_named_error(tmp_path):
     (tmp_path / "run").mkdir()
@@ -192,3 +182,171 @@ def test_a_tensor_parallel_checkpoint_scores_like_its_hf_model(tmp_path, prepare
     models = read_json(tmp_path / "e" / "eval.json")["models"]
     for domain, scores in models["hf"]["domains"].items():
         assert math.isclose(models["tp2"]["domains"][domain]["ce"], scores["ce"], rel_tol=1e-5)
+
+
+def tiny_llama(out: Path, tokenizer: Path, vocab_size: int) -> Path:
+    """A tiny random HF Llama over `tokenizer` (as `tiny_model_dir`, another vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.models.hf_io import copy_tokenizer_files
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    copy_tokenizer_files(tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_models(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny models whose tokenizer is not the data's byte-level BPE (a ULD teacher's situation): a
+    unigram of another vocabulary size, and the same with a lowercasing normalizer (it cannot reproduce
+    the text)."""
+    import shutil
+
+    from distill.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("other")
+    info = train_tokenizer(stdlib_texts(10), root / "tokenizer", algorithm="unigram", vocab_size=400)
+    other = tiny_llama(root / "other", root / "tokenizer", info.vocab_size)
+    lower = root / "lower"
+    shutil.copytree(other, lower)
+    spec = json.loads((lower / "tokenizer.json").read_text(encoding="utf-8"))
+    lowercase = {"type": "Lowercase"}
+    spec["normalizer"] = (
+        {"type": "Sequence", "normalizers": [spec["normalizer"], lowercase]}
+        if spec["normalizer"]
+        else lowercase
+    )
+    (lower / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return other, lower
+
+
+def reference_nll(model_dir: Path, texts: list[str], max_len: int) -> tuple[float, int]:
+    """Summed NLL (nats) and tokens of `texts` straight from transformers, as lm-eval scores them: the
+    text encoded by the model's own tokenizer, a BOS (else EOS) prefix, then chunks of `max_len`
+    predictions, each from at most `max_len` tokens of [prefix] + ids ending just before its last target."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    nll, tokens = 0.0, 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        x = torch.tensor([prefix, *ids])  # ids[j] is x[j + 1]
+        for first in range(0, len(ids), max_len):
+            last = min(first + max_len, len(ids))  # predict ids[first:last]
+            inputs = x[max(0, last - max_len) : last]
+            with torch.no_grad():
+                logp = model(input_ids=inputs[None]).logits[0].double().log_softmax(-1)
+            targets = x[first + 1 : last + 1]
+            nll -= float(logp[-len(targets) :].gather(1, targets[:, None]).sum())
+        tokens += len(ids)
+    return nll, tokens
+
+
+def test_a_model_with_another_tokenizer_is_scored_on_the_text_reencoded(
+    tmp_path, prepared_small, tiny_model_dir, tokenizer_dir, other_tokenizer_models, capsys
+):
+    from distill.atomic import read_json
+
+    other, lower = other_tokenizer_models
+    data = PreparedData(Path(prepared_small["data"]["dir"]))
+    models = [ModelToEval("other", other), ModelToEval("lower", lower), ModelToEval("same", tiny_model_dir)]
+    record = evaluate(models, data.directory, tmp_path / "e", EvalSettings(sequences=2), progress=False)
+    stderr = capsys.readouterr().err
+    scored = record["models"]
+    assert scored["same"]["tokenizer"] == {
+        "sha256": data.tokenizer_sha256,
+        "vocab_size": load_tokenizer(tokenizer_dir).vocab_size,
+        "same_as_data": True,
+    }
+    other_info = load_tokenizer(other)
+    assert scored["other"]["tokenizer"] == {
+        "sha256": other_info.sha256,
+        "vocab_size": other_info.vocab_size,
+        "same_as_data": False,
+    }
+    assert read_json(tmp_path / "e" / "eval.json")["models"] == scored
+
+    data_info = load_tokenizer(tokenizer_dir)
+    for domain in data.domains:
+        texts = [d.text for d in heldout_documents(data, domain, 2, data_info)]
+        nll, tokens = reference_nll(other, texts, data.seq_len)
+        got = scored["other"]["domains"][domain]
+        assert got["tokens"] == tokens and got["documents"] == len(texts)
+        assert (
+            got["bytes"]
+            == sum(len(t.encode("utf-8")) for t in texts)
+            == scored["same"]["domains"][domain]["bytes"]
+        )
+        assert math.isclose(got["bits_per_byte"], nll / math.log(2) / got["bytes"], rel_tol=1e-6)
+        assert got["exact_text"] and got["inexact_documents"] == 0
+        assert scored["same"]["domains"][domain]["exact_text"]
+        # the lm-eval documents are the data's whichever model comes first
+        lines = (tmp_path / "e" / "lm_eval" / f"{domain}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line)["text"] for line in lines] == texts
+    assert scored["other"]["all"]["tokens"] != scored["same"]["all"]["tokens"]
+
+    # a tokenizer that lowercases cannot give back the code's text: scored, but said so
+    code = scored["lower"]["domains"]["code"]
+    assert not code["exact_text"] and code["inexact_documents"] == code["documents"]
+    assert not scored["lower"]["all"]["exact_text"]
+    warning = [line for line in stderr.splitlines() if "warning: lower" in line and "'code'" in line]
+    assert len(warning) == 1 and "not reproduced exactly" in warning[0]
+
+    table = format_table(record)
+    assert table in stderr
+    head = table.splitlines()[1].split()
+    assert head == ["domain", "other*", "lower*", "same"]
+    footnotes = [line for line in table.splitlines() if line.startswith("* ")]
+    assert len(footnotes) == 2
+    assert footnotes[0].startswith(f"* other: scored with its own tokenizer (sha256 {other_info.sha256[:12]}")
+    assert "not reproduced exactly" not in footnotes[0]
+    assert footnotes[1].startswith("* lower:") and "documents not reproduced exactly" in footnotes[1]
+
+
+def test_reencoding_counts_the_documents_that_do_not_round_trip(tokenizer_dir, other_tokenizer_models):
+    other, lower = other_tokenizer_models
+    documents = [
+        Document(np.array([1]), "def f(x):\n    return 'é🎉'\n"),
+        Document(np.array([1]), "Upper\tCase"),
+    ]
+    encoded, inexact = reencode(documents, load_tokenizer(other))
+    assert inexact == 0 and [d.text for d in encoded] == [d.text for d in documents]
+    assert [d.num_bytes for d in encoded] == [d.num_bytes for d in documents]
+    assert reencode(documents, load_tokenizer(lower))[1] == 1  # only the document with capitals
+
+
+def test_the_data_tokenizer_is_found_or_named(
+    tmp_path, prepared_small, tokenizer_dir, other_tokenizer_models
+):
+    from types import SimpleNamespace
+
+    data = PreparedData(Path(prepared_small["data"]["dir"]))
+    other = load_tokenizer(other_tokenizer_models[0])
+    same = load_tokenizer(tokenizer_dir)
+    assert find_data_tokenizer(data, [other, same]) is same  # a model's, when one has it
+    assert find_data_tokenizer(data, [other]).sha256 == data.tokenizer_sha256  # else the manifest's path
+    gone = SimpleNamespace(
+        directory=data.directory,
+        tokenizer_sha256=data.tokenizer_sha256,
+        manifest={"tokenizer": {"path": str(tmp_path / "gone")}},
+    )
+    with pytest.raises(DataError, match="decoded with the tokenizer it was prepared with"):
+        find_data_tokenizer(gone, [other])
+    moved = SimpleNamespace(
+        **{**vars(gone), "manifest": {"tokenizer": {"path": str(other_tokenizer_models[0])}}}
+    )
+    with pytest.raises(DataError, match="is now another tokenizer"):
+        find_data_tokenizer(moved, [other])

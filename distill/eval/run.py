@@ -9,6 +9,10 @@ eval of the same models is skipped, an eval of a newer export replaces the old o
 
 The teacher's numbers depend only on the teacher and the prepared data, so they are computed once and
 kept beside the data (`<data.dir>/eval/teacher-<hash>.json`) for every later eval of that data.
+
+A model need not share the data's tokenizer (a ULD teacher): it is scored on the same documents'
+text re-encoded with its own tokenizer (see `score.py`), and `eval.json` records per model which
+tokenizer it was scored with. The documents, and so the lm-eval task files, are always the data's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from distill.atomic import atomic_directory, atomic_write_json, read_json
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.eval.results import format_table
-from distill.eval.score import model_weights, score_model
+from distill.eval.score import find_data_tokenizer, model_weights, score_model
 from distill.eval.text import heldout_documents
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
@@ -82,9 +86,13 @@ def evaluate(
     if output.check(overwrite=overwrite) is Status.COMPLETE:
         print(f"eval: {out} is complete, nothing to do", file=sys.stderr)
         return read_json(Path(out) / EVAL_FILE)
+    # the held-out text is decoded with the data's tokenizer whichever models are scored; found
+    # before scoring, so a missing one fails before a model is loaded
+    tokenizers = [load_tokenizer(model_weights(m.path).tokenizer_dir) for m in models]
+    data_tokenizer = find_data_tokenizer(data, tokenizers)
     results = {}
     for model in models:
-        found = _score(model, hashes[model.name], data, settings, progress)
+        found = _score(model, hashes[model.name], data, settings, progress, data_tokenizer)
         results[model.name] = {"path": str(model.path), "sha256": hashes[model.name], **found}
     record = {
         "format": FORMAT,
@@ -94,9 +102,10 @@ def evaluate(
         "protocol": spec["protocol"],
         "models": results,
     }
-    tokenizer = load_tokenizer(model_weights(models[0].path).tokenizer_dir)  # checked: the data's
     with atomic_directory(Path(out), overwrite=True) as tmp:
-        write_lm_eval_tasks(data, settings.sequences, tokenizer, tmp / LM_EVAL_DIR, Path(out) / LM_EVAL_DIR)
+        write_lm_eval_tasks(
+            data, settings.sequences, data_tokenizer, tmp / LM_EVAL_DIR, Path(out) / LM_EVAL_DIR
+        )
         atomic_write_json(tmp / EVAL_FILE, record)
     if show_table:
         print(format_table(record), file=sys.stderr)
@@ -104,7 +113,12 @@ def evaluate(
 
 
 def _score(
-    model: ModelToEval, sha256: str, data: PreparedData, settings: EvalSettings, progress: bool
+    model: ModelToEval,
+    sha256: str,
+    data: PreparedData,
+    settings: EvalSettings,
+    progress: bool,
+    data_tokenizer: TokenizerInfo,
 ) -> dict[str, Any]:
     """A model's scores, from beside the data when a teacher was scored there before."""
     kept_spec = {"model_sha256": sha256, "prepared_fingerprint": data.fingerprint, **protocol(data, settings)}
@@ -112,7 +126,9 @@ def _score(
     kept = data.directory / "eval" / f"teacher-{digest}.json"
     if model.reused and kept.is_file():
         found = read_json(kept)
-        if found.get("spec") == kept_spec:
+        # scores kept before models were recorded with their tokenizer lack the per-document
+        # round-trip counts: scored again, once
+        if found.get("spec") == kept_spec and "tokenizer" in found["scores"]:
             print(f"eval: {model.name}: reusing {kept}", file=sys.stderr)
             return found["scores"]
     scores = score_model(
@@ -122,6 +138,8 @@ def _score(
         dtype=settings.dtype,
         micro_batch=settings.micro_batch,
         progress=progress,
+        data_tokenizer=data_tokenizer,
+        name=model.name,
     )
     if model.reused:
         try:
@@ -136,7 +154,8 @@ def write_lm_eval_tasks(
     data: PreparedData, sequences: int, tokenizer: TokenizerInfo, out: Path, final: Path
 ) -> None:
     """Per domain the scored documents (`<domain>.jsonl`, field `text`) and an lm-eval task over them;
-    `out` is written now and moved to `final` (the path the task files name)."""
+    `out` is written now and moved to `final` (the path the task files name). `tokenizer` must be the
+    data's: the held-out ids are decoded with it (lm-eval then encodes the text with each model's)."""
     out.mkdir(parents=True)
     for domain in data.domains:
         documents = heldout_documents(data, domain, sequences, tokenizer)

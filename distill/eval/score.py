@@ -7,6 +7,14 @@ protocol), so the numbers are those a downstream team gets from lm-eval on the s
 
 Per domain: `ce` = summed NLL / predicted tokens (nats), `ppl = exp(ce)`, `bits_per_byte` = summed
 NLL / ln 2 / UTF-8 bytes of the documents. `all` pools the domains (tokens and bytes summed).
+
+The documents are always the data's (their text decoded with the tokenizer the data was prepared
+with). A model with that tokenizer is scored on the data's ids; a model with another tokenizer (a ULD
+teacher) is scored on the same text re-encoded with its own tokenizer, with its own prefix token.
+Bits per byte divides by the text's bytes either way, so the numbers compare; `ce`, `ppl` and `tokens`
+are per the model's own tokens. A document the model's tokenizer cannot reproduce exactly (one that
+normalizes or drops characters) is still scored, and counted in `inexact_documents` (`exact_text`
+false): that model was judged on slightly different text.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -39,12 +48,14 @@ class Tally:
     tokens: int = 0
     bytes: int = 0
     documents: int = 0
+    inexact_documents: int = 0  # re-encoded documents whose tokens do not decode back to their text
 
     def add(self, other: Tally) -> None:
         self.nll += other.nll
         self.tokens += other.tokens
         self.bytes += other.bytes
         self.documents += other.documents
+        self.inexact_documents += other.inexact_documents
 
     def summary(self) -> dict[str, Any]:
         ce = self.nll / self.tokens if self.tokens else float("nan")
@@ -53,6 +64,7 @@ class Tally:
             "ppl": math.exp(ce) if self.tokens else float("nan"),
             "bits_per_byte": self.nll / math.log(2) / self.bytes if self.bytes else float("nan"),
             **asdict(self),
+            "exact_text": self.inexact_documents == 0,
         }
 
 
@@ -78,17 +90,54 @@ def prefix_token(tokenizer_dir: Path, info: TokenizerInfo) -> int:
     return int(bos) if bos is not None else info.eos_id
 
 
-def check_tokenizer(tokenizer_dir: Path, data: PreparedData, model_path: Path) -> TokenizerInfo:
-    """The model's tokenizer, which must be the one the data was prepared with (refused otherwise)."""
-    info = load_tokenizer(tokenizer_dir)
+def find_data_tokenizer(data: PreparedData, candidates: Iterable[TokenizerInfo] = ()) -> TokenizerInfo:
+    """The tokenizer `data` was prepared with, which the held-out text is decoded with whatever model is
+    scored: a candidate's (a model's, already loaded) when one is it, else the one at the path the
+    prepared manifest records, if that is still the same tokenizer."""
+    for info in candidates:
+        if info.sha256 == data.tokenizer_sha256:
+            return info
+    recorded = data.manifest.get("tokenizer", {}).get("path")
+    hint = (
+        f"the held-out text of {data.directory} is decoded with the tokenizer it was prepared with "
+        f"(sha256 {data.tokenizer_sha256[:12]}); evaluate a model with that tokenizer beside the others, "
+        "or put that tokenizer back"
+    )
+    if recorded is None:
+        raise DataError(f"{data.directory}: the manifest records no tokenizer path; {hint}")
+    try:
+        info = load_tokenizer(Path(recorded))
+    except DataError as exc:
+        raise DataError(f"{exc}; {hint}") from None
     if info.sha256 != data.tokenizer_sha256:
-        prepared_with = data.manifest.get("tokenizer", {}).get("path", "another tokenizer")
-        raise DataError(
-            f"{model_path}: the model's tokenizer ({tokenizer_dir}, sha256 {info.sha256[:12]}) is not the one "
-            f"{data.directory} was prepared with ({prepared_with}, sha256 {data.tokenizer_sha256[:12]}); "
-            "prepare the held-out data with the model's tokenizer to evaluate it"
-        )
+        raise DataError(f"{recorded} is now another tokenizer (sha256 {info.sha256[:12]}); {hint}")
     return info
+
+
+def tokenizer_record(info: TokenizerInfo, data: PreparedData) -> dict[str, Any]:
+    """Which tokenizer a model was scored with, for `eval.json`: the data's (scored on the data's ids)
+    or its own (scored on the text re-encoded), so a reader knows whose tokens `ce` and `ppl` count."""
+    return {
+        "sha256": info.sha256,
+        "vocab_size": info.vocab_size,
+        "same_as_data": info.sha256 == data.tokenizer_sha256,
+    }
+
+
+def reencode(documents: list[Document], info: TokenizerInfo) -> tuple[list[Document], int]:
+    """The documents' text encoded with tokenizer `info` (the text, hence the bytes, unchanged), and how
+    many documents do not round-trip (`decode(ids) != text`): those are scored on what the tokenizer
+    made of them, which the caller must say."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(info.backend_json)
+    encoded, inexact = [], 0
+    for document in documents:
+        ids = tokenizer.encode(document.text, add_special_tokens=False).ids
+        if tokenizer.decode(ids, skip_special_tokens=False) != document.text:
+            inexact += 1
+        encoded.append(Document(np.asarray(ids, dtype=np.int64), document.text))
+    return encoded, inexact
 
 
 @torch.no_grad()
@@ -141,35 +190,55 @@ def score_model(
     dtype: str = "float32",
     micro_batch: int = 8,
     progress: bool = True,
+    data_tokenizer: TokenizerInfo | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Per-domain and pooled scores of the model at `path` on `data`'s held-out documents."""
+    """Per-domain and pooled scores of the model at `path` on `data`'s held-out documents.
+
+    `data_tokenizer` is the data's (found from the model or the manifest when not given); `name` is
+    what warnings and the progress bar call the model."""
     from distill.models.convert import load_as_hf
 
-    info = check_tokenizer(model_weights(path).tokenizer_dir, data, path)  # before loading a large model
+    name = name or Path(path).name
+    info = load_tokenizer(model_weights(path).tokenizer_dir)  # before loading a large model
+    own = info.sha256 != data.tokenizer_sha256
+    if data_tokenizer is None:
+        data_tokenizer = find_data_tokenizer(data, [info])
+    documents: dict[str, tuple[list[Document], int]] = {}
+    for domain in data.domains:
+        found = heldout_documents(data, domain, sequences, data_tokenizer)
+        if not found:
+            continue
+        documents[domain] = reencode(found, info) if own else (found, 0)
+        inexact = documents[domain][1]
+        if inexact:
+            print(
+                f"eval: warning: {name} ({path}): {inexact} of {len(found)} held-out documents of domain "
+                f"{domain!r} are not reproduced exactly by the model's tokenizer (sha256 {info.sha256[:12]}); "
+                "they are scored as it encodes them, bits per byte over the original text",
+                file=sys.stderr,
+            )
+    if not documents:
+        raise DataError(
+            f"{data.directory} has no complete held-out document in its first {sequences} held-out "
+            "sequences of any domain; raise data.heldout_sequences (and prepare again) or eval.sequences"
+        )
     model, tokenizer_dir = load_as_hf(path, dtype=DTYPES[dtype])
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     prefix = prefix_token(tokenizer_dir, info)
     domains, pooled = {}, Tally()
-    bar = tqdm(
-        data.domains, desc=f"eval {Path(path).name}", unit="domain", disable=not progress, file=sys.stderr
-    )
-    for domain in bar:
-        documents = heldout_documents(data, domain, sequences, info)
-        if not documents:
-            continue
+    bar = tqdm(documents.items(), desc=f"eval {name}", unit="domain", disable=not progress, file=sys.stderr)
+    for domain, (scored, inexact) in bar:
         tally = score_documents(
-            model, documents, prefix=prefix, max_len=data.seq_len, micro_batch=micro_batch, device=device
+            model, scored, prefix=prefix, max_len=data.seq_len, micro_batch=micro_batch, device=device
         )
+        tally.inexact_documents = inexact
         domains[domain] = tally.summary()
         pooled.add(tally)
-    if not domains:
-        raise DataError(
-            f"{data.directory} has no complete held-out document in its first {sequences} held-out "
-            "sequences of any domain; raise data.heldout_sequences (and prepare again) or eval.sequences"
-        )
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer": tokenizer_record(info, data),
         "prefix_token": prefix,
         "domains": domains,
         "all": pooled.summary(),

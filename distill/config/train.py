@@ -163,6 +163,17 @@ class TeacherConfig(Section):
     )
     micro_batch: int = Field(default=8, gt=0, description="Sequences per teacher forward pass.")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    tokenizer: AbsPath | None = Field(
+        default=None,
+        description="The teacher's tokenizer directory (default: the one in teacher.path). When it is not the "
+        "data's, prepare also stores each sequence in the teacher's tokens (for ULD).",
+    )
+    seq_len: int | None = Field(
+        default=None,
+        ge=2,
+        description="Teacher tokens per paired sequence (default 2 x data.seq_len); text beyond them has no "
+        "teacher position and is counted as truncated in the prepared manifest.",
+    )
 
     @property
     def layout(self) -> ParallelConfig:

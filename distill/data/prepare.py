@@ -45,6 +45,7 @@ from distill.atomic import atomic_write_json, atomic_write_text, read_json
 from distill.config.loader import config_to_yaml
 from distill.config.schema import CampaignConfig, DataConfig
 from distill.data import encode_worker
+from distill.data.pairing import Pairing, pair_domain, resolve_pairing
 from distill.data.prepare_spec import (
     SOURCE_HASHES,
     known_hashes,
@@ -95,6 +96,7 @@ class PrepareStage:
     known: dict[str, list[Any]]  # the source-hash cache, written to `SOURCE_HASHES`
     spec: dict[str, Any]
     output: StageOutput
+    pairing: Pairing | None = None  # a teacher with another tokenizer: sequences also in its tokens
 
 
 def open_stage(config: CampaignConfig) -> PrepareStage:
@@ -108,7 +110,10 @@ def open_stage(config: CampaignConfig) -> PrepareStage:
         for name, domain in data.domains.items()
     }
     known = known_hashes(data.dir)
+    pairing = resolve_pairing(config, tokenizer)
     spec = prepare_spec(data, tokenizer, sources, known)
+    if pairing is not None:
+        spec["pairing"] = pairing.spec()
     output = StageOutput(
         "prepare",
         data.dir,
@@ -118,7 +123,7 @@ def open_stage(config: CampaignConfig) -> PrepareStage:
         legacy_specs=(legacy_prepare_spec(data, tokenizer, sources),),
         working_files=(PARTS, SOURCE_HASHES),  # array tasks write these and no progress record
     )
-    return PrepareStage(config, data, Path(data.dir), tokenizer, sources, known, spec, output)
+    return PrepareStage(config, data, Path(data.dir), tokenizer, sources, known, spec, output, pairing)
 
 
 def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -153,7 +158,7 @@ def prepare(config: CampaignConfig, *, overwrite: bool = False, progress: bool =
                     name, stage.sources[name], data, tokenizer, pool, partial / name, out / name, progress
                 )
             _report_bad_records(name, read_json(out / name / "domain.json"))
-    return complete(stage, started)
+    return complete(stage, started, progress=progress)
 
 
 def already_complete(out: Path) -> dict[str, Any]:
@@ -163,10 +168,13 @@ def already_complete(out: Path) -> dict[str, Any]:
     return done
 
 
-def complete(stage: PrepareStage, started: float) -> dict[str, Any]:
+def complete(stage: PrepareStage, started: float, *, progress: bool = True) -> dict[str, Any]:
     """After every domain is in place: the manifest (last), `config.yaml`, and the closing line."""
     data, out = stage.data, stage.out
-    manifest = prepared_manifest(out, stage.spec, stage.tokenizer)
+    if stage.pairing is not None:
+        for name in data.domains:
+            pair_domain(out / name, name, stage.tokenizer, stage.pairing, progress=progress)
+    manifest = prepared_manifest(out, stage.spec, stage.tokenizer, stage.pairing)
     atomic_write_text(out / "config.yaml", config_to_yaml(stage.config))
     shutil.rmtree(out / PARTIAL)
     stage.output.finish(manifest)

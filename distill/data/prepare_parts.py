@@ -147,7 +147,7 @@ def pack(stage: PrepareStage, *, overwrite: bool, progress: bool) -> dict[str, A
             _pack_domain(stage, name, [u for u in todo if u.domain == name], root, progress)
         streaming._report_bad_records(name, read_json(out / name / "domain.json"))
     shutil.rmtree(out / PARTS)
-    return streaming.complete(stage, started)
+    return streaming.complete(stage, started, progress=progress)
 
 
 def _other_units(stage: PrepareStage, overwrite: bool) -> None:

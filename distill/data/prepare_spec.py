@@ -17,6 +17,7 @@ from typing import Any
 
 from distill.atomic import read_json
 from distill.config.schema import DataConfig
+from distill.data.pairing import SUMMARY, TEACHER_DIR, Pairing
 from distill.data.prepared import FORMAT, SPLITS, VERSION
 from distill.data.records import policy_of
 from distill.data.sources import ResolvedSource
@@ -79,7 +80,9 @@ def _spec(
     }
 
 
-def prepared_manifest(out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo) -> dict[str, Any]:
+def prepared_manifest(
+    out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo, pairing: Pairing | None = None
+) -> dict[str, Any]:
     domains = {}
     for name in spec["domains"]:
         summary = read_json(out / name / "domain.json")
@@ -87,6 +90,8 @@ def prepared_manifest(out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo)
             if f"{split}_sha256" not in summary:
                 summary[f"{split}_sha256"] = TokenStore(out / name / split).sha256()
         summary["sources"] = spec["domains"][name]
+        if pairing is not None:
+            summary["teacher"] = read_json(out / name / TEACHER_DIR / SUMMARY)
         domains[name] = summary
     fingerprint_input = {  # what the token stores hold, never where anything lies
         "tokenizer_sha256": spec["tokenizer_sha256"],
@@ -94,19 +99,39 @@ def prepared_manifest(out: Path, spec: dict[str, Any], tokenizer: TokenizerInfo)
         "heldout": [spec["heldout_sequences"], spec["heldout_fraction"]],
         "domains": {n: {s: d[f"{s}_sha256"] for s in SPLITS} for n, d in domains.items()},
     }
+    if pairing is not None:  # the teacher's tokens are part of what the data is
+        fingerprint_input["pairing"] = {
+            **pairing.spec(),
+            "domains": {
+                n: {
+                    s: [d["teacher"]["splits"][s][f"{k}_sha256"] for k in ("teacher", "offsets")]
+                    for s in SPLITS
+                }
+                for n, d in domains.items()
+            },
+        }
     fingerprint = hashlib.sha256(json.dumps(fingerprint_input, sort_keys=True).encode()).hexdigest()
     return {
         "format": FORMAT,
         "version": VERSION,
         "spec": spec,
-        "tokenizer": {
-            "sha256": tokenizer.sha256,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "path": str(tokenizer.path),
-        },
+        "tokenizer": _describe(tokenizer),
         "seq_len": spec["seq_len"],
         "dtype": str(token_dtype(tokenizer.vocab_size)),
         "domains": domains,
         "fingerprint": fingerprint,
+        **(
+            {"teacher_tokenizer": _describe(pairing.teacher), "teacher_seq_len": pairing.seq_len}
+            if pairing
+            else {}
+        ),
+    }
+
+
+def _describe(tokenizer: TokenizerInfo) -> dict[str, Any]:
+    return {
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "path": str(tokenizer.path),
     }

@@ -18,44 +18,13 @@ another tokenizer (ULD) comparable with its teacher. Two things are needed for t
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
 
 import numpy as np
 
 from distill.data.prepared import PreparedData
+from distill.data.token_text import token_text
 from distill.data.tokenizer import TokenizerInfo
-
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-@cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """The printable character byte-level BPE uses for each byte value (GPT-2's table), inverted."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, shift = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + shift)] = byte
-            shift += 1
-    return chars
-
-
-def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
-    if not decoder:
-        return set()
-    if decoder.get("type") == "Sequence":
-        return {t for d in decoder.get("decoders", []) for t in _decoder_types(d)}
-    return {decoder.get("type", "")}
 
 
 @dataclass(frozen=True)
@@ -70,34 +39,9 @@ class TokenBytes:
 
 
 def token_bytes(info: TokenizerInfo) -> TokenBytes:
-    """Bytes per token id of a tokenizer (see the module docstring for the rules)."""
-    from tokenizers import Tokenizer
-
-    spec = json.loads(info.backend_json)
-    tokenizer = Tokenizer.from_str(info.backend_json)
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    kinds = _decoder_types(spec.get("decoder"))
-    lengths = np.zeros(info.vocab_size, dtype=np.int64)
-    if "ByteLevel" in kinds:
-        alphabet, method = _byte_level_alphabet(), "byte-level"
-    elif "Metaspace" in kinds or "ByteFallback" in kinds or "Replace" in kinds:
-        alphabet, method = None, "sentencepiece"
-    else:
-        alphabet, method = None, "decode"
-    for token_id in range(info.vocab_size):
-        if token_id in special:
-            continue
-        piece = tokenizer.id_to_token(token_id)
-        if piece is None:
-            continue
-        if alphabet is not None:
-            lengths[token_id] = sum(1 if ch in alphabet else len(ch.encode()) for ch in piece)
-        elif method == "sentencepiece":
-            fallback = _BYTE_FALLBACK.match(piece)
-            lengths[token_id] = 1 if fallback else len(piece.replace("▁", " ").encode())
-        else:
-            lengths[token_id] = len(tokenizer.decode([token_id]).encode())
-    return TokenBytes(lengths, method)
+    """Bytes per token id of a tokenizer (the rules of `distill/data/token_text.py`)."""
+    text = token_text(info)
+    return TokenBytes(text.lengths, text.method)
 
 
 @dataclass(frozen=True)

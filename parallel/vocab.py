@@ -29,6 +29,15 @@ class VocabShard:
         size = vocab_size // tp
         return cls(start=tp_rank * size, size=size, group=group)
 
+    def sibling(self, vocab_size: int) -> VocabShard:
+        """This rank's slice of another vocabulary split over the same group (a teacher with its own
+        tokenizer, sharded like the student)."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return VocabShard(0, vocab_size, self.group)
+        return VocabShard.of(
+            vocab_size, dist.get_rank(self.group), dist.get_world_size(self.group), self.group
+        )
+
     def local(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global ids `[...]` -> (local index clamped into range, mask of ids this rank holds)."""
         local = ids - self.start
@@ -39,6 +48,17 @@ class VocabShard:
         if self.group is not None and dist.get_world_size(self.group) > 1:
             dist.all_reduce(x, group=self.group)
         return x
+
+    def concat(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x [c, m]` side by side, `[c, tp * m]` in rank order (for merging per-shard
+        top-m lists: a few columns per token, never the vocabulary)."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return x
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        out = torch.zeros(x.shape[0], world, x.shape[1], dtype=x.dtype, device=x.device)
+        out[:, rank] = x
+        dist.all_reduce(out, group=self.group)
+        return out.reshape(x.shape[0], world * x.shape[1])
 
     def all_max(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None and dist.get_world_size(self.group) > 1:
@@ -61,6 +81,18 @@ def log_softmax_(logits: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     logits.sub_(row_max.unsqueeze(-1))
     sum_exp = shard.all_sum(logits.exp().sum(dim=-1))  # [c] (the exp is a transient)
     return logits.sub_(sum_exp.log().unsqueeze(-1))
+
+
+def top_m(values: torch.Tensor, m: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `m` largest of sharded `values [c, V/tp]` over the whole vocabulary, descending, with their
+    global ids: `([c, m], [c, m])` on every rank. Each rank's top m, exchanged and merged (the global
+    top m is within the union of the shards' top m)."""
+    local = min(m, values.shape[-1])
+    vals, idx = values.topk(local, dim=-1)  # [c, m'] sorted descending
+    vals, ids = shard.concat(vals), shard.concat(idx + shard.start)  # [c, tp * m']
+    keep = min(m, vals.shape[-1])
+    vals, order = vals.topk(keep, dim=-1)
+    return vals, ids.gather(-1, order)
 
 
 def row_sum(values: torch.Tensor, shard: VocabShard) -> torch.Tensor:

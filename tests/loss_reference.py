@@ -90,3 +90,47 @@ def completed_teacher_logits(
     full[:, teacher_vocab:] = -1.0e4
     full.scatter_(-1, ids, logprobs)
     return full
+
+
+def _sorted_l1(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """sum_i |sort(q)_i - sort(p)_i| per row, the shorter vector zero-padded (ULD's closed-form W1)."""
+    width = max(q.shape[-1], p.shape[-1])
+    q = F.pad(q, (0, width - q.shape[-1])).sort(-1, descending=True).values
+    p = F.pad(p, (0, width - p.shape[-1])).sort(-1, descending=True).values
+    return (q - p).abs().sum(-1)
+
+
+def uld(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    temperature: float,
+    matched: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """ULD per student row `[N]`: the student's softmax at T against the teacher distribution
+    `teacher_probs [N_t, V_t]` at row `index[i]` (-1: no teacher, 0). With `matched` = (student ids,
+    teacher ids) of identical tokens: forward KL over those pairs plus sorted L1 over the other ids."""
+    q = F.softmax(student_logits / temperature, -1)
+    p = teacher_probs[index.clamp_min(0)]
+    if matched is None:
+        value = _sorted_l1(q, p)
+    else:
+        s_ids, t_ids = matched
+        p_m, lq_m = p[:, t_ids], q[:, s_ids].log()
+        kl = torch.where(p_m > 0, p_m * (p_m.clamp_min(1e-300).log() - lq_m), torch.zeros_like(p_m)).sum(-1)
+        keep_s = torch.ones(q.shape[-1], dtype=torch.bool)
+        keep_s[s_ids] = False
+        keep_t = torch.ones(p.shape[-1], dtype=torch.bool)
+        keep_t[t_ids] = False
+        value = kl + _sorted_l1(q[:, keep_s], p[:, keep_t])
+    return torch.where(index >= 0, value, torch.zeros_like(value))
+
+
+def completed_teacher_probs(
+    ids: torch.Tensor, kept: torch.Tensor, tail: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """A top-k cache row as the distribution ULD sees: kept probabilities, the tail spread evenly."""
+    fill = tail / (vocab - ids.shape[-1])
+    probs = fill.unsqueeze(-1).expand(ids.shape[0], vocab).clone()
+    return probs.scatter(-1, ids, kept.exp())

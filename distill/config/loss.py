@@ -8,7 +8,8 @@ from pydantic import Field, model_validator
 
 from distill.config.base import Section
 
-KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid")
+KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid", "uld")
+SAME_VOCAB_TERMS = KD_TERMS[:-1]  # compare the two distributions id by id: one tokenizer
 
 
 class LossWeightsConfig(Section):
@@ -30,6 +31,11 @@ class LossWeightsConfig(Section):
         default=0.0, ge=0, description="b KL(p||m) + (1-b) KL(q||m), m = b p + (1-b) q, b = loss.jsd_beta."
     )
     taid: float = Field(default=0.0, ge=0, description="TAID: CE against softmax((1-tau) z_s + tau z_t).")
+    uld: float = Field(
+        default=0.0,
+        ge=0,
+        description="ULD: sorted-probability L1 against a teacher with another tokenizer (paper: 1.5).",
+    )
 
     def active(self) -> dict[str, float]:
         """The terms with a non-zero weight, in a fixed order."""
@@ -60,6 +66,27 @@ class TaidConfig(Section):
         return self
 
 
+class UldConfig(Section):
+    """Universal logit distillation across tokenizers (ALGORITHMS.md, "ULD"; README, "Cross-tokenizer")."""
+
+    alignment: Literal["byte_offset", "positional"] = Field(
+        default="byte_offset",
+        description="byte_offset: pair the positions where both tokenizations reach the same byte boundary; "
+        "positional: the n-th student with the n-th teacher position (the ULD paper).",
+    )
+    top_m: int = Field(
+        default=128,
+        gt=0,
+        description="Sorted probabilities compared per position (per tp shard, then merged); the rest is "
+        "bounded: the reported uld_bound is the most the exact loss can exceed the computed one.",
+    )
+    hybrid: bool = Field(
+        default=False,
+        description="Ids whose token text is identical in both vocabularies are compared directly "
+        "(forward KL), sorted L1 over the rest.",
+    )
+
+
 class LossConfig(Section):
     """Total loss = w_ce * CE(labels) + T^2 * sum_d w_d * D_d(p_T, q_T).
 
@@ -75,6 +102,7 @@ class LossConfig(Section):
     skew_alpha: float = Field(default=0.1, gt=0, lt=1, description="a of the skew KLs (DistiLLM uses 0.1).")
     jsd_beta: float = Field(default=0.5, gt=0, lt=1, description="b of the generalized JSD.")
     taid: TaidConfig = TaidConfig()
+    uld: UldConfig = UldConfig()
     chunk_tokens: int | Literal["auto"] = Field(
         default="auto",
         description="Tokens per chunk of the fused output-layer loss; auto keeps each chunk's fp32 logits "

@@ -201,6 +201,18 @@ class CampaignConfig(Section):
             raise ValueError(
                 f"{names} need a teacher: add a `teacher` section (and a `cache`, or mode online)"
             )
+        if "uld" in kd:
+            same_vocab = [f"loss.weights.{name}" for name in kd if name != "uld"]
+            if same_vocab:
+                raise ValueError(
+                    f"loss.weights.uld cannot be combined with {', '.join(same_vocab)}: those compare the two "
+                    "distributions id by id, which needs a teacher with the student's tokenizer"
+                )
+            if self.cache is not None and self.cache.mode == "sampled":
+                raise ValueError(
+                    "loss.weights.uld needs the teacher's distribution: a sampled (RS-KD) cache holds draws only; "
+                    "use cache.mode topk or teacher.mode online"
+                )
         if self.teacher.mode == "online" or self.cache is None:
             return
         if self.cache.mode == "sampled":

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from distill.losses import divergences
+from distill.losses import divergences, uld
 from distill.losses.signal import TeacherSignal
 from parallel.vocab import VocabShard, gather, log_softmax, log_softmax_, row_sum, scatter
 
 AUTO_CHUNK_BYTES = 16 << 20  # fp32 logits per chunk and rank when `chunk_tokens` is auto
+ULD_EXTRAS = ["uld_bound", "uld_pairs"]  # summed beside the uld term: its truncation bound, aligned rows
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Terms:
     skew_alpha: float = 0.1
     jsd_beta: float = 0.5
     chunk_tokens: int | None = None  # None: AUTO_CHUNK_BYTES of fp32 logits
+    uld_top_m: int = 128  # sorted probabilities compared per position by ULD (see `uld.py`)
 
     def chunk(self, vocab_local: int) -> int:
         if self.chunk_tokens is not None:
@@ -57,8 +59,21 @@ def _kd_value_and_grad(
     shard: VocabShard,
     tau: float,
     dense_lt: dict[str, torch.Tensor],
+    sums: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, Any]:
     """One KD term on one chunk: value `[c]` and d/du (dense `[c, V/tp]`, `Sparse`, or both)."""
+    if (name == "uld") != (teacher.kind == "aligned"):
+        raise ValueError(
+            f"loss term {name} needs a teacher with the student's tokenizer (ULD compares across tokenizers)"
+            if name != "uld"
+            else "loss term uld needs a teacher aligned across tokenizers (a paired prepare)"
+        )
+    if name == "uld":
+        top = teacher.top(rows, terms.temperature, terms.uld_top_m)
+        result = uld.uld(u, top, shard, terms.uld_top_m, teacher.match)
+        sums["uld_bound"] += result.bound.sum()
+        sums["uld_pairs"] += top.mask.sum()
+        return result.value, result.grads
 
     def teacher_logprobs() -> torch.Tensor:  # computed once per chunk, shared by the dense terms
         if "lt" not in dense_lt:
@@ -160,7 +175,7 @@ def _chunk(
     scale = temperature * temperature
     for name, w in kd.items():
         assert teacher is not None
-        value, grad_u = _kd_value_and_grad(name, u, rows, teacher, terms, shard, tau, dense_lt)
+        value, grad_u = _kd_value_and_grad(name, u, rows, teacher, terms, shard, tau, dense_lt, sums)
         total += (w * scale) * value
         sums[name] += value.sum()
         if not need_grad:
@@ -198,6 +213,7 @@ def chunked_loss(
         raise ValueError(f"loss terms {', '.join(kd)} need a teacher signal")
     result = ChunkedResult(loss_sum=torch.zeros((), dtype=torch.float64, device=hidden.device))
     names = [name for name, w in terms.weights.items() if w > 0]
+    names += ULD_EXTRAS if "uld" in names else []
     sums = {name: torch.zeros((), dtype=torch.float64, device=hidden.device) for name in names}
     if need_grad:
         result.grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.vocab import VocabShard, log_softmax, scatter
+from distill.losses.uld import TeacherTop, VocabMatch
+from parallel.vocab import VocabShard, log_softmax, scatter, top_m
 
 IMPOSSIBLE = -1.0e4  # log-probability of ids outside the teacher's vocabulary (exp underflows to 0)
 
@@ -78,7 +79,41 @@ class SampledSignal:
         raise ValueError("a sampled cache defines no teacher distribution beyond its draws")
 
 
-TeacherSignal = LiveSignal | TopKSignal | SampledSignal
+@dataclass
+class AlignedSignal:
+    """A teacher with another tokenizer (ULD), at the student's rows: `index [N]` is the teacher position
+    paired with each student row (-1: none; `distill/data/alignment.py`). The teacher is either cached
+    (`ids`, `kept_logprobs` `[N_t, k]`, `tail [N_t]`) or live (`hidden [N_t, h_t]`, `weight [V_t/tp, h_t]`
+    with `teacher_shard`, its own vocabulary split); `top` gives both as `TeacherTop` per chunk."""
+
+    index: torch.Tensor  # [N] int64
+    vocab_size: int  # the teacher's
+    match: VocabMatch | None = None  # hybrid ULD
+    ids: torch.Tensor | None = None  # cached
+    kept_logprobs: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # live
+    weight: torch.Tensor | None = None
+    teacher_shard: VocabShard | None = None
+
+    kind = "aligned"
+
+    def top(self, rows: slice, temperature: float, m: int) -> TeacherTop:
+        index = self.index[rows]
+        mask, at = index >= 0, index.clamp_min(0)
+        if self.ids is not None:
+            assert self.kept_logprobs is not None and self.tail is not None
+            # the cache's values are at the cache's temperature (checked in the config)
+            return TeacherTop(
+                self.ids[at], self.kept_logprobs[at].exp(), self.tail[at], self.vocab_size, mask
+            )
+        assert self.hidden is not None and self.weight is not None and self.teacher_shard is not None
+        logits = self.hidden[at].float() @ self.weight.float().t() / temperature  # [c, V_t/tp]
+        probs, ids = top_m(log_softmax(logits, self.teacher_shard).exp_(), m, self.teacher_shard)
+        return TeacherTop(ids, probs, (1 - probs.sum(-1)).clamp_min(0), self.vocab_size, mask)
+
+
+TeacherSignal = LiveSignal | TopKSignal | SampledSignal | AlignedSignal
 
 
 def signal_from_cache_rows(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.config.loss import LossConfig
-from distill.losses.fused import Terms, fused_output_loss
+from distill.losses.fused import ULD_EXTRAS, Terms, fused_output_loss
 from distill.losses.signal import TeacherSignal
 from distill.losses.taid import TaidSchedule
 from parallel.vocab import VocabShard
@@ -33,6 +33,7 @@ class Objective:
             skew_alpha=config.skew_alpha,
             jsd_beta=config.jsd_beta,
             chunk_tokens=None if config.chunk_tokens == "auto" else config.chunk_tokens,
+            uld_top_m=config.uld.top_m,
         )
         self.taid = TaidSchedule(config.taid, total_steps) if "taid" in self.terms.weights else None
 
@@ -43,7 +44,8 @@ class Objective:
     @property
     def report_keys(self) -> list[str]:
         """Keys of the per-micro-batch report, in order (the same on every rank)."""
-        return ["loss", *self.terms.weights, "tokens"]
+        extras = ULD_EXTRAS if "uld" in self.terms.weights else []  # ULD's truncation bound, aligned rows
+        return ["loss", *self.terms.weights, *extras, "tokens"]
 
     @property
     def tau(self) -> float:

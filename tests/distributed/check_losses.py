@@ -21,6 +21,7 @@ teacher. Each rank reports the max abs errors per case, plus how the ids fall on
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distill.losses.fused import Terms, fused_output_loss
-from distill.losses.signal import LiveSignal, SampledSignal, TeacherSignal, TopKSignal
+from distill.losses.signal import AlignedSignal, LiveSignal, SampledSignal, TeacherSignal, TopKSignal
+from distill.losses.uld import VocabMatch
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
 from tests.distributed import report
@@ -221,6 +223,108 @@ def build_cases(data: Data) -> dict[str, Case]:
     cases["sampled"] = Case(terms({"forward_kl": 1.0}), sampled, {"forward_kl": sampled_ce})
     cases["sampled_with_ce"] = Case(
         terms({"ce": 0.4, "forward_kl": 0.6}), sampled, {"ce": ce, "forward_kl": sampled_ce}
+    )
+    cases.update(uld_cases(data, gen, ce))
+    return cases
+
+
+def _teacher_shard(sl: slice, vocab: int) -> VocabShard:
+    """The live ULD teacher's own vocabulary split, on the rank that holds student slice `sl`."""
+    if sl.stop - sl.start == V:
+        return VocabShard(0, vocab, None)
+    rank = sl.start // (V // TP)
+    return VocabShard.of(vocab, rank, TP, dist.group.WORLD)
+
+
+def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case]:
+    """ULD against a teacher of another vocabulary (TEACHER_VOCAB ids, N_T positions): live and cached,
+    positional and hand-made alignment maps, hybrid with matched ids. `uld_top_m` covers both
+    vocabularies (exact) except in the no-tail case, where the merge of per-shard top-m lists is exact
+    because the teacher's mass is all in its top k <= m (the truncation bound is 0)."""
+    vt, n_t = TEACHER_VOCAB, N - 4
+    t_hidden = torch.randn(n_t, H_TEACHER, generator=gen, dtype=torch.float64).float()
+    t_weight = (torch.randn(vt, H_TEACHER, generator=gen, dtype=torch.float64) * 0.8).float()
+    t_logits = t_hidden.double() @ t_weight.double().t()  # [N_T, V_T]
+    positional = torch.where(torch.arange(N) < n_t, torch.arange(N), -1)
+    handmade = torch.randint(0, n_t, (N,), generator=gen)
+    handmade[torch.randperm(N, generator=gen)[: N // 3]] = -1
+    s_ids = torch.randperm(V, generator=gen)[:15]
+    t_ids = torch.randperm(vt, generator=gen)[:15]
+    to_student = torch.full((vt,), -1, dtype=torch.long)
+    to_student[t_ids] = s_ids
+
+    def match(sl: slice) -> VocabMatch:
+        mask = torch.zeros(V, dtype=torch.bool)
+        mask[s_ids] = True
+        return VocabMatch(mask[sl], to_student, len(s_ids))
+
+    def uld_terms(weights: dict[str, float], t: float = 1.0, m: int = 64) -> Terms:
+        return dataclasses.replace(terms(weights, t), uld_top_m=m)
+
+    def live(index: torch.Tensor, hybrid: bool = False) -> Callable[[slice], TeacherSignal]:
+        def signal(sl: slice) -> TeacherSignal:
+            shard = _teacher_shard(sl, vt)
+            return AlignedSignal(
+                index,
+                vt,
+                match(sl) if hybrid else None,
+                hidden=t_hidden,
+                weight=t_weight[shard.start : shard.start + shard.size],
+                teacher_shard=shard,
+            )
+
+        return signal
+
+    def uld_ref(probs: torch.Tensor, index: torch.Tensor, t: float, hybrid: bool = False) -> Reference:
+        def fn(zs: torch.Tensor) -> torch.Tensor:
+            return ref.uld(zs, probs, index, temperature=t, matched=(s_ids, t_ids) if hybrid else None)
+
+        return fn
+
+    cases: dict[str, Case] = {}
+    for t in (1.0, 2.0):
+        probs_t = F.softmax(t_logits / t, -1)
+        cases[f"uld_live_positional_T{t:g}"] = Case(
+            uld_terms({"ce": 0.5, "uld": 1.5}, t),
+            live(positional),
+            {"ce": ce, "uld": uld_ref(probs_t, positional, t)},
+        )
+    probs = F.softmax(t_logits, -1)
+    cases["uld_live_handmade_map"] = Case(
+        uld_terms({"uld": 1.0}), live(handmade), {"uld": uld_ref(probs, handmade, 1.0)}
+    )
+    cases["uld_live_hybrid"] = Case(
+        uld_terms({"uld": 1.0}, m=64),
+        live(handmade, hybrid=True),
+        {"uld": uld_ref(probs, handmade, 1.0, hybrid=True)},
+    )
+    cases["uld_live_hybrid"].terms = uld_terms({"uld": 1.0}, m=vt)  # the live teacher's top m = all of it
+
+    ids, kept, tail = topk_signal(t_logits, K, teacher_vocab=vt)
+    completed = ref.completed_teacher_probs(ids, kept.double(), tail.double(), vt)
+
+    def cached(
+        index: torch.Tensor, s: tuple = (ids, kept, tail), hybrid: bool = False
+    ) -> Callable[[slice], TeacherSignal]:
+        return lambda sl: AlignedSignal(
+            index, vt, match(sl) if hybrid else None, ids=s[0], kept_logprobs=s[1], tail=s[2]
+        )
+
+    cases["uld_cached_topk_k10"] = Case(
+        uld_terms({"uld": 1.0}), cached(handmade), {"uld": uld_ref(completed, handmade, 1.0)}
+    )
+    cases["uld_cached_hybrid_k10"] = Case(
+        uld_terms({"ce": 0.3, "uld": 1.0}),
+        cached(handmade, hybrid=True),
+        {"ce": ce, "uld": uld_ref(completed, handmade, 1.0, hybrid=True)},
+    )
+    # all the teacher's mass on its top 5: m = 8 < V/tp merges per-shard lists, and is still exact
+    top5 = F.log_softmax(t_logits, -1).topk(5, -1)
+    renorm = top5.values - top5.values.logsumexp(-1, keepdim=True)
+    no_tail = (top5.indices, renorm.float(), torch.zeros(n_t))
+    dense = torch.zeros(n_t, vt, dtype=torch.float64).scatter(-1, top5.indices, renorm.exp())
+    cases["uld_cached_no_tail_m8"] = Case(
+        uld_terms({"uld": 1.0}, m=8), cached(positional, no_tail), {"uld": uld_ref(dense, positional, 1.0)}
     )
     return cases
 

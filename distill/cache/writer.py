@@ -95,7 +95,9 @@ class CacheWriter:
         assert config.teacher is not None and config.cache is not None
         self.config, self.ctx, self.cfg = config, ctx, config.cache
         self.part, self.stop = part, stop or StopRequest()
-        self.data = PreparedData(config.data.dir)
+        # paired data (a teacher with another tokenizer): the teacher runs over its own tokenization
+        student_side = PreparedData(config.data.dir)
+        self.data = PreparedData(config.data.dir, side="teacher") if student_side.paired else student_side
         weights = open_teacher(
             config.teacher.path, tokenizer_sha256=self.data.tokenizer_sha256, data_dir=self.data.directory
         )
@@ -127,6 +129,7 @@ class CacheWriter:
             "tokenizer_sha256": self.data.tokenizer_sha256,
             "seq_len": self.data.seq_len,
             "sequences_per_shard": cfg.sequences_per_shard,
+            **({"pairing": self.data.manifest["spec"]["pairing"]} if self.data.side == "teacher" else {}),
         }
 
     def _check_output(self, overwrite: bool) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distill.config import CampaignConfig
 from distill.data.prepared import PreparedData
 from distill.engine.base import Engine
 from distill.errors import DataError
+from distill.teacher.aligned import AlignedSource, check_pairing, open_aligned_cache
 from distill.teacher.cached import CachedSource, open_cache
 from distill.teacher.online import OnlineSource
 from distill.teacher.source import MicroBatch, ReadAhead, TeacherSource
@@ -15,7 +17,15 @@ from distill.teacher.source import MicroBatch, ReadAhead, TeacherSource
 if TYPE_CHECKING:  # the CE objective is passed in; sources do not build objectives
     from distill.training.objective import Objective
 
-__all__ = ["CachedSource", "MicroBatch", "OnlineSource", "ReadAhead", "TeacherSource", "open_teacher_source"]
+__all__ = [
+    "AlignedSource",
+    "CachedSource",
+    "MicroBatch",
+    "OnlineSource",
+    "ReadAhead",
+    "TeacherSource",
+    "open_teacher_source",
+]
 
 
 def open_teacher_source(
@@ -25,6 +35,24 @@ def open_teacher_source(
     `cross_entropy` (a CE-only objective on the student's vocabulary shard) scores a live teacher."""
     teacher = config.teacher
     assert teacher is not None
+    check_pairing(config, data)
+    if data.paired:  # a teacher with another tokenizer: ULD over aligned positions
+        if teacher.mode == "online":
+            assert data.teacher_tokenizer_sha256 is not None
+            model = engine.frozen_model(
+                teacher.path,
+                precision=teacher.precision,
+                tokenizer_sha256=data.teacher_tokenizer_sha256,
+                data_dir=data.directory,
+            )
+            return AlignedSource(
+                config, data, engine, model=model, teacher_tokenizer=_tokenizer_dir(config, data)
+            )
+        assert config.cache is not None
+        reader = open_aligned_cache(config.cache.dir, data)
+        return AlignedSource(
+            config, data, engine, reader=reader, teacher_tokenizer=_tokenizer_dir(config, data)
+        )
     if teacher.mode == "online":
         model = engine.frozen_model(
             teacher.path,
@@ -45,3 +73,9 @@ def open_teacher_source(
     assert config.cache is not None
     reader = open_cache(config.cache.dir, data, engine.vocab_size)
     return CachedSource(reader, active=engine.loss_rank, device=engine.device)
+
+
+def _tokenizer_dir(config: CampaignConfig, data: PreparedData) -> Path:
+    """The teacher's tokenizer directory: `teacher.tokenizer`, else the one the data was paired with."""
+    assert config.teacher is not None
+    return config.teacher.tokenizer or Path(data.manifest["teacher_tokenizer"]["path"])

@@ -1,0 +1,191 @@
+"""Cross-tokenizer distillation end to end through the CLI: paired prepare, a top-k cache over the teacher
+sequences, ULD training against the cache and against the live teacher, and the bad inputs.
+
+The teacher is a tiny random Llama with its own byte-level BPE (900 ids, trained on other text than the
+student's 600-id one). With a cache that keeps the teacher's whole distribution (k = its vocabulary) and
+`top_m` above both vocabularies, the cached and the live teacher define the same ULD loss: the first
+step's ULD matches within the cache's quantization error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import load_config
+from distill.data.prepare import prepare
+from distill.data.prepared import PreparedData
+from distill.data.tokenizer import train_byte_level_bpe
+from distill.errors import DataError
+from distill.losses.uld import VocabMatch
+from distill.teacher.aligned import usable_match, vocab_match
+from parallel.vocab import VocabShard
+from tests.conftest import REPO, prepare_tree, stdlib_texts, write_config
+
+pytestmark = pytest.mark.slow
+TEACHER_VOCAB = 960
+CACHE_TOLERANCE = 2e-3  # quantized cached log-probs (see tests/test_distill.py)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.models.hf_io import copy_tokenizer_files
+
+    root = tmp_path_factory.mktemp("uld-teacher")
+    train_byte_level_bpe(stdlib_texts(20, start=5), root / "tokenizer", vocab_size=900)
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=TEACHER_VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "hf")
+    copy_tokenizer_files(root / "tokenizer", root / "hf")
+    return root / "hf"
+
+
+def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_keys: object) -> dict:
+    tree = prepare_tree(run, corpus, tokenizer, seq_len=32, heldout_sequences=2)
+    tree.update(
+        student={
+            "arch": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "ffn_hidden_size": 64,
+                "max_position_embeddings": 64,
+            },
+            "init_dir": str(run / "student_init"),
+        },
+        training={
+            "steps": 3,
+            "global_batch": 4,
+            "micro_batch": 2,
+            "lr": 3e-3,
+            "log_interval": 1,
+            "eval_sequences": 2,
+        },
+        checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
+        logging={"metrics": "${run.dir}/metrics.jsonl"},
+        teacher={"path": str(teacher), "micro_batch": 4, "seq_len": 48, **teacher_keys},
+        cache={"dir": str(run / "cache"), "mode": "topk", "k": TEACHER_VOCAB, "sequences_per_shard": 64},
+        loss={"weights": {"ce": 1.0, "uld": 1.5}, "uld": {"top_m": 1024}},
+    )
+    return tree
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def step_records(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, small_corpus, tokenizer_dir, teacher_dir) -> Path:
+    work = tmp_path_factory.mktemp("uld")
+    tree = campaign(work / "run", small_corpus, tokenizer_dir, teacher_dir)
+    write_config(work / "cached.yaml", tree)
+    online = copy.deepcopy(tree)
+    online["teacher"]["mode"] = "online"
+    online["run"]["dir"] = str(work / "online")
+    online["data"]["dir"] = str(work / "run" / "prepared")
+    del online["cache"]
+    write_config(work / "online.yaml", online)
+    for args in (
+        ("prepare", "cached.yaml"),
+        ("cache", "cached.yaml"),
+        ("train", "cached.yaml"),
+        ("train", "online.yaml"),
+    ):
+        done = cli(args[0], str(work / args[1]))
+        assert done.returncode == 0, (args, done.stderr[-4000:])
+    return work
+
+
+def test_prepare_pairs_every_sequence_and_records_both_tokenizers(work, tokenizer_dir, teacher_dir):
+    data = PreparedData(work / "run" / "prepared")
+    assert data.paired and data.manifest["teacher_tokenizer"]["vocab_size"] == 900
+    assert data.manifest["tokenizer"]["path"] == str(tokenizer_dir)
+    teacher = PreparedData(work / "run" / "prepared", side="teacher")
+    for domain in data.domains:
+        for split in ("train", "heldout"):
+            assert teacher.num_sequences(domain, split) == data.num_sequences(domain, split)
+        assert teacher.sequence(domain, 0).shape == (49,)
+        tally = data.manifest["domains"][domain]["teacher"]["splits"]["train"]
+        assert 0.5 < tally["byte_offset_aligned"] / tally["student_positions"] <= 1
+
+
+def test_cached_and_online_uld_train_and_agree(work):
+    cached, online = step_records(work / "run"), step_records(work / "online")
+    assert [r["step"] for r in cached] == [1, 2, 3] == [r["step"] for r in online]
+    for records in (cached, online):
+        assert all(r["loss/uld"] > 0 and 0.5 < r["loss/uld_pairs"] <= 1 for r in records)
+        assert all(r["loss/uld_bound"] < 1e-6 for r in records)  # top_m covers both vocabularies
+    # the same student, batches and teacher distribution: the first step's terms agree
+    assert abs(cached[0]["loss/uld"] - online[0]["loss/uld"]) < CACHE_TOLERANCE
+    assert abs(cached[0]["loss/ce"] - online[0]["loss/ce"]) < 1e-5
+    assert cached[-1]["loss"] < cached[0]["loss"]
+
+
+def test_uld_with_a_same_tokenizer_teacher_says_plain_kd_applies(work, prepared_small, tiny_model_dir):
+    tree = copy.deepcopy(prepared_small)
+    uld = campaign(work / "same", Path("/unused"), Path("/unused"), tiny_model_dir)
+    tree.update({k: v for k, v in uld.items() if k not in ("run", "data", "cache")})
+    tree["teacher"]["mode"] = "online"
+    done = cli("train", str(write_config(work / "same.yaml", tree)))
+    assert done.returncode != 0
+    assert "plain KD applies" in done.stderr and "loss.weights.uld" in done.stderr
+
+
+def test_a_cache_built_over_another_pairing_is_refused(work, small_corpus, tokenizer_dir, teacher_dir):
+    tree = campaign(work / "other", small_corpus, tokenizer_dir, teacher_dir, seq_len=40)
+    tree["cache"]["dir"] = str(work / "run" / "cache")  # built over teacher sequences of 48 tokens
+    path = write_config(work / "other.yaml", tree)
+    assert cli("prepare", str(path)).returncode == 0
+    done = cli("train", str(path))
+    assert done.returncode != 0
+    assert "built over another pairing" in done.stderr and "teacher_seq_len 40" in done.stderr
+
+
+def test_a_teacher_tokenizer_that_does_not_load_names_the_key(
+    tmp_path, small_corpus, tokenizer_dir, teacher_dir
+):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    tree = campaign(
+        tmp_path / "run", small_corpus, tokenizer_dir, teacher_dir, tokenizer=str(tmp_path / "broken")
+    )
+    with pytest.raises(DataError, match=r"teacher.tokenizer: the teacher's tokenizer does not load"):
+        prepare(load_config(write_config(tmp_path / "c.yaml", tree)), progress=False)
+
+
+def test_hybrid_matches_identical_token_bytes_and_warns_when_none_match(tokenizer_dir, teacher_dir, capsys):
+    match = vocab_match(
+        tokenizer_dir, teacher_dir, VocabShard(0, 640, None), TEACHER_VOCAB, torch.device("cpu")
+    )
+    assert 256 < match.count < 600  # the 256 byte tokens and common merges at least
+    twins = match.teacher_to_student[match.teacher_to_student >= 0]
+    assert len(set(twins.tolist())) == match.count and bool(match.student_mask[twins].all())
+    assert usable_match(match, speak=False) is match
+    lonely = VocabMatch(torch.zeros(640, dtype=torch.bool), torch.full((TEACHER_VOCAB,), -1), 1)
+    assert usable_match(lonely, speak=True) is None
+    assert "1 token(s) have identical text in both vocabularies" in capsys.readouterr().err

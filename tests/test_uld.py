@@ -151,3 +151,38 @@ def test_truncated_uld_is_within_its_bound_of_the_exact_sum(m):
         assert found.bound.abs().max() < 1e-12 and gap.abs().max() < 1e-12
     else:
         assert found.bound.max() > 0  # the bound is not vacuous: some rows have mass beyond the top m
+
+
+def test_pairing_interrupted_and_resumed_writes_the_same_bytes(
+    tmp_path, prepared_small, tokenizer_dir, teacher_tokenizer, monkeypatch
+):
+    import shutil
+
+    from distill.data import pairing
+
+    source = Path(prepared_small["data"]["dir"]) / "code"
+    student, teacher = load_tokenizer(tokenizer_dir), load_tokenizer(teacher_tokenizer)
+    monkeypatch.setattr(pairing, "CHUNK", 8)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    for target in (whole, broken):
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("teacher", ".teacher.partial"))
+    expected = pairing.pair_domain(whole, "code", student, Pairing(teacher, 60), progress=False)
+
+    calls = {"n": 0}
+    real = pairing._Pairer.pair
+
+    def dies_on_the_third_chunk(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as a kill between two committed chunks
+        return real(self, rows)
+
+    monkeypatch.setattr(pairing._Pairer, "pair", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        pairing.pair_domain(broken, "code", student, Pairing(teacher, 60), progress=False)
+    assert not (broken / "teacher").exists() and (broken / ".teacher.partial" / "state.json").is_file()
+    monkeypatch.setattr(pairing._Pairer, "pair", real)
+    resumed = pairing.pair_domain(broken, "code", student, Pairing(teacher, 60), progress=False)
+    assert resumed == expected
+    for path in sorted((whole / "teacher").iterdir()):
+        assert path.read_bytes() == (broken / "teacher" / path.name).read_bytes(), path.name

@@ -186,3 +186,29 @@ def test_pairing_interrupted_and_resumed_writes_the_same_bytes(
     assert resumed == expected
     for path in sorted((whole / "teacher").iterdir()):
         assert path.read_bytes() == (broken / "teacher" / path.name).read_bytes(), path.name
+
+
+def test_paired_prepare_by_array_parts_equals_one_part(
+    tmp_path, small_corpus, tokenizer_dir, teacher_tokenizer
+):
+    import shutil
+
+    from distill.config import load_config
+    from distill.data.prepare import prepare
+    from distill.data.prepare_parts import prepare_part
+    from tests.conftest import prepare_tree, write_config
+    from tests.test_prepare_parts import tree_bytes
+
+    tree = prepare_tree(tmp_path / "run", small_corpus, tokenizer_dir, seq_len=48, heldout_sequences=2)
+    tree["teacher"] = {"path": str(tmp_path / "unused"), "tokenizer": str(teacher_tokenizer), "seq_len": 70}
+    tree["cache"] = {"dir": str(tmp_path / "cache")}
+    config = write_config(tmp_path / "paired.yaml", tree)
+    out = tmp_path / "run" / "prepared"
+    prepare(load_config(config), progress=False)
+    reference = tree_bytes(out)
+    assert any(name.endswith("teacher/offsets_train.bin") for name in reference)
+    shutil.rmtree(out)
+    for index in (1, 0):
+        prepare_part(load_config(config), index, 2, progress=False)
+    prepare(load_config(config), progress=False)  # the pack step, then the pairing
+    assert tree_bytes(out) == reference

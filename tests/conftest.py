@@ -74,29 +74,41 @@ def prepare_tree(run_dir: Path, corpus: Path, tokenizer: Path, **data: object) -
     return {"run": {"name": "test", "dir": str(run_dir)}, "data": section}
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny random HF Llama (tied embeddings, vocab 640 >= the test tokenizer's 600) with that tokenizer."""
+def tiny_llama(
+    out: Path,
+    tokenizer: Path,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    max_positions: int = 64,
+) -> Path:
+    """A tiny random HF Llama (2 layers, tied embeddings) over `tokenizer`, saved at `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.models.hf_io import copy_tokenizer_files
 
-    out = tmp_path_factory.mktemp("tiny") / "hf"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=640,
-        hidden_size=64,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(out)
-    copy_tokenizer_files(tokenizer_dir, out)
+    copy_tokenizer_files(tokenizer, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A tiny random HF Llama (tied embeddings, vocab 640 >= the test tokenizer's 600) with that tokenizer."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "hf", tokenizer_dir, 640)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from distill.eval.run import EvalSettings, ModelToEval, evaluate
 from distill.eval.score import find_data_tokenizer, reencode, score_documents
 from distill.eval.text import Document, heldout_documents, packed_label_bytes, token_bytes
 from distill.eval.windows import rolling_windows
+from tests import conftest
 from tests.conftest import REPO, stdlib_texts
 
 DEMO_TOKENIZER = REPO / "assets" / "demo-teacher"
@@ -186,24 +187,7 @@ def test_a_tensor_parallel_checkpoint_scores_like_its_hf_model(tmp_path, prepare
 
 def tiny_llama(out: Path, tokenizer: Path, vocab_size: int) -> Path:
     """A tiny random HF Llama over `tokenizer` (as `tiny_model_dir`, another vocabulary)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.models.hf_io import copy_tokenizer_files
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    copy_tokenizer_files(tokenizer, out)
-    return out
+    return conftest.tiny_llama(out, tokenizer, vocab_size, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from distill.errors import DataError
 from distill.losses.uld import VocabMatch
 from distill.teacher.aligned import usable_match, vocab_match
 from parallel.vocab import VocabShard
-from tests.conftest import REPO, prepare_tree, stdlib_texts, write_config
+from tests.conftest import REPO, prepare_tree, stdlib_texts, tiny_llama, write_config
 
 pytestmark = pytest.mark.slow
 TEACHER_VOCAB = 960
@@ -35,25 +35,9 @@ CACHE_TOLERANCE = 2e-3  # quantized cached log-probs (see tests/test_distill.py)
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.models.hf_io import copy_tokenizer_files
-
     root = tmp_path_factory.mktemp("uld-teacher")
     train_byte_level_bpe(stdlib_texts(20, start=5), root / "tokenizer", vocab_size=900)
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=TEACHER_VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "hf")
-    copy_tokenizer_files(root / "tokenizer", root / "hf")
+    tiny_llama(root / "hf", root / "tokenizer", TEACHER_VOCAB, seed=1, hidden_size=48, max_positions=128)
     return root / "hf"
 
 

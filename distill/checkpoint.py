@@ -13,6 +13,8 @@ Every rank writes its shards into the `.partial` directory; only when all are wr
 point leaves the previous checkpoint as `latest`, complete and loadable. Tensors are saved with their
 global shapes and offsets, so a checkpoint written at tp2 pp1 loads at tp1 pp2 (resharding); RNG
 states are restored only into the layout that wrote them (elsewhere they have no meaning).
+`begin_save` / `commit_save` are that protocol on its own: the DeepSpeed engine writes its files through
+them too (`distill/engine/zero_checkpoint.py`; `distillery.json` says which engine wrote a checkpoint).
 
 Nothing in a checkpoint is unpickled freely: our own state is JSON and safetensors, and megatron's
 files are loaded under `distill.unpickling.no_code_execution` (see there for the audit).
@@ -133,6 +135,50 @@ def _read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
     )
 
 
+def begin_save(root: Path, step: int, *, is_main: bool) -> tuple[Path, Path]:
+    """Collective: an empty `.step_N.partial` directory for every rank to write into; returns
+    (partial, final). A save killed earlier at this step is discarded."""
+    root = Path(root)
+    final = root / step_name(step)
+    partial = root / f".{final.name}.partial"
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)  # dist_checkpointing wants it empty
+    dist.barrier()
+    return partial, final
+
+
+def commit_save(
+    partial: Path,
+    final: Path,
+    *,
+    is_main: bool,
+    training_state: dict[str, Any],
+    meta: dict[str, Any],
+    tokenizer_dir: Path | None,
+    keep_last: int | None,
+) -> Path:
+    """Collective, once every rank has written its files into `partial`: the main rank adds the
+    training state, the tokenizer and `distillery.json` (last), renames the directory to `final` and
+    moves `latest`. Before the rename nothing is a checkpoint; after it, a complete one."""
+    dist.barrier()
+    if is_main:
+        atomic_write_json(partial / TRAINING_STATE, training_state)
+        if tokenizer_dir is not None:
+            (partial / TOKENIZER).mkdir()
+            copy_tokenizer_files(tokenizer_dir, partial / TOKENIZER)
+        atomic_write_json(partial / META, {"format": FORMAT, **meta})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync_dir(final.parent)
+        atomic_write_text(final.parent / LATEST, final.name + "\n")
+        if keep_last:
+            _prune(final.parent, keep_last)
+    dist.barrier()
+    return final
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -152,44 +198,29 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
-    root = Path(root)
-    final = root / step_name(step)
-    partial = root / f".{final.name}.partial"
-    if ctx.is_main:
-        shutil.rmtree(partial, ignore_errors=True)  # a save killed earlier at this step
-        partial.mkdir(parents=True)  # dist_checkpointing wants it empty
-    dist.barrier()
+    partial, final = begin_save(root, step, is_main=ctx.is_main)
     sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
     dist_checkpointing.save(sharded, str(partial))
     (partial / "rng").mkdir(exist_ok=True)
     save_file(_rng_state(), str(partial / "rng" / f"rank_{ctx.rank:05d}.safetensors"))
-    dist.barrier()
-    if ctx.is_main:
-        atomic_write_json(partial / TRAINING_STATE, training_state)
-        if tokenizer_dir is not None:
-            (partial / TOKENIZER).mkdir()
-            copy_tokenizer_files(tokenizer_dir, partial / TOKENIZER)
-        atomic_write_json(
-            partial / META,
-            {
-                "format": FORMAT,
-                "step": step,
-                "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp},
-                "has_optimizer": optimizer is not None,
-                **meta,
-            },
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST, final.name + "\n")
-        if keep_last:
-            _prune(root, keep_last)
-    dist.barrier()
-    return final
+    layout = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}
+    return commit_save(
+        partial,
+        final,
+        is_main=ctx.is_main,
+        training_state=training_state,
+        meta={
+            "engine": "megatron",
+            "step": step,
+            "layout": layout,
+            "has_optimizer": optimizer is not None,
+            **meta,
+        },
+        tokenizer_dir=tokenizer_dir,
+        keep_last=keep_last,
+    )
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -206,6 +237,11 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
+    if meta.get("engine", "megatron") != "megatron":
+        raise DataError(
+            f"{path} was written by the {meta['engine']} engine; resume it with engine: {meta['engine']}, or start "
+            f"from its weights (student.init: {path}) in a new checkpoint.dir"
+        )
     sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     with_optimizer = optimizer is not None and meta["has_optimizer"]
     if with_optimizer:

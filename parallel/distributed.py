@@ -58,18 +58,25 @@ def _single_process_env() -> None:
     )
 
 
-def init_parallel(tp: int, pp: int, seed: int) -> ParallelContext:
-    """Join the world (torchrun env or a world of one), build the tp/pp/dp groups, seed every RNG."""
+def join_world() -> torch.device:
+    """Join the torch.distributed world (torchrun's environment, or a world of one): NCCL on this
+    rank's GPU where CUDA is present, else gloo on CPU. Returns this rank's device."""
     _single_process_env()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def init_parallel(tp: int, pp: int, seed: int) -> ParallelContext:
+    """Join the world (torchrun env or a world of one), build the tp/pp/dp groups, seed every RNG."""
+    if not torch.cuda.is_available():
         cpu_compat.apply()  # before megatron-core's first import: it quiets warnings printed at import
     from megatron.core import parallel_state, tensor_parallel
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    device = join_world()
     dims = ParallelDims.from_world(dist.get_world_size(), tp, pp)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()  # a new layout in the same world (tests, resharding)
@@ -86,7 +93,7 @@ def init_parallel(tp: int, pp: int, seed: int) -> ParallelContext:
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         mp_group=parallel_state.get_model_parallel_group(),
-        device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+        device=device,
     )
 
 

@@ -9,6 +9,8 @@ is self-contained. Sections live in `data.py` and `train.py`; this module assemb
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from distill.config.base import AbsPath, Section
@@ -34,6 +36,7 @@ from distill.config.train import (
     TeacherConfig,
     TrainingConfig,
 )
+from distill.config.zero import OffloadConfig, ZeroConfig
 
 __all__ = [
     "BaselineConfig",
@@ -48,6 +51,7 @@ __all__ = [
     "LoggingConfig",
     "LossConfig",
     "LossWeightsConfig",
+    "OffloadConfig",
     "ParallelConfig",
     "RunConfig",
     "Section",
@@ -58,6 +62,7 @@ __all__ = [
     "StudentConfig",
     "TaidConfig",
     "TeacherConfig",
+    "ZeroConfig",
     "TokenizerConfig",
     "TokenizerTrainConfig",
     "TrainingConfig",
@@ -87,7 +92,14 @@ class CampaignConfig(Section):
     run: RunConfig
     data: DataConfig
     student: StudentConfig | None = None
+    engine: Literal["megatron", "deepspeed"] = Field(
+        default="megatron",
+        description="What shards the student: megatron-core (tp x pp x dp) or DeepSpeed ZeRO (HF modules).",
+    )
     parallel: ParallelConfig = ParallelConfig()
+    deepspeed: ZeroConfig | None = Field(
+        default=None, description="engine deepspeed: ZeRO stage, offload (defaults when absent)."
+    )
     training: TrainingConfig | None = None
     checkpoint: CheckpointConfig | None = None
     logging: LoggingConfig | None = None
@@ -119,6 +131,7 @@ class CampaignConfig(Section):
             raise ValueError(
                 "`baseline` needs the training sections (student, training, checkpoint, logging)"
             )
+        self._check_engine()
         self._check_teacher()
         self._check_loss()
         self._check_slurm()
@@ -155,6 +168,19 @@ class CampaignConfig(Section):
                     f"slurm.stages.{stage}: {resources.nodes} node(s) x {per_node} rank(s) = {world} ranks, "
                     f"not a multiple of the {'teacher' if stage == 'cache' else 'student'}'s tp x pp = {unit}"
                 )
+
+    def _check_engine(self) -> None:
+        if self.engine == "megatron":
+            if self.deepspeed is not None:
+                raise ValueError(
+                    "the `deepspeed` section is read by engine: deepspeed only (engine is megatron)"
+                )
+            return
+        if self.parallel.tp != 1 or self.parallel.pp != 1:
+            raise ValueError(
+                f"engine deepspeed shards the student by ZeRO over data parallel: parallel.tp and parallel.pp "
+                f"must be 1 (they are {self.parallel.tp} and {self.parallel.pp}); use engine megatron for tp/pp"
+            )
 
     def _check_teacher(self) -> None:
         teacher, cache = self.teacher, self.cache

@@ -11,7 +11,12 @@ __all__ = ["Engine", "ForwardModel", "LossFn", "OutputFn", "build_engine"]
 
 
 def build_engine(config: CampaignConfig, ctx: Any = None) -> Engine:
-    """The engine for `config` (megatron-core today); joins the world unless `ctx` is given."""
-    from distill.engine.megatron import MegatronEngine  # megatron-core: imported only when training
+    """The engine `config.engine` names; joins the world unless `ctx` (megatron: a built parallel
+    context, for tests) is given. Each engine's library is imported only when it is built."""
+    if config.engine == "deepspeed":
+        from distill.engine.zero import ZeroEngine
+
+        return ZeroEngine(config)
+    from distill.engine.megatron import MegatronEngine
 
     return MegatronEngine(config, ctx)

@@ -191,9 +191,20 @@ def render_model_card(
         "",
         "## Provenance",
         "",
+        f"- trained by: {_engine_text(config)}",
         f"- campaign config sha256: {prov.get('config_sha256', 'not recorded')}",
         f"- distillery {version.get('version') or 'unknown version'}, commit {version.get('commit') or 'unknown'}",
         f"- checkpoint step: {state.get('step', 'not recorded')}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _engine_text(config: dict[str, Any]) -> str:
+    """Which engine sharded the student, and how (from the campaign config)."""
+    if not config:
+        return "not recorded"
+    if config.get("engine") == "deepspeed":
+        return f"DeepSpeed ZeRO-{(config.get('deepspeed') or {}).get('zero_stage', 2)} (Hugging Face modules)"
+    parallel = config.get("parallel") or {}
+    return f"megatron-core (tp {parallel.get('tp', 1)}, pp {parallel.get('pp', 1)})"

@@ -1,7 +1,8 @@
 """Where a model's weights come from, and the one function that loads them into a sharded model.
 
 A model path names either a Hugging Face directory (`config.json` + safetensors) or a distillery
-checkpoint (a step directory, or a checkpoint root whose `latest` is taken). `find_weights` says which
+checkpoint (a step directory, or a checkpoint root whose `latest` is taken; a DeepSpeed engine's
+checkpoint is read through the HF directory it holds, `hf/`). `find_weights` says which
 and reads the architecture; `load_weights` fills this rank's shard of a megatron-core model from
 either (HF: only this rank's slices are read; checkpoint: `dist_checkpointing` reshards to any layout).
 Students, online teachers, the cache writer's teacher and cache inspection all load through here.
@@ -41,7 +42,10 @@ def find_weights(path: Path) -> Weights:
     if (path / "config.json").is_file():
         return Weights(HFCheckpoint(path).arch, path, "hf")
     ckpt = resolve_checkpoint(path)
-    return Weights(ModelArch.from_json(read_meta(ckpt)["arch"]), ckpt, "checkpoint")
+    meta = read_meta(ckpt)
+    if meta.get("engine") == "deepspeed":  # its whole model, gathered at save time, is an HF directory
+        return Weights(ModelArch.from_json(meta["arch"]), ckpt / "hf", "hf")
+    return Weights(ModelArch.from_json(meta["arch"]), ckpt, "checkpoint")
 
 
 def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext) -> None:

@@ -12,7 +12,7 @@ Optimizer state is saved as sharded tensors keyed like the parameters, so it res
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -41,6 +41,17 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "layernorm" in name or name.endswith(".bias")
 
 
+def adamw_param_groups(
+    named_parameters: Iterable[tuple[str, torch.Tensor]], cfg: TrainingConfig
+) -> list[dict[str, Any]]:
+    """AdamW's two groups, the same for both engines: weight decay on matrices, none on norms and
+    biases (by name and shape; pass only the tensors that train)."""
+    decay, plain = [], []
+    for name, param in named_parameters:
+        (plain if _no_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 class DistillOptimizer:
     """AdamW with optional fp32 masters; `step()` consumes `main_grad`s and returns the grad norm."""
 
@@ -53,16 +64,11 @@ class DistillOptimizer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         names = {id(p): n for n, p in model.named_parameters()}
-        decay, plain = [], []
-        for param, master in zip(self.params, self.masters, strict=True):
-            (plain if _no_decay(names[id(param)], param) else decay).append(master)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
+        groups = adamw_param_groups(
+            ((names[id(p)], m) for p, m in zip(self.params, self.masters, strict=True)), cfg
         )
-        self._order = decay + plain  # the optimizer's parameter order, for sharded state
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self._order = groups[0]["params"] + groups[1]["params"]  # the optimizer's order, for sharded state
         self._model_of = {id(m): p for p, m in zip(self.params, self.masters, strict=True)}
 
     def _counted(self, param: torch.Tensor) -> bool:

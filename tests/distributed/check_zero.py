@@ -1,0 +1,71 @@
+"""The DeepSpeed ZeRO engine on real gloo processes (see tests/test_zero_engine.py).
+
+argv: OUT_DIR WORK_DIR. WORK_DIR holds `cached.yaml` (top-k cache with k = V) and `online.yaml` over the
+same data, student initialisation and teacher. Launched once with 1 rank and once with 2: each launch
+trains ZeRO-2 and ZeRO-3 from the same initial student on the same global batches, cached and online;
+the 1-rank launch also trains the megatron engine from the same weights. The ZeRO-3 cached run reports
+its logits on a fixed batch (after training, through the engine) for the export check.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distill.config import load_config
+from distill.training.loop import DistillLoop
+from distill.training.train import build_loop
+from parallel.distributed import join_world
+from tests.distributed import report
+
+STEPS = 5
+
+
+def trainer(work: Path, config_name: str, run: str, *overrides: str) -> DistillLoop:
+    run_dir = work / "runs" / f"{run}_dp{dist.get_world_size()}"
+    config = load_config(work / config_name, [f"run.dir={run_dir}", f"training.steps={STEPS}", *overrides])
+    if dist.get_rank() == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    return build_loop(config)
+
+
+def logits_of(loop: DistillLoop, tokens: torch.Tensor) -> list:
+    """The engine's own logits `[b, s, V]` for `tokens` (its output layer applied to its hidden states)."""
+    out = loop.engine.forward([tokens], lambda i, hidden, weight, labels: hidden.float() @ weight.float().t())
+    return out[0].tolist()
+
+
+def main() -> None:
+    out, work = sys.argv[1], Path(sys.argv[2])
+    join_world()
+    found: dict[str, object] = {}
+    deepspeed = ["engine=deepspeed"]
+    for name, config, stage in (
+        ("zero2_cached", "cached.yaml", 2),
+        ("zero3_cached", "cached.yaml", 3),
+        ("zero2_online", "online.yaml", 2),
+        ("zero3_online", "online.yaml", 3),
+    ):
+        loop = trainer(work, config, name, *deepspeed, f"deepspeed.zero_stage={stage}")
+        found[name] = [r.loss for r in loop.run()]
+        if name == "zero3_cached":
+            domain = loop.data.domains[0]
+            rows = [loop.data.sequence(domain, i, "heldout")[:9].astype("int64") for i in (0, 1)]
+            tokens = torch.from_numpy(np.stack(rows))  # [2, 9]
+            found["zero3_logits"] = logits_of(loop, tokens)
+            found["zero3_tokens"] = tokens.tolist()
+            found["zero3_checkpoint"] = str(loop.config.checkpoint.dir)
+    if dist.get_world_size() == 1:
+        found["megatron_cached"] = [r.loss for r in trainer(work, "cached.yaml", "megatron").run()]
+    report(out, dist.get_rank(), found)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from distill.config import CampaignConfig, config_to_yaml, load_config
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DataError
 from tests.conftest import REPO, write_config
 
 ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -210,3 +210,64 @@ def test_ddk_needs_heldout_sequences(tmp_path):
     tree["teacher"] = {"path": "t", "mode": "online"}
     with pytest.raises(ConfigError, match="ddk needs held-out sequences: data.heldout_sequences is 0"):
         load_config(write_config(tmp_path / "c.yaml", tree))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"engine": "deepspeed", "parallel": {"tp": 2}},
+            "engine deepspeed shards the student by ZeRO over data parallel: parallel.tp and parallel.pp must be 1",
+        ),
+        ({"deepspeed": {"zero_stage": 3}}, "the `deepspeed` section is read by engine: deepspeed only"),
+        (
+            {"engine": "deepspeed", "deepspeed": {"zero_stage": 4}},
+            "deepspeed.zero_stage: Input should be 1, 2 or 3",
+        ),
+        (
+            {"engine": "deepspeed", "deepspeed": {"offload_param": {"device": "cpu"}}},
+            "deepspeed: offload_param needs zero_stage 3",
+        ),
+        (
+            {"engine": "deepspeed", "deepspeed": {"offload_optimizer": {"device": "nvme"}}},
+            "deepspeed.offload_optimizer: device nvme needs nvme_path",
+        ),
+        ({"engine": "zero"}, "engine: Input should be 'megatron' or 'deepspeed'"),
+    ],
+)
+def test_engine_errors_name_the_keys(tmp_path, change, expected):
+    tree = training_tree(tmp_path)
+    tree.update(change)
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path / "c.yaml", tree))
+    assert expected in " ".join(str(err.value).split())
+
+
+def test_deepspeed_config_maps_training_and_zero_keys(tmp_path):
+    import torch
+
+    from distill.engine.zero_config import inference_config, training_config
+
+    tree = training_tree(tmp_path)
+    tree.update(
+        engine="deepspeed",
+        deepspeed={"zero_stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}},
+    )
+    config = load_config(write_config(tmp_path / "c.yaml", tree))
+    train = training_config(config, dp_size=2, dtype=torch.bfloat16)
+    assert (train["train_batch_size"], train["train_micro_batch_size_per_gpu"]) == (4, 2)
+    assert train["gradient_accumulation_steps"] == 1 and train["managed_gradient_accumulation"] is False
+    assert train["bf16"] == {"enabled": True} and train["gradient_clipping"] == 1.0
+    zero = train["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"] == {
+        "device": "nvme",
+        "pin_memory": False,
+        "nvme_path": str(tmp_path),
+    }
+    assert "offload_optimizer" not in zero and zero["stage3_gather_16bit_weights_on_model_save"]
+    teacher = inference_config(config, micro_batch=8, dtype=torch.float32)
+    assert teacher["zero_optimization"]["stage"] == 3 and teacher["bf16"] == {"enabled": False}
+    with pytest.raises(
+        DataError, match="training.global_batch 4 is not a multiple of training.micro_batch 2 x 4"
+    ):
+        training_config(config, dp_size=4, dtype=torch.float32)

@@ -91,7 +91,18 @@ def runs(work, tmp_path_factory) -> dict[int, dict]:
 def test_two_ranks_train_like_one(runs, name):
     one, two = runs[1][name], runs[2][name]
     assert len(one) == 5 and one[-1] < one[0]
+    if name.startswith("zero3"):
+        assert runs[2][f"{name}_partitioned"]  # every parameter was split over the 2 ranks
     assert two == pytest.approx(one, abs=1e-5)
+
+
+def test_taid_and_ddk_run_on_the_deepspeed_engine_like_on_one_rank(runs):
+    one, two = runs[1], runs[2]
+    assert two["zero2_taid_ddk"] == pytest.approx(one["zero2_taid_ddk"], abs=1e-5)
+    taus = two["zero2_taid_ddk_tau"]
+    assert taus == one["zero2_taid_ddk_tau"] and taus == sorted(taus) and taus[-1] > taus[0]
+    weights = two["zero2_taid_ddk_weights"]
+    assert weights == pytest.approx(one["zero2_taid_ddk_weights"], abs=1e-6) and len(set(weights)) > 1
 
 
 def test_zero2_and_zero3_are_the_same_training(runs):
@@ -135,7 +146,11 @@ def train_command(
 ) -> list[str]:
     command = [sys.executable, "-m", "launcher", "launch", "--nproc", str(nproc), "--", "train"]
     command.append(str(work / "cached.yaml"))
-    zero = ["deepspeed.zero_stage=3"] if engine == "deepspeed" else []
+    zero = (
+        ["deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0"]
+        if engine == "deepspeed"
+        else []
+    )
     sets = (f"run.dir={run_dir}", f"engine={engine}", *zero, "training.steps=8", *overrides)
     for item in sets:
         command += ["--set", item]

@@ -41,6 +41,12 @@ def logits_of(loop: DistillLoop, tokens: torch.Tensor) -> list:
     return out[0].tolist()
 
 
+def partitioned(loop: DistillLoop) -> bool:
+    """Whether every parameter of the ZeRO-3 student is split (this rank holds a part, not the whole)."""
+    model = loop.engine.wrapper.model
+    return all(p.ds_tensor.numel() < p.ds_numel and p.numel() == 0 for p in model.parameters())
+
+
 def main() -> None:
     out, work = sys.argv[1], Path(sys.argv[2])
     join_world()
@@ -52,7 +58,11 @@ def main() -> None:
         ("zero2_online", "online.yaml", 2),
         ("zero3_online", "online.yaml", 3),
     ):
-        loop = trainer(work, config, name, *deepspeed, f"deepspeed.zero_stage={stage}")
+        # stage 3 splits every tensor (by default DeepSpeed keeps tensors under 100k elements whole)
+        split = ["deepspeed.stage3_param_persistence_threshold=0"] if stage == 3 else []
+        loop = trainer(work, config, name, *deepspeed, f"deepspeed.zero_stage={stage}", *split)
+        if stage == 3 and dist.get_world_size() == 2:
+            found[f"{name}_partitioned"] = partitioned(loop)
         found[name] = [r.loss for r in loop.run()]
         if name == "zero3_cached":
             domain = loop.data.domains[0]
@@ -61,6 +71,18 @@ def main() -> None:
             found["zero3_logits"] = logits_of(loop, tokens)
             found["zero3_tokens"] = tokens.tolist()
             found["zero3_checkpoint"] = str(loop.config.checkpoint.dir)
+    # TAID's schedule and DDK's reweighting (held-out passes through the engine) ride on the same loop
+    taid_ddk = [
+        "loss.weights.taid=1.0",
+        "data.mixture.type=ddk",
+        "data.mixture.interval=2",
+        "data.mixture.eval_sequences=2",
+    ]
+    loop = trainer(work, "cached.yaml", "zero2_taid_ddk", *deepspeed, "deepspeed.zero_stage=2", *taid_ddk)
+    results = loop.run()
+    found["zero2_taid_ddk"] = [r.loss for r in results]
+    found["zero2_taid_ddk_tau"] = [r.tau for r in results]
+    found["zero2_taid_ddk_weights"] = loop.mixture.state_dict()["sampler"]["weights"]
     if dist.get_world_size() == 1:
         found["megatron_cached"] = [r.loss for r in trainer(work, "cached.yaml", "megatron").run()]
     report(out, dist.get_rank(), found)

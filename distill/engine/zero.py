@@ -21,6 +21,8 @@ Checkpoints: `zero_checkpoint.py`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -139,11 +141,10 @@ class ZeroEngine(ZeroForward):
 
         assert config.training is not None
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # DeepSpeed 0.19.8 calls torch's deprecated alias of all_gather_into_tensor; nothing a user can act on
-        warnings.filterwarnings(
-            "ignore", r"`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning
-        )
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        # DeepSpeed 0.19.8 calls torch's deprecated collective aliases; nothing a user can act on
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+        with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully"
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         torch.manual_seed(config.training.seed)
         self.rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.is_main = self.rank, self.rank == 0

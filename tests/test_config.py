@@ -233,6 +233,17 @@ def test_ddk_needs_heldout_sequences(tmp_path):
             "deepspeed.offload_optimizer: device nvme needs nvme_path",
         ),
         ({"engine": "zero"}, "engine: Input should be 'megatron' or 'deepspeed'"),
+        (
+            {
+                "engine": "deepspeed",
+                "deepspeed": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+            },
+            "deepspeed: offload_optimizer device nvme needs zero_stage 3",
+        ),
+        (
+            {"engine": "deepspeed", "deepspeed": {"zero_stage": 1, "overlap_comm": True}},
+            "deepspeed: overlap_comm needs zero_stage 2 or 3",
+        ),
     ],
 )
 def test_engine_errors_name_the_keys(tmp_path, change, expected):

@@ -59,9 +59,19 @@ class ZeroConfig(Section):
     stage3_max_live_parameters: int = Field(default=1_000_000_000, gt=0)
 
     @model_validator(mode="after")
-    def _param_offload_needs_stage3(self) -> ZeroConfig:
+    def _what_each_stage_supports(self) -> ZeroConfig:
+        """What DeepSpeed would refuse deep inside `initialize`, or quietly do otherwise."""
         if self.offload_param.device != "none" and self.zero_stage != 3:
             raise ValueError(
                 f"offload_param needs zero_stage 3 (only stage 3 partitions parameters; zero_stage is {self.zero_stage})"
+            )
+        if self.offload_optimizer.device == "nvme" and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_optimizer device nvme needs zero_stage 3 (stages 1-2 would keep the state in host "
+                f"memory and ignore nvme_path; zero_stage is {self.zero_stage}); use device cpu"
+            )
+        if self.overlap_comm and self.zero_stage == 1:
+            raise ValueError(
+                "overlap_comm needs zero_stage 2 or 3 (DeepSpeed overlaps gradient reduction there)"
             )
         return self

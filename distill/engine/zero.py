@@ -172,7 +172,7 @@ class ZeroEngine(ZeroForward):
     def resume(self) -> dict[str, Any] | None:
         assert self.config.checkpoint is not None
         state = load_zero_checkpoint(
-            self.ds, self.config.checkpoint.dir, rank=self.rank, dp_size=self.dp_size
+            self.ds, self.config.checkpoint.dir, rank=self.rank, dp_size=self.dp_size, stage=self.stage
         )
         if state is not None:
             self._say(f"train: resumed from {state['checkpoint']} at step {state['step']}")
@@ -181,7 +181,8 @@ class ZeroEngine(ZeroForward):
         return None
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss: LossFn) -> list[dict[str, Any]]:
-        local = torch.tensor(float(sum(m.shape[0] * (m.shape[1] - 1) for m in micro_batches)))
+        tokens = sum(m.shape[0] * (m.shape[1] - 1) for m in micro_batches)
+        local = torch.tensor(tokens, dtype=torch.float64, device=self.device)  # NCCL: on the device
         dist.all_reduce(local)  # tokens in the global batch
         scale = self.dp_size / local.item()  # DeepSpeed averages over data parallel: d(sum / tokens)
         self.wrapper.fn = loss
@@ -244,6 +245,11 @@ class ZeroEngine(ZeroForward):
         return box[0]
 
     def close(self) -> None:
+        """Leave the world through DeepSpeed when it was joined, so its cached groups go too."""
+        if "deepspeed" in sys.modules and dist.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
 

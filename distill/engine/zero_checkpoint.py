@@ -118,7 +118,9 @@ def save_zero_checkpoint(
     )
 
 
-def load_zero_checkpoint(engine: Any, root: Path, *, rank: int, dp_size: int) -> dict[str, Any] | None:
+def load_zero_checkpoint(
+    engine: Any, root: Path, *, rank: int, dp_size: int, stage: int
+) -> dict[str, Any] | None:
     """Collective: load the latest checkpoint under `root` into `engine` (weights, ZeRO partitions of
     the optimizer, RNG) and return its training state; None when there is none yet."""
     from safetensors.torch import load_file
@@ -131,6 +133,11 @@ def load_zero_checkpoint(engine: Any, root: Path, *, rank: int, dp_size: int) ->
         raise DataError(
             f"{latest} was written by the {meta.get('engine', 'megatron')} engine; resume it with that engine, "
             f"or start engine deepspeed from its export (student.init) in a new checkpoint.dir"
+        )
+    if meta.get("zero_stage") != stage:
+        raise DataError(
+            f"{latest} holds ZeRO-{meta.get('zero_stage')} partitions and deepspeed.zero_stage is {stage}: resume with "
+            f"zero_stage {meta.get('zero_stage')}, or start a new run from its weights (student.init: {latest / HF})"
         )
     if meta["layout"]["dp"] != dp_size:
         raise DataError(

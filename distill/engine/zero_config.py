@@ -71,6 +71,9 @@ def training_config(config: CampaignConfig, dp_size: int, dtype: torch.dtype) ->
         "managed_gradient_accumulation": False,
         "gradient_clipping": training.grad_clip,
         "bf16": {"enabled": dtype == torch.bfloat16},
+        # bf16 weights, fp32 gradients: accumulated and reduced in fp32 like the megatron engine's buffers
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "zero_optimization": _zero_block(zero, zero.zero_stage),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,

@@ -121,7 +121,16 @@ class AlignedSource:
     # -- what the teacher sees --------------------------------------------------------------------
 
     def _offsets(self, keys: list[SequenceKey]) -> np.ndarray:
-        return np.concatenate([self.data.offsets(d, np.asarray([i]), s) for d, s, i in keys])  # type: ignore[arg-type]
+        """The offset rows of `keys`, in order: one read per (domain, split), not one per sequence."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for n, (domain, split, _) in enumerate(keys):
+            groups.setdefault((domain, split), []).append(n)
+        rows: list[np.ndarray] = [np.empty(0)] * len(keys)
+        for (domain, split), members in groups.items():
+            batch = self.data.offsets(domain, np.asarray([keys[n][2] for n in members]), split)  # type: ignore[arg-type]
+            for n, row in zip(members, batch, strict=True):
+                rows[n] = row
+        return np.stack(rows)
 
     def _index(self, keys: list[SequenceKey]) -> np.ndarray:
         """`[b * S]` teacher position (in the micro-batch's flat teacher positions) of each student row."""

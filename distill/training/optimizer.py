@@ -38,7 +38,9 @@ def lr_at(step: int, cfg: TrainingConfig) -> float:
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim < 2 or "layernorm" in name or name.endswith(".bias")
+    # a ZeRO-3 partitioned parameter is an empty 1-d placeholder: its real shape is `ds_shape`
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim < 2 or "layernorm" in name or name.endswith(".bias")
 
 
 def adamw_param_groups(

@@ -52,15 +52,20 @@ def main() -> None:
     join_world()
     found: dict[str, object] = {}
     deepspeed = ["engine=deepspeed"]
-    for name, config, stage in (
+    for name, config, stage, *extra in (
+        ("zero1_cached", "cached.yaml", 1),
         ("zero2_cached", "cached.yaml", 2),
         ("zero3_cached", "cached.yaml", 3),
         ("zero2_online", "online.yaml", 2),
         ("zero3_online", "online.yaml", 3),
+        ("zero2_bf16", "cached.yaml", 2, "training.precision=bf16"),
+        ("zero3_bf16", "cached.yaml", 3, "training.precision=bf16"),
     ):
         # stage 3 splits every tensor (by default DeepSpeed keeps tensors under 100k elements whole)
         split = ["deepspeed.stage3_param_persistence_threshold=0"] if stage == 3 else []
-        loop = trainer(work, config, name, *deepspeed, f"deepspeed.zero_stage={stage}", *split)
+        loop = trainer(work, config, name, *deepspeed, f"deepspeed.zero_stage={stage}", *split, *extra)
+        # AdamW's groups as DeepSpeed kept them (it drops a group left empty)
+        found[f"{name}_decay_groups"] = [g["weight_decay"] for g in loop.engine.ds.optimizer.param_groups]
         if stage == 3 and dist.get_world_size() == 2:
             found[f"{name}_partitioned"] = partitioned(loop)
         found[name] = [r.loss for r in loop.run()]

@@ -134,3 +134,17 @@ def completed_teacher_probs(
     fill = tail / (vocab - ids.shape[-1])
     probs = fill.unsqueeze(-1).expand(ids.shape[0], vocab).clone()
     return probs.scatter(-1, ids, kept.exp())
+
+
+def span_likelihood(
+    student_logits: torch.Tensor, labels: torch.Tensor, spans: torch.Tensor, teacher_ll: torch.Tensor
+) -> torch.Tensor:
+    """Binarised KL of each span's likelihood `[G]`: P_t (L_t - L_s) + (1 - P_t) (log(1 - P_t) - log(1 - P_s)),
+    L_s the sum of the student's label log-probs of the rows in the span (`spans [N]`, -1: none)."""
+    label_lp = F.log_softmax(student_logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    inside = spans >= 0
+    student_ll = torch.zeros(len(teacher_ll), dtype=torch.float64).index_add(
+        0, spans[inside], label_lp[inside]
+    )
+    p_s, p_t = student_ll.exp(), teacher_ll.exp()
+    return p_t * (teacher_ll - student_ll) + (1 - p_t) * (torch.log1p(-p_t) - torch.log1p(-p_s))

@@ -156,6 +156,21 @@ def training_tree(tmp_path: Path) -> dict:
         ),
         ({"loss": {"weights": {"ce": 0.0}}}, "loss.weights: every loss weight is 0"),
         (
+            {
+                "teacher": {"path": "t", "mode": "online"},
+                "loss": {"weights": {"span": 1.0, "forward_kl": 1.0}},
+            },
+            "loss.weights.span cannot be combined with loss.weights.forward_kl",
+        ),
+        (
+            {
+                "teacher": {"path": "t"},
+                "cache": {"dir": "c", "mode": "sampled"},
+                "loss": {"weights": {"span": 1.0}},
+            },
+            "loss.weights.span need the top-k cache over the teacher's sequences",
+        ),
+        (
             {"loss": {"taid": {"tau_start": 0.9, "tau_end": 0.5}}},
             "loss.taid: tau_start 0.9 is above tau_end 0.5",
         ),

@@ -216,6 +216,11 @@ def test_a_preempted_training_job_requeues_and_resumes_exactly(slurm, campaign):
     jobs = json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"]
     assert list(jobs) == ["train", "report"]
     train = jobs["train"]["id"]
+    # submitting again while they are queued or running keeps them (no second copy of a job)
+    again = distillery("submit", str(config))
+    assert f"train: job {train} is still queued or running, kept" in again.stderr
+    assert f"report: job {jobs['report']['id']} is still queued or running, kept" in again.stderr
+    assert json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"] == jobs
     logs = run_dir / "slurm" / "logs"
     samples = run_dir / "samples.jsonl"
 

@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data.alignment import align_rows, byte_offset_pairs, positional_pairs, split_offset_row
+from distill.data.alignment import align_rows, byte_offset_pairs, positional_pairs, span_groups, split_offset_row
+    align_rows,
+    byte_offset_pairs,
+    positional_pairs,
+    span_groups,
+    split_offset_row,
+)
 from distill.data.pairing import Pairing, _Pairer
 from distill.data.token_text import token_text
 from distill.data.tokenizer import load_tokenizer, train_byte_level_bpe
@@ -212,3 +218,15 @@ def test_paired_prepare_by_array_parts_equals_one_part(
         prepare_part(load_config(config), index, 2, progress=False)
     prepare(load_config(config), progress=False)  # the pack step, then the pairing
     assert tree_bytes(out) == reference
+
+
+def test_spans_are_closed_groups_that_both_sides_predict():
+    # text "ab|cd|ef|g" (bytes 1..7): student "ab" "cd" "efg"; teacher "a" "bcd" "ef" "g"
+    student_ends, teacher_ends = [2, 4, 7], [1, 4, 6, 7]
+    row = np.array([4, *student_ends, *teacher_ends, 0], dtype=np.uint32)  # T + 1 = 5 slots, 4 real
+    student_span, teacher_span, count = span_groups(row[None], 3, 5)
+    # common boundaries 4 and 7: one closed span (4, 7] = "efg": student token 2, teacher tokens 2 and 3;
+    # "abcd" holds both first tokens (never predicted) and is dropped
+    assert count == 1
+    assert student_span.tolist() == [-1, 0]  # row 1 predicts "efg"
+    assert teacher_span.tolist() == [-1, 0, 0, -1]  # rows 1, 2 predict "ef", "g"; row 3 is padding

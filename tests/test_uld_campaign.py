@@ -31,6 +31,7 @@ from tests.conftest import REPO, prepare_tree, stdlib_texts, tiny_llama, write_c
 pytestmark = pytest.mark.slow
 TEACHER_VOCAB = 960
 CACHE_TOLERANCE = 2e-3  # quantized cached log-probs (see tests/test_distill.py)
+SPAN_TOLERANCE = 5e-3  # float16 target log-probs (~5e-4 relative each), summed over a span's teacher tokens
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_
         logging={"metrics": "${run.dir}/metrics.jsonl"},
         teacher={"path": str(teacher), "micro_batch": 4, "seq_len": 48, **teacher_keys},
         cache={"dir": str(run / "cache"), "mode": "topk", "k": TEACHER_VOCAB, "sequences_per_shard": 64},
-        loss={"weights": {"ce": 1.0, "uld": 1.5}, "uld": {"top_m": 1024}},
+        loss={"weights": {"ce": 1.0, "uld": 1.5, "span": 1.0}, "uld": {"top_m": 1024}},
     )
     return tree
 
@@ -118,7 +119,7 @@ def test_prepare_pairs_every_sequence_and_records_both_tokenizers(work, tokenize
         assert 0.5 < tally["byte_offset_aligned"] / tally["student_positions"] <= 1
 
 
-def test_cached_and_online_uld_train_and_agree(work):
+def test_cached_and_online_uld_and_span_train_and_agree(work):
     cached, online = step_records(work / "run"), step_records(work / "online")
     assert [r["step"] for r in cached] == [1, 2, 3] == [r["step"] for r in online]
     for records in (cached, online):
@@ -127,6 +128,9 @@ def test_cached_and_online_uld_train_and_agree(work):
     # the same student, batches and teacher distribution: the first step's terms agree
     assert abs(cached[0]["loss/uld"] - online[0]["loss/uld"]) < CACHE_TOLERANCE
     assert abs(cached[0]["loss/ce"] - online[0]["loss/ce"]) < 1e-5
+    # span likelihoods: the cache's float16 target log-probs summed over each span vs the live teacher's
+    assert all(r["loss/span"] > 0 for r in cached + online)
+    assert abs(cached[0]["loss/span"] - online[0]["loss/span"]) < SPAN_TOLERANCE
     assert cached[-1]["loss"] < cached[0]["loss"]
 
 

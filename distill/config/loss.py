@@ -8,8 +8,9 @@ from pydantic import Field, model_validator
 
 from distill.config.base import Section
 
-KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid", "uld")
-SAME_VOCAB_TERMS = KD_TERMS[:-1]  # compare the two distributions id by id: one tokenizer
+KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid", "uld", "span")
+CROSS_TOKENIZER_TERMS = ("uld", "span")  # a teacher with another tokenizer, over a paired prepare
+SAME_VOCAB_TERMS = KD_TERMS[:-2]  # compare the two distributions id by id: one tokenizer
 
 
 class LossWeightsConfig(Section):
@@ -35,6 +36,12 @@ class LossWeightsConfig(Section):
         default=0.0,
         ge=0,
         description="ULD: sorted-probability L1 against a teacher with another tokenizer (paper: 1.5).",
+    )
+    span: float = Field(
+        default=0.0,
+        ge=0,
+        description="Span-likelihood matching (ALM): the likelihood of each byte-aligned span, student vs "
+        "a teacher with another tokenizer (binarised KL).",
     )
 
     def active(self) -> dict[str, float]:

@@ -23,7 +23,7 @@ from distill.config.data import (
     TokenizerTrainConfig,
 )
 from distill.config.handoff import BaselineConfig, EvalConfig
-from distill.config.loss import LossConfig, LossWeightsConfig, TaidConfig
+from distill.config.loss import CROSS_TOKENIZER_TERMS, LossConfig, LossWeightsConfig, TaidConfig
 from distill.config.slurm import SlurmConfig, SlurmStageConfig
 from distill.config.train import (
     CacheConfig,
@@ -227,17 +227,18 @@ class CampaignConfig(Section):
             raise ValueError(
                 f"{names} need a teacher: add a `teacher` section (and a `cache`, or mode online)"
             )
-        if "uld" in kd:
-            same_vocab = [f"loss.weights.{name}" for name in kd if name != "uld"]
+        cross = [f"loss.weights.{name}" for name in kd if name in CROSS_TOKENIZER_TERMS]
+        if cross:
+            same_vocab = [f"loss.weights.{name}" for name in kd if name not in CROSS_TOKENIZER_TERMS]
             if same_vocab:
                 raise ValueError(
-                    f"loss.weights.uld cannot be combined with {', '.join(same_vocab)}: those compare the two "
+                    f"{', '.join(cross)} cannot be combined with {', '.join(same_vocab)}: those compare the two "
                     "distributions id by id, which needs a teacher with the student's tokenizer"
                 )
             if self.cache is not None and self.cache.mode == "sampled":
                 raise ValueError(
-                    "loss.weights.uld needs the teacher's distribution: a sampled (RS-KD) cache holds draws only; "
-                    "use cache.mode topk or teacher.mode online"
+                    f"{', '.join(cross)} need the top-k cache over the teacher's sequences: a sampled (RS-KD) cache "
+                    "holds draws only; use cache.mode topk or teacher.mode online"
                 )
         if self.teacher.mode == "online" or self.cache is None:
             return

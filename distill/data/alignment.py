@@ -70,3 +70,41 @@ def align_rows(
         paired = byte_offset_pairs(student, teacher) if how == "byte_offset" else positional_pairs(s, length)
         out[r] = np.where(paired >= 0, paired + r * t, -1)
     return out.reshape(-1)
+
+
+def _groups_of(ends: np.ndarray, common: np.ndarray) -> np.ndarray:
+    """Group of each token: `g` when `common[g] < end <= common[g + 1]`, -1 outside every closed group."""
+    g = np.searchsorted(common, ends, side="left") - 1
+    return np.where((g >= 0) & (g + 1 < len(common)), g, -1)
+
+
+def span_groups(
+    offset_rows: np.ndarray, student_tokens: int, teacher_tokens: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Byte-aligned spans for span-likelihood matching: the text between two consecutive boundaries that
+    both tokenizations reach, where every token on both sides is predicted (a span holding either
+    side's first token, or running past the teacher's truncation, is dropped). Returns the span of each
+    student position `[b * S]` and of each teacher position `[b * T]` (the span of the token it
+    predicts; -1: none), numbered over the micro-batch, and the number of spans."""
+    b = offset_rows.shape[0]
+    s, t = student_tokens - 1, teacher_tokens - 1
+    student_span = np.full((b, s), -1, dtype=np.int64)
+    teacher_span = np.full((b, t), -1, dtype=np.int64)
+    count = 0
+    for r in range(b):
+        length, s_ends, t_ends = split_offset_row(offset_rows[r], student_tokens)
+        if length < 2:
+            continue
+        common = np.intersect1d(s_ends, t_ends)
+        s_group, t_group = _groups_of(s_ends, common), _groups_of(t_ends, common)
+        unpredicted = {int(s_group[0]), int(t_group[0])} - {-1}  # spans holding a side's first token
+        for g in unpredicted:
+            s_group[s_group == g], t_group[t_group == g] = -1, -1
+        used = np.unique(np.concatenate([s_group[1:], t_group[1:]]))
+        used = used[used >= 0]
+        renumber = np.full(len(common), -1, dtype=np.int64)
+        renumber[used] = np.arange(len(used)) + count
+        student_span[r] = np.where(s_group[1:] >= 0, renumber[s_group[1:]], -1)
+        teacher_span[r, : length - 1] = np.where(t_group[1:] >= 0, renumber[t_group[1:]], -1)
+        count += len(used)
+    return student_span.reshape(-1), teacher_span.reshape(-1), count

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distill.losses import divergences, uld
+from distill.losses import divergences, span, uld
 from distill.losses.signal import TeacherSignal
 from parallel.vocab import VocabShard, gather, log_softmax, log_softmax_, row_sum, scatter
 
@@ -145,24 +145,33 @@ def _chunk(
     sums: dict[str, torch.Tensor],
     buffers: _ChunkBuffers,
     need_grad: bool,
+    label_grad_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weighted per-token loss `[c]` of one chunk and its gradient with respect to the logits."""
+    """Weighted per-token loss `[c]` of one chunk and its gradient with respect to the logits.
+    `label_grad_weight [c]`: per-token weight of the cross-entropy gradient when it is not `ce`'s
+    (the span term adds its own there)."""
     c, temperature = h.shape[0], terms.temperature
-    kd = {name: w for name, w in terms.weights.items() if name != "ce" and w > 0}
+    kd = {name: w for name, w in terms.weights.items() if name not in ("ce", "span") and w > 0}
     ce_weight = terms.weights.get("ce", 0.0)
     z = torch.matmul(h, w32.t(), out=buffers.logits[:c])  # [c, V/tp]
     total = torch.zeros(c, dtype=torch.float32, device=h.device)  # [c]
     grad_z: torch.Tensor | None = None
     u = None  # student log-probs at the temperature  [c, V/tp]
-    if ce_weight:
+    if ce_weight or label_grad_weight is not None:
         u_t1 = log_softmax(z, shard) if (kd and temperature != 1.0) else log_softmax_(z, shard)
         target = labels.unsqueeze(-1)  # [c, 1]
         ce = -gather(u_t1, target, shard).squeeze(-1)  # [c]
-        total += ce_weight * ce
-        sums["ce"] += ce.sum()
-        if need_grad:  # softmax - onehot
-            grad_z = torch.exp(u_t1, out=buffers.grad[:c]).mul_(ce_weight)
-            scatter(torch.full_like(target, -ce_weight, dtype=z.dtype), target, shard, grad_z)
+        if ce_weight:
+            total += ce_weight * ce
+            sums["ce"] += ce.sum()
+        if need_grad:  # softmax - onehot, per token
+            grad_weight = (
+                label_grad_weight.unsqueeze(-1)
+                if label_grad_weight is not None
+                else torch.full_like(target, ce_weight, dtype=z.dtype)
+            )  # [c, 1]
+            grad_z = torch.exp(u_t1, out=buffers.grad[:c]).mul_(grad_weight)
+            scatter(-grad_weight, target, shard, grad_z)
         if temperature == 1.0:
             u = u_t1
     if not kd:
@@ -194,6 +203,58 @@ def _chunk(
     return total, grad_z
 
 
+def label_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    shard: VocabShard,
+    step: int,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log p(label) `[N]` of `hidden [N, h]` through the sharded output layer `weight [V/tp, h]`, chunk by
+    chunk (`step` tokens; `buffer`: a `[step, V/tp]` fp32 scratch), without gradients."""
+    w32 = weight.float()
+    buffer = (
+        buffer
+        if buffer is not None
+        else torch.empty(step, shard.size, dtype=torch.float32, device=hidden.device)
+    )
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, min(start + step, hidden.shape[0]))
+            z = torch.matmul(hidden[rows].float(), w32.t(), out=buffer[: rows.stop - rows.start])  # [c, V/tp]
+            out[rows] = gather(log_softmax_(z, shard), labels[rows].unsqueeze(-1), shard).squeeze(-1)
+    return out
+
+
+def _span_term(
+    hidden: torch.Tensor,
+    w32: torch.Tensor,
+    labels: torch.Tensor,
+    terms: Terms,
+    shard: VocabShard,
+    teacher: TeacherSignal | None,
+    step: int,
+    buffers: _ChunkBuffers,
+    sums: dict[str, torch.Tensor],
+    result: ChunkedResult,
+) -> torch.Tensor:
+    """The span term (`span.py`): a forward-only pre-pass for the student's label log-probs `[N]`, the
+    spans' values into the loss, and the per-token weight of the label gradient `[N]` (`ce`'s plus the
+    span term's) for the main pass."""
+    if teacher is None or teacher.kind != "aligned" or teacher.span_student is None:
+        raise ValueError(
+            "loss term span needs a teacher aligned across tokenizers with its spans (a paired prepare)"
+        )
+    logprobs = label_logprobs(hidden, w32, labels, shard, step, buffers.logits)  # [N]
+    value, per_row = span.span_loss(teacher.span_student, logprobs, teacher.span_teacher)
+    weight = terms.weights["span"]
+    sums["span"] += value.sum()
+    result.loss_sum += weight * value.sum()
+    return (terms.weights.get("ce", 0.0) - weight * per_row).float()  # [N]
+
+
 def chunked_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -208,7 +269,7 @@ def chunked_loss(
     """All terms over `hidden [N, h]` x `weight [V/tp, h]` against `labels [N]` (global ids) and the teacher."""
     n_tokens, _ = hidden.shape
     w32 = weight.float()  # [V/tp, h]
-    kd = [name for name, w in terms.weights.items() if name != "ce" and w > 0]
+    kd = [name for name, w in terms.weights.items() if name != "ce" and w > 0]  # span included
     if kd and teacher is None:
         raise ValueError(f"loss terms {', '.join(kd)} need a teacher signal")
     result = ChunkedResult(loss_sum=torch.zeros((), dtype=torch.float64, device=hidden.device))
@@ -220,6 +281,9 @@ def chunked_loss(
         result.grad_weight = torch.zeros_like(w32)
     step = min(terms.chunk(shard.size), n_tokens)
     buffers = _ChunkBuffers(step, shard.size, hidden.device)
+    label_grad = None
+    if terms.weights.get("span", 0.0) > 0:
+        label_grad = _span_term(hidden, w32, labels, terms, shard, teacher, step, buffers, sums, result)
     for start in range(0, n_tokens, step):
         rows = slice(start, min(start + step, n_tokens))
         h = hidden[rows].float()  # [c, h]
@@ -235,6 +299,7 @@ def chunked_loss(
             sums=sums,
             buffers=buffers,
             need_grad=need_grad,
+            label_grad_weight=label_grad[rows] if label_grad is not None else None,
         )
         result.loss_sum += total.sum()
         if grad_z is not None:

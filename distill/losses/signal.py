@@ -95,6 +95,8 @@ class AlignedSignal:
     hidden: torch.Tensor | None = None  # live
     weight: torch.Tensor | None = None
     teacher_shard: VocabShard | None = None
+    span_student: torch.Tensor | None = None  # [N] span of each student row (-1: none), `span.py`
+    span_teacher: torch.Tensor | None = None  # [G] the teacher's log-likelihood of each span
 
     kind = "aligned"
 

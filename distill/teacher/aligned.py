@@ -29,19 +29,22 @@ import torch
 
 from distill.cache.reader import CacheReader, SequenceKey
 from distill.config import CampaignConfig
-from distill.data.alignment import align_rows
+from distill.config.loss import CROSS_TOKENIZER_TERMS
+from distill.data.alignment import align_rows, span_groups
 from distill.data.prepared import PreparedData
 from distill.data.token_text import token_text
 from distill.data.tokenizer import load_tokenizer
 from distill.engine.base import Engine, ForwardModel
 from distill.errors import DataError
-from distill.losses.fused import Terms, chunked_loss
+from distill.losses.fused import Terms, chunked_loss, label_logprobs
 from distill.losses.signal import AlignedSignal, TeacherSignal
 from distill.losses.uld import VocabMatch
 from distill.teacher.source import MicroBatch, ReadAhead
 from parallel.vocab import VocabShard
 
-Rows = list[tuple[np.ndarray, dict[str, torch.Tensor] | None]]  # per micro-batch: index, cache rows
+Spans = tuple[np.ndarray, np.ndarray, int]  # student rows' spans, teacher rows' spans, count (span_groups)
+Rows = list[tuple[np.ndarray, Spans | None, dict[str, torch.Tensor] | None]]  # per micro-batch
+LIVE_CHUNK = 1024  # teacher tokens per chunk of its label log-probs (span term, live teacher)
 
 
 def vocab_match(
@@ -99,6 +102,7 @@ class AlignedSource:
         self.data, self.engine, self.device = data, engine, engine.device
         self.teacher_data = PreparedData(data.directory, side="teacher")
         self.alignment = config.loss.uld.alignment
+        self.spans = config.loss.weights.span > 0  # span-likelihood matching (`distill/losses/span.py`)
         self.reader, self.model = reader, model
         self.vocab = (
             int(reader.manifest["spec"]["teacher_vocab_size"]) if reader is not None else model.vocab_size
@@ -132,18 +136,39 @@ class AlignedSource:
                 rows[n] = row
         return np.stack(rows)
 
-    def _index(self, keys: list[SequenceKey]) -> np.ndarray:
-        """`[b * S]` teacher position (in the micro-batch's flat teacher positions) of each student row."""
-        return align_rows(
-            self._offsets(keys), self.data.seq_len + 1, self.teacher_data.seq_len + 1, self.alignment
-        )
-
     def _teacher_tokens(self, keys: list[SequenceKey]) -> torch.Tensor:
         rows = [self.teacher_data.sequence(d, i, s) for d, s, i in keys]  # type: ignore[arg-type]
         return torch.from_numpy(np.stack(rows)).to(self.device)  # [b, T + 1]
 
+    def _spans(self, offsets: np.ndarray) -> Spans | None:
+        if not self.spans:
+            return None
+        return span_groups(offsets, self.data.seq_len + 1, self.teacher_data.seq_len + 1)
+
     def _read(self, keys: list[list[SequenceKey]]) -> Rows:
-        return [(self._index(m), self.reader.batch(m) if self.reader is not None else None) for m in keys]
+        rows: Rows = []
+        for m in keys:
+            offsets = self._offsets(m)
+            index = align_rows(offsets, self.data.seq_len + 1, self.teacher_data.seq_len + 1, self.alignment)
+            rows.append(
+                (index, self._spans(offsets), self.reader.batch(m) if self.reader is not None else None)
+            )
+        return rows
+
+    def _span_tensors(
+        self, spans: Spans | None, teacher_logprobs: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The signal's span fields: each student row's span `[b * S]`, the teacher's log-likelihood of
+        each span `[G]` (sum of its log-probs `[b * T]` of the tokens in the span)."""
+        if spans is None or teacher_logprobs is None:
+            return {}
+        student_span, teacher_span, count = spans
+        teacher_span_t = torch.from_numpy(teacher_span).to(self.device)
+        inside = teacher_span_t >= 0
+        teacher_ll = torch.zeros(count, dtype=torch.float64, device=self.device).index_add_(
+            0, teacher_span_t[inside], teacher_logprobs.reshape(-1)[inside].double()
+        )
+        return {"span_student": torch.from_numpy(student_span).to(self.device), "span_teacher": teacher_ll}
 
     # -- the protocol -----------------------------------------------------------------------------
 
@@ -155,7 +180,7 @@ class AlignedSource:
             return [None] * len(micro_batches)
         rows = self._ahead.get([m.keys for m in micro_batches])
         out: list[TeacherSignal | None] = []
-        for m, (index_np, cached) in enumerate(rows):
+        for m, (index_np, spans, cached) in enumerate(rows):
             index = torch.from_numpy(index_np).to(self.device)
             if cached is not None:
                 flat = {k: v.reshape(-1, *v.shape[2:]).to(self.device) for k, v in cached.items()}
@@ -167,18 +192,25 @@ class AlignedSource:
                         ids=flat["ids"].long(),
                         kept_logprobs=flat["logprobs"],
                         tail=flat["tail"],
+                        **self._span_tensors(spans, flat["target_logprob"]),
                     )
                 )
             else:
                 hidden, weight = live[m]
+                hidden = hidden.reshape(-1, hidden.shape[-1])  # [b * T, h_t]
+                logprobs = None
+                if spans is not None:  # the teacher's log-probs of its own next tokens  [b * T]
+                    labels = tokens[m][:, 1:].reshape(-1)
+                    logprobs = label_logprobs(hidden, weight, labels, self.teacher_shard, LIVE_CHUNK)
                 out.append(
                     AlignedSignal(
                         index,
                         self.vocab,
                         self.match,
-                        hidden=hidden.reshape(-1, hidden.shape[-1]),  # [b * T, h_t]
+                        hidden=hidden,
                         weight=weight,  # [V_t/tp, h_t]
                         teacher_shard=self.teacher_shard,
+                        **self._span_tensors(spans, logprobs),
                     )
                 )
         return out
@@ -230,10 +262,11 @@ class AlignedSource:
 def check_pairing(config: CampaignConfig, data: PreparedData) -> None:
     """The teacher/loss combination fits the prepared data (which knows whether the tokenizers differ)."""
     weights = config.loss.weights
-    same_vocab = [name for name in weights.kd_terms() if name != "uld"]
-    if weights.uld > 0 and not data.paired:
+    same_vocab = [name for name in weights.kd_terms() if name not in CROSS_TOKENIZER_TERMS]
+    cross = [f"loss.weights.{name}" for name in weights.kd_terms() if name in CROSS_TOKENIZER_TERMS]
+    if cross and not data.paired:
         raise DataError(
-            f"loss.weights.uld: the teacher's tokenizer is the student's ({data.directory} was prepared "
+            f"{', '.join(cross)}: the teacher's tokenizer is the student's ({data.directory} was prepared "
             "without a teacher of another tokenizer): plain KD applies (loss.weights.forward_kl, or taid, "
             "jsd, ...), which compares the two distributions id by id"
         )

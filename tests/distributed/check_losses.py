@@ -326,6 +326,25 @@ def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case
     cases["uld_cached_no_tail_m8"] = Case(
         uld_terms({"uld": 1.0}, m=8), cached(positional, no_tail), {"uld": uld_ref(dense, positional, 1.0)}
     )
+
+    # span-likelihood matching: student rows in 7 spans (some in none), the teacher's span likelihoods
+    spans = torch.randint(-1, 7, (N,), generator=gen)
+    teacher_ll = -(torch.rand(7, generator=gen, dtype=torch.float64) * 6 + 0.01)
+
+    def span_ref(zs: torch.Tensor) -> torch.Tensor:
+        return ref.span_likelihood(zs, data.labels, spans, teacher_ll)
+
+    def with_spans(index: torch.Tensor) -> Callable[[slice], TeacherSignal]:
+        return lambda sl: AlignedSignal(
+            index, vt, ids=ids, kept_logprobs=kept, tail=tail, span_student=spans, span_teacher=teacher_ll
+        )
+
+    cases["span_alone"] = Case(terms({"span": 1.0}), with_spans(handmade), {"span": span_ref})
+    cases["span_with_ce_and_uld"] = Case(
+        uld_terms({"ce": 0.5, "uld": 1.5, "span": 0.8}),
+        with_spans(handmade),
+        {"ce": ce, "uld": uld_ref(completed, handmade, 1.0), "span": span_ref},
+    )
     return cases
 
 

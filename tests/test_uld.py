@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data.alignment import align_rows, byte_offset_pairs, positional_pairs, span_groups, split_offset_row
+from distill.data.alignment import (
     align_rows,
     byte_offset_pairs,
     positional_pairs,

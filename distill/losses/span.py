@@ -34,6 +34,8 @@ def span_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`student_span [N]` (span of each student row, -1: none), `label_logprobs [N]` (log p_s of each
     row's label), `teacher_span_ll [G]` -> (value of each span `[G]`, d value / d log p_s per row `[N]`)."""
+    if teacher_span_ll.numel() == 0:  # a micro-batch without a closed span (very short teacher sides)
+        return teacher_span_ll.clone(), torch.zeros_like(label_logprobs)
     rows = student_span >= 0
     spans = student_span.clamp_min(0)
     student_ll = torch.zeros_like(teacher_span_ll).index_add_(

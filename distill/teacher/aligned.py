@@ -11,7 +11,9 @@ offsets and maps every student position to its teacher position (`distill/data/a
   teacher sequences; the loss takes its per-shard top m at the aligned positions chunk by chunk.
 
 Hybrid ULD (`loss.uld.hybrid`) needs the ids whose token bytes are identical in both vocabularies
-(`vocab_match`); with none, it warns with the count and uses the plain sorted L1.
+(`vocab_match`); with none, it warns with the count and uses the plain sorted L1. The span term
+(`loss.weights.span`) also gets the byte-aligned spans of each micro-batch and the teacher's
+log-likelihood of each (the cache's target log-probs, or the live teacher's), `distill/losses/span.py`.
 
 Held-out cross-entropy (DDK's reference, the teacher's logged numbers) is the teacher's summed NLL
 over its real tokens of the same text, counted per *student* token: so the teacher's "perplexity"

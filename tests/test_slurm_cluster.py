@@ -101,7 +101,9 @@ def tree_bytes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
-STEPS = 24
+# Enough steps (~0.06 s each here) that the preemption test's second stop, sent after the first requeue's
+# resumed run has logged 4 more steps, lands mid-training rather than racing the run's end.
+STEPS = 160
 
 
 @pytest.fixture(scope="module")

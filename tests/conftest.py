@@ -11,6 +11,15 @@ import yaml
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 REPO = Path(__file__).resolve().parents[1]
+# `student.arch` of the tiny sized students the distributed training tests start from
+TINY_STUDENT_ARCH = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "ffn_hidden_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 def stdlib_texts(count: int, start: int = 0) -> list[str]:

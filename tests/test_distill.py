@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, TINY_STUDENT_ARCH, write_config
 from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -32,14 +32,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
     tree = copy.deepcopy(prepared_small)
     tree.update(
         student={
-            "arch": {
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "ffn_hidden_size": 64,
-                "max_position_embeddings": 64,
-            },
+            "arch": TINY_STUDENT_ARCH,
             "init_dir": str(work / "student_init"),
         },
         training={

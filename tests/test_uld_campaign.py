@@ -26,7 +26,7 @@ from distill.errors import DataError
 from distill.losses.uld import VocabMatch
 from distill.teacher.aligned import usable_match, vocab_match
 from parallel.vocab import VocabShard
-from tests.conftest import REPO, prepare_tree, stdlib_texts, tiny_llama, write_config
+from tests.conftest import REPO, TINY_STUDENT_ARCH, prepare_tree, stdlib_texts, tiny_llama, write_config
 
 pytestmark = pytest.mark.slow
 TEACHER_VOCAB = 960
@@ -46,14 +46,7 @@ def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_
     tree = prepare_tree(run, corpus, tokenizer, seq_len=32, heldout_sequences=2)
     tree.update(
         student={
-            "arch": {
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "ffn_hidden_size": 64,
-                "max_position_embeddings": 64,
-            },
+            "arch": TINY_STUDENT_ARCH,
             "init_dir": str(run / "student_init"),
         },
         training={

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from distill.checkpoint import latest_checkpoint, read_meta
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, TINY_STUDENT_ARCH, write_config
 from tests.distributed import run_ranks
 from tests.test_training import final_loss, kill_when
 
@@ -40,15 +40,8 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
     tree = copy.deepcopy(prepared_small)
     tree.update(
         student={
-            "arch": {
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "ffn_hidden_size": 64,
-                "max_position_embeddings": 64,
-                "tie_word_embeddings": False,  # the untied output weight is the one ZeRO-3 must gather
-            },
+            # untied: the output weight ZeRO-3 must gather is not the embedding's
+            "arch": {**TINY_STUDENT_ARCH, "tie_word_embeddings": False},
             "init_dir": str(work / "student_init"),
         },
         training={

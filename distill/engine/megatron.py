@@ -11,17 +11,16 @@ Passes go through `parallel.schedule` (1F1B across pipeline stages); checkpoints
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import CampaignConfig
 from distill.engine.base import LossFn, OutputFn
+from distill.engine.collectives import WorldCollectives
 from distill.models.convert import checkpoint_meta
 from distill.models.student import student_init_path
 from distill.models.teacher import load_teacher, open_teacher
@@ -48,7 +47,7 @@ class MegatronForward:
         return forward_only(self.model, micro_batches, on_output, seq_length=micro_batches[0].shape[1] - 1)
 
 
-class MegatronEngine(MegatronForward):
+class MegatronEngine(WorldCollectives, MegatronForward):
     def __init__(self, config: CampaignConfig, ctx: ParallelContext | None = None) -> None:
         assert config.training is not None and config.checkpoint is not None
         self.config = config
@@ -144,17 +143,5 @@ class MegatronEngine(MegatronForward):
         emit_hidden_states(model)
         return MegatronForward(model, model, weights.arch)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor)
-
-    def broadcast_from_main(self, value: Any) -> Any:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def close(self) -> None:
         shutdown()
-
-    def _say(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from distill.config import CampaignConfig
 from distill.engine.base import LossFn, OutputFn
+from distill.engine.collectives import WorldCollectives
 from distill.engine.zero_checkpoint import load_zero_checkpoint, save_zero_checkpoint
 from distill.engine.zero_config import inference_config, training_config, zero_section
 from distill.errors import DataError
@@ -124,7 +125,7 @@ class ZeroForward:
             self.wrapper.fn = None
 
 
-class ZeroEngine(ZeroForward):
+class ZeroEngine(WorldCollectives, ZeroForward):
     def __init__(self, config: CampaignConfig) -> None:
         assert config.training is not None and config.checkpoint is not None
         self.config = config
@@ -236,14 +237,6 @@ class ZeroEngine(ZeroForward):
             wrapper.weight = weight.detach().clone()  # [V, h]: kept whole, read after each forward
         return ZeroForward(_initialize(wrapper, ds_config), wrapper, weights.arch, self.device)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor)
-
-    def broadcast_from_main(self, value: Any) -> Any:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def close(self) -> None:
         """Leave the world through DeepSpeed when it was joined, so its cached groups go too."""
         if "deepspeed" in sys.modules and dist.is_initialized():
@@ -252,7 +245,3 @@ class ZeroEngine(ZeroForward):
             deepspeed.comm.destroy_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-    def _say(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)

@@ -216,6 +216,7 @@ def save_checkpoint(
             "step": step,
             "layout": layout,
             "has_optimizer": optimizer is not None,
+            **({"optimizer": optimizer.kind} if optimizer is not None else {}),
             **meta,
         },
         tokenizer_dir=tokenizer_dir,
@@ -244,6 +245,12 @@ def load_checkpoint(
         )
     sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     with_optimizer = optimizer is not None and meta["has_optimizer"]
+    if with_optimizer and meta.get("optimizer", "adamw") != optimizer.kind:
+        raise DataError(
+            f"{path} holds {meta.get('optimizer', 'adamw')} optimizer state, this run uses {optimizer.kind} "
+            "(training.distributed_optimizer); resume with the optimizer it was saved with, or start from its "
+            f"weights (student.init: {path}) in a new checkpoint.dir"
+        )
     if with_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
     try:

@@ -157,7 +157,10 @@ def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) 
         attention_dropout=0.0,
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
-        use_cpu_initialization=True,
+        # every model built here is then filled from weights (HF or checkpoint, `load_weights`), so megatron's
+        # own random init would be overwritten: skip it, and allocate on the GPU directly where there is one
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

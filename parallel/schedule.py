@@ -80,7 +80,7 @@ def forward_only(
         index: int, output: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         results[index] = on_output(index, output, labels)
-        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int, device=output.device), {}
 
     was_training = model.training
     model.eval()

@@ -113,7 +113,7 @@ class LossConfig(Section):
     chunk_tokens: int | Literal["auto"] = Field(
         default="auto",
         description="Tokens per chunk of the fused output-layer loss; auto keeps each chunk's fp32 logits "
-        "near 16 MiB per rank.",
+        "near 16 MiB per rank on CPU, 256 MiB on a GPU.",
     )
 
     @model_validator(mode="after")

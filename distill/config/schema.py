@@ -181,6 +181,11 @@ class CampaignConfig(Section):
                 f"engine deepspeed shards the student by ZeRO over data parallel: parallel.tp and parallel.pp "
                 f"must be 1 (they are {self.parallel.tp} and {self.parallel.pp}); use engine megatron for tp/pp"
             )
+        if self.training is not None and self.training.distributed_optimizer:
+            raise ValueError(
+                "training.distributed_optimizer is megatron-core's optimizer (engine megatron); under engine "
+                "deepspeed ZeRO already shards the optimizer state (deepspeed.zero_stage)"
+            )
 
     def _check_teacher(self) -> None:
         teacher, cache = self.teacher, self.cache

@@ -94,6 +94,11 @@ class TrainingConfig(Section):
     eval_sequences: int = Field(
         default=32, ge=0, description="Held-out sequences per domain in each evaluation (0: no evaluation)."
     )
+    distributed_optimizer: bool = Field(
+        default=False,
+        description="megatron engine on CUDA: megatron-core's DistributedOptimizer (fp32 masters and Adam "
+        "state sharded over data parallel) instead of distillery's AdamW.",
+    )
     peak_tflops: float | None = Field(
         default=None,
         gt=0,

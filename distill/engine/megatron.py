@@ -21,6 +21,7 @@ from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from distill.config import CampaignConfig
 from distill.engine.base import LossFn, OutputFn
 from distill.engine.collectives import WorldCollectives
+from distill.engine.distributed_optimizer import MegatronDistributedOptimizer
 from distill.models.convert import checkpoint_meta
 from distill.models.student import student_init_path
 from distill.models.teacher import load_teacher, open_teacher
@@ -83,13 +84,21 @@ class MegatronEngine(WorldCollectives, MegatronForward):
         model.config.calculate_per_token_loss = True  # gradients of the token-mean over the global batch
         ddp = DistributedDataParallel(
             config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=config.training.distributed_optimizer,
+            ),
             module=model,
         )
         model.config.no_sync_func = ddp.no_sync
         model.config.finalize_model_grads_func = finalize_model_grads
         self.ddp = ddp
-        self.optimizer = DistillOptimizer(model, config.training, mp_group=ctx.mp_group, tp_rank=ctx.tp_rank)
+        self.optimizer: DistillOptimizer | MegatronDistributedOptimizer = (
+            MegatronDistributedOptimizer(ddp, config.training, precision_dtype(config.training.precision))
+            if config.training.distributed_optimizer
+            else DistillOptimizer(model, config.training, mp_group=ctx.mp_group, tp_rank=ctx.tp_rank)
+        )
         emit_hidden_states(model)  # the last stage hands hidden states to the fused loss
         super().__init__(ddp, model, arch)
         self.shard = VocabShard.of(arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)

@@ -21,7 +21,10 @@ from distill.losses import divergences, span, uld
 from distill.losses.signal import TeacherSignal
 from parallel.vocab import VocabShard, gather, log_softmax, log_softmax_, row_sum, scatter
 
-AUTO_CHUNK_BYTES = 16 << 20  # fp32 logits per chunk and rank when `chunk_tokens` is auto
+# fp32 logits per chunk and rank when `chunk_tokens` is auto: on a CPU a chunk that stays near the caches;
+# on a GPU one large enough that each chunk's matmuls fill the device (bench/loss_memory.py measures both)
+AUTO_CHUNK_BYTES = 16 << 20
+AUTO_CHUNK_BYTES_CUDA = 256 << 20
 ULD_EXTRAS = ["uld_bound", "uld_pairs"]  # summed beside the uld term: its truncation bound, aligned rows
 
 
@@ -33,13 +36,15 @@ class Terms:
     temperature: float = 1.0
     skew_alpha: float = 0.1
     jsd_beta: float = 0.5
-    chunk_tokens: int | None = None  # None: AUTO_CHUNK_BYTES of fp32 logits
+    chunk_tokens: int | None = None  # None: AUTO_CHUNK_BYTES (_CUDA) of fp32 logits
     uld_top_m: int = 128  # sorted probabilities compared per position by ULD (see `uld.py`)
 
-    def chunk(self, vocab_local: int) -> int:
+    def chunk(self, vocab_local: int, device: torch.device | None = None) -> int:
+        """Tokens per chunk for a `[chunk, vocab_local]` slice of logits on `device` (CPU if None)."""
         if self.chunk_tokens is not None:
             return self.chunk_tokens
-        return max(16, AUTO_CHUNK_BYTES // (4 * vocab_local))
+        budget = AUTO_CHUNK_BYTES_CUDA if device is not None and device.type == "cuda" else AUTO_CHUNK_BYTES
+        return max(16, budget // (4 * vocab_local))
 
 
 @dataclass
@@ -279,7 +284,7 @@ def chunked_loss(
     if need_grad:
         result.grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         result.grad_weight = torch.zeros_like(w32)
-    step = min(terms.chunk(shard.size), n_tokens)
+    step = min(terms.chunk(shard.size, hidden.device), n_tokens)
     buffers = _ChunkBuffers(step, shard.size, hidden.device)
     label_grad = None
     if terms.weights.get("span", 0.0) > 0:

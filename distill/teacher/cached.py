@@ -2,7 +2,7 @@
 
 Only the ranks that compute the loss read: each step's micro-batches come from the cache rows of their
 sequences, and the next step's rows are read in a background thread (`ReadAhead`) while this step
-trains; they are used if that step asks for the same sequences, which it does unless the mixture's
+trains (on a GPU into page-locked memory, so their copies to the device do not block); they are used if that step asks for the same sequences, which it does unless the mixture's
 weights changed in between. Held-out cross-entropy comes from the log-probs of the actual next tokens
 that the cache stored, so DDK's reference needs no teacher pass either.
 """
@@ -39,7 +39,12 @@ class CachedSource:
         )
 
     def _read(self, keys: list[list[SequenceKey]]) -> Rows:
-        return [self.reader.batch(micro) for micro in keys]
+        rows = [self.reader.batch(micro) for micro in keys]
+        if (
+            self.device.type == "cuda"
+        ):  # page-locked, in this thread: the copies to the GPU run asynchronously
+            rows = [{name: tensor.pin_memory() for name, tensor in row.items()} for row in rows]
+        return rows
 
     def signals(self, micro_batches: list[MicroBatch]) -> list[TeacherSignal | None]:
         if self._rows is None:

@@ -64,7 +64,9 @@ class Objective:
             teacher=teacher,
             tau=self.tau,
         )
-        tokens = torch.tensor(labels.numel(), dtype=torch.int)
+        tokens = torch.tensor(
+            labels.numel(), dtype=torch.int, device=labels.device
+        )  # megatron sums it on device
         report = {"loss": loss_sum.detach().double(), **term_sums, "tokens": tokens.clone()}
         return loss_sum, tokens, report
 

@@ -57,6 +57,8 @@ def adamw_param_groups(
 class DistillOptimizer:
     """AdamW with optional fp32 masters; `step()` consumes `main_grad`s and returns the grad norm."""
 
+    kind = "adamw"  # recorded in checkpoints: a run resumes with the optimizer it was saved with
+
     def __init__(
         self, model: torch.nn.Module, cfg: TrainingConfig, *, mp_group: dist.ProcessGroup, tp_rank: int
     ) -> None:

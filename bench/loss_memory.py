@@ -10,7 +10,8 @@ related layer), in bf16 on CUDA (what the student's last stage hands over), floa
 - naive (`bench/loss_naive.py`): `[N, V]` logits in fp32, `log_softmax`, forward KL over the kept ids
   plus the tail bucket, autograd;
 - ours: `fused_output_loss` (chunks of logits, hand-written gradients), at its automatic chunk size and
-  at the chunk sizes in `--chunks`; on CUDA also with TF32 matmuls (`ours_tf32`, not the default).
+  at the chunk sizes in `--chunks`, in full fp32; on CUDA also with TF32 matmuls (`ours_tf32`: what
+  training uses by default, `loss.tf32`; its gradients are not held to `--tolerance`).
 
 Memory: on CUDA the allocator's peak during one fwd+bwd above what was allocated before it (inputs and
 weights excluded, gradients included); on CPU the torch profiler's peak of live tensor bytes. Time: the
@@ -132,8 +133,8 @@ def main() -> None:
             hidden.float(), weight.float(), inputs["ids"], inputs["logprobs"], inputs["tail"], 1, 0
         )
 
-    def ours(chunk: int | None):
-        terms = Terms(weights={"forward_kl": 1.0}, chunk_tokens=chunk)
+    def ours(chunk: int | None, tf32: bool = False):
+        terms = Terms(weights={"forward_kl": 1.0}, chunk_tokens=chunk, tf32=tf32)
 
         def loss_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             loss_sum, _ = fused_output_loss(

@@ -59,6 +59,10 @@ class MegatronDistributedOptimizer:
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm or 0.0), lr
 
+    def reload_model_params(self) -> None:
+        """Refresh its fp32 main parameters from the model's weights after those were loaded."""
+        self.optimizer.reload_model_params()
+
     def sharded_state_dict(self, model_sharded: dict[str, Any], is_loading: bool = False) -> dict[str, Any]:
         return self.optimizer.sharded_state_dict(model_sharded, is_loading)
 

@@ -117,6 +117,7 @@ class MegatronEngine(WorldCollectives, MegatronForward):
             self._say(f"train: resumed from {latest} at step {loaded['training_state']['step']}")
             return {**loaded["training_state"], "checkpoint": str(latest)}
         load_weights(self.module, self.weights, self.ctx)
+        self.optimizer.reload_model_params()  # bf16: the fp32 masters were made before the weights came
         self._say(f"train: starting from {self.weights.directory} ({self.description})")
         return None
 

@@ -12,6 +12,8 @@ only saw its slice of the vocabulary (the all-reduce megatron's ColumnParallelLi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ class Terms:
     skew_alpha: float = 0.1
     jsd_beta: float = 0.5
     chunk_tokens: int | None = None  # None: AUTO_CHUNK_BYTES (_CUDA) of fp32 logits
+    tf32: bool = False  # CUDA: the fp32 matmuls on TF32 tensor cores (`loss.tf32`)
     uld_top_m: int = 128  # sorted probabilities compared per position by ULD (see `uld.py`)
 
     def chunk(self, vocab_local: int, device: torch.device | None = None) -> int:
@@ -260,6 +263,20 @@ def _span_term(
     return (terms.weights.get("ce", 0.0) - weight * per_row).float()  # [N]
 
 
+@contextmanager
+def _matmul_tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA fp32 matmuls inside the block (torch's switch is global: restored after)."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def chunked_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -272,6 +289,23 @@ def chunked_loss(
     need_grad: bool = True,
 ) -> ChunkedResult:
     """All terms over `hidden [N, h]` x `weight [V/tp, h]` against `labels [N]` (global ids) and the teacher."""
+    with _matmul_tf32(terms.tf32 and hidden.is_cuda):
+        return _chunked_loss(
+            hidden, weight, labels, terms=terms, shard=shard, teacher=teacher, tau=tau, need_grad=need_grad
+        )
+
+
+def _chunked_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    terms: Terms,
+    shard: VocabShard,
+    teacher: TeacherSignal | None,
+    tau: float,
+    need_grad: bool,
+) -> ChunkedResult:
     n_tokens, _ = hidden.shape
     w32 = weight.float()  # [V/tp, h]
     kd = [name for name, w in terms.weights.items() if name != "ce" and w > 0]  # span included

@@ -33,6 +33,7 @@ class Objective:
             skew_alpha=config.skew_alpha,
             jsd_beta=config.jsd_beta,
             chunk_tokens=None if config.chunk_tokens == "auto" else config.chunk_tokens,
+            tf32=config.tf32,
             uld_top_m=config.uld.top_m,
         )
         self.taid = TaidSchedule(config.taid, total_steps) if "taid" in self.terms.weights else None

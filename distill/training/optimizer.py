@@ -75,6 +75,14 @@ class DistillOptimizer:
         self._order = groups[0]["params"] + groups[1]["params"]  # the optimizer's order, for sharded state
         self._model_of = {id(m): p for p, m in zip(self.params, self.masters, strict=True)}
 
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 masters from the model's weights, after those were loaded (a fresh start from
+        `load_weights`): the masters are what the first step updates and copies back into the model."""
+        with torch.no_grad():
+            for param, master in zip(self.params, self.masters, strict=True):
+                if param is not master:
+                    master.copy_(param)
+
     def _counted(self, param: torch.Tensor) -> bool:
         """Whether this rank's grad of `param` enters the global norm (each weight exactly once)."""
         if getattr(param, "shared", False):

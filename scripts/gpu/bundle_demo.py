@@ -74,8 +74,8 @@ def copy_demo(run_dir: Path, out: Path, overrides: tuple[str, ...]) -> None:
     for name, source in sources.items():
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target)
+        if source.is_dir():  # not the eval stage's scores kept there: the GPU run scores the teacher itself
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("eval"))
         else:
             shutil.copy2(source, target)
     facts = {

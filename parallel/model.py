@@ -157,10 +157,10 @@ def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) 
         attention_dropout=0.0,
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
-        # every model built here is then filled from weights (HF or checkpoint, `load_weights`), so megatron's
-        # own random init would be overwritten: skip it, and allocate on the GPU directly where there is one
+        # initialised on the GPU where there is one (a 1B model's init on the CPU takes tens of seconds). The
+        # init itself stays on although `load_weights` overwrites it: megatron-core marks tensor-parallel
+        # weights (`tensor_model_parallel`, read by the grad norm) inside its init functions only
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from distill.config import CampaignConfig, config_to_yaml, load_config
@@ -267,6 +268,24 @@ def test_engine_errors_name_the_keys(tmp_path, change, expected):
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path / "c.yaml", tree))
     assert expected in " ".join(str(err.value).split())
+
+
+def test_the_distributed_optimizer_is_megatron_on_cuda_only(tmp_path):
+    from distill.engine.distributed_optimizer import MegatronDistributedOptimizer
+
+    tree = training_tree(tmp_path)
+    tree["engine"] = "deepspeed"
+    tree["training"]["distributed_optimizer"] = True
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path / "c.yaml", tree))
+    assert "training.distributed_optimizer is megatron-core's optimizer (engine megatron)" in " ".join(
+        str(err.value).split()
+    )
+    del tree["engine"]
+    config = load_config(write_config(tmp_path / "c.yaml", tree))
+    assert config.training.distributed_optimizer and config.loss.tf32  # TF32 loss matmuls: on by default
+    with pytest.raises(ConfigError, match="DistributedOptimizer needs CUDA"):  # this machine has none
+        MegatronDistributedOptimizer(None, config.training, torch.float32)
 
 
 def test_deepspeed_config_maps_training_and_zero_keys(tmp_path):

@@ -70,7 +70,9 @@ def test_same_losses_at_every_layout(losses):
 
 def test_bf16_weights_with_fp32_masters_train_and_resume_exactly(losses):
     full, resumed = losses["resume_11_11bf16"], losses["resume_11_11bf16_resumed"]
-    assert full[0] == pytest.approx(losses["tp1pp1dp1"][0], abs=0.02)  # same weights up to bf16 rounding
+    # the loaded weights up to bf16 rounding, at every step: the fp32 masters start from the loaded weights
+    # (not from what the model held before loading, which the first step would otherwise copy back)
+    assert full == pytest.approx(losses["tp1pp1dp1"], rel=0.005)
     assert full[-1] < full[0] - 0.1  # and it trains
     assert resumed == full[3:]  # masters and moments restored bit for bit
 

@@ -27,7 +27,7 @@ from common import REPO, ensure_data_stages, write_result
 def write_large_teacher(demo_teacher: Path, out: Path) -> None:
     """A random 63M-parameter Llama with the demo teacher's tokenizer: where a real teacher's forward
     pass dominates, extraction is a small share (the demo teacher is mostly its 8k-wide output layer)."""
-    from distill.models.convert import write_random_student
+    from distill.models.student import write_random_student
     from parallel.model import ModelArch
 
     arch = ModelArch(

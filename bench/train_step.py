@@ -37,7 +37,7 @@ from common import REPO, ensure_data_stages, write_result
 def hf_steps(init_dir: Path, batches: list[torch.Tensor], micro_batch: int, cfg) -> list[float]:
     from transformers import AutoModelForCausalLM
 
-    from distill.training.optimizer import lr_at
+    from distill.engine.schedule import lr_at
 
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     model.train()

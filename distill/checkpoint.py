@@ -1,42 +1,33 @@
-"""Sharded training checkpoints: saved atomically, loadable into any tp x pp x dp layout.
+"""Training checkpoints on disk: the directory layout and the atomic save protocol every engine uses.
 
 Layout of a checkpoint root:
     latest                  name of the newest complete checkpoint, replaced atomically, last
-    step_00000100/          megatron-core `dist_checkpointing` (torch_dist) of model + optimizer,
-                            training_state.json (step, data position, schedules, ...; rank 0),
-                            rng/rank_*.safetensors (per-rank RNG states), tokenizer/ (its files) and
-                            distillery.json (metadata: step, layout, architecture), written last
+    step_00000100/          the engine's files (megatron-core: `dist_checkpointing` of model + optimizer
+                            and rng/rank_*.safetensors; DeepSpeed: its partitions and the gathered HF
+                            model in hf/), training_state.json (step, data position, schedules, ...),
+                            tokenizer/ (its files) and distillery.json (metadata: engine, step, layout,
+                            architecture), written last
     .step_00000200.partial  a save in progress (or one killed mid-way): never read
 
-Every rank writes its shards into the `.partial` directory; only when all are written does rank 0 add
-`distillery.json`, rename the directory to its final name and then move `latest`. A crash at any
-point leaves the previous checkpoint as `latest`, complete and loadable. Tensors are saved with their
-global shapes and offsets, so a checkpoint written at tp2 pp1 loads at tp1 pp2 (resharding); RNG
-states are restored only into the layout that wrote them (elsewhere they have no meaning).
-`begin_save` / `commit_save` are that protocol on its own: the DeepSpeed engine writes its files through
-them too (`distill/engine/zero_checkpoint.py`; `distillery.json` says which engine wrote a checkpoint).
-
-Nothing in a checkpoint is unpickled freely: our own state is JSON and safetensors, and megatron's
-files are loaded under `distill.unpickling.no_code_execution` (see there for the audit).
+Every rank writes its files into the `.partial` directory (`begin_save`); only when all are written does
+rank 0 add `distillery.json`, rename the directory to its final name and then move `latest`
+(`commit_save`). A crash at any point leaves the previous checkpoint as `latest`, complete and loadable.
+What the engines write in between: `distill/engine/megatron/checkpoint.py` (resharding to any tp x pp x
+dp layout) and `distill/engine/zero/checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from distill.atomic import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from distill.errors import DataError
-from distill.models.hf_io import copy_tokenizer_files
-from distill.unpickling import UnsafeCheckpointError, no_code_execution, refusal_reason
-from parallel.distributed import ParallelContext
+from distill.tokenizer_files import copy_tokenizer_files
 
 LATEST = "latest"
 META = "distillery.json"
@@ -88,53 +79,6 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    """This process's RNG states as named uint8 tensors (what safetensors stores)."""
-    from megatron.core import tensor_parallel
-
-    state = {"torch": torch.get_rng_state()}
-    for name, tracked in tensor_parallel.get_cuda_rng_tracker().get_states().items():
-        state[f"tracker.{name}"] = tracked
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return {k: v.contiguous() for k, v in state.items()}
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    from megatron.core import tensor_parallel
-
-    torch.set_rng_state(state["torch"])
-    tracker = {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")}
-    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
-    """The RNG states in `path` (`.safetensors`; a `.pt` of distillery <= 0.2 is read weights-only)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    safe = path.with_suffix(".safetensors")
-    if safe.is_file():
-        try:
-            return load_file(safe)
-        except SafetensorError as exc:
-            raise DataError(f"{safe} is not a readable safetensors file ({exc})") from None
-    if not path.with_suffix(".pt").is_file():
-        return None
-    try:
-        old = torch.load(path.with_suffix(".pt"), weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path.with_suffix('.pt')} holds objects other than tensors; refusing to unpickle it (a pickle can "
-            f"run code when loaded): {refusal_reason(exc)}"
-        ) from None
-    return {"torch": old["torch"], **{f"tracker.{k}": v for k, v in old["tracker"].items()}} | (
-        {"cuda": old["cuda"]} if "cuda" in old else {}
-    )
-
-
 def begin_save(root: Path, step: int, *, is_main: bool) -> tuple[Path, Path]:
     """Collective: an empty `.step_N.partial` directory for every rank to write into; returns
     (partial, final). A save killed earlier at this step is discarded."""
@@ -179,109 +123,17 @@ def commit_save(
     return final
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    model: torch.nn.Module,
-    optimizer: Any | None,
-    training_state: dict[str, Any],
-    meta: dict[str, Any],
-    ctx: ParallelContext,
-    tokenizer_dir: Path | None = None,
-    keep_last: int | None = None,
-) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory.
-
-    `tokenizer_dir`'s tokenizer files are copied in, so a checkpoint exports to a complete HF
-    directory on its own."""
-    from megatron.core import dist_checkpointing
-    from safetensors.torch import save_file
-
-    partial, final = begin_save(root, step, is_main=ctx.is_main)
-    sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
-    dist_checkpointing.save(sharded, str(partial))
-    (partial / "rng").mkdir(exist_ok=True)
-    save_file(_rng_state(), str(partial / "rng" / f"rank_{ctx.rank:05d}.safetensors"))
-    layout = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}
-    return commit_save(
-        partial,
-        final,
-        is_main=ctx.is_main,
-        training_state=training_state,
-        meta={
-            "engine": "megatron",
-            "step": step,
-            "layout": layout,
-            "has_optimizer": optimizer is not None,
-            **({"optimizer": optimizer.kind} if optimizer is not None else {}),
-            **meta,
-        },
-        tokenizer_dir=tokenizer_dir,
-        keep_last=keep_last,
-    )
+def tokenizer_dir_of(path: Path) -> Path:
+    """Where the tokenizer of the model at `path` is: an HF directory itself; a checkpoint's copy
+    (`tokenizer/`; a DeepSpeed engine's checkpoint: the HF directory it holds, `hf/`)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    ckpt = resolve_checkpoint(path)
+    return ckpt / "hf" if read_meta(ckpt).get("engine") == "deepspeed" else ckpt / TOKENIZER
 
 
 def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / META).is_file())
     for old in steps[:-keep_last]:
         shutil.rmtree(old)
-
-
-def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: Any | None, ctx: ParallelContext
-) -> dict[str, Any]:
-    """Collective: load into this rank's shard of `model` (and `optimizer` when the checkpoint has
-    one and one is given). Returns the metadata plus `training_state` (empty for an imported model)."""
-    from megatron.core import dist_checkpointing
-
-    meta = read_meta(path)
-    if meta.get("engine", "megatron") != "megatron":
-        raise DataError(
-            f"{path} was written by the {meta['engine']} engine; resume it with engine: {meta['engine']}, or start "
-            f"from its weights (student.init: {path}) in a new checkpoint.dir"
-        )
-    sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
-    with_optimizer = optimizer is not None and meta["has_optimizer"]
-    if with_optimizer and meta.get("optimizer", "adamw") != optimizer.kind:
-        raise DataError(
-            f"{path} holds {meta.get('optimizer', 'adamw')} optimizer state, this run uses {optimizer.kind} "
-            "(training.distributed_optimizer); resume with the optimizer it was saved with, or start from its "
-            f"weights (student.init: {path}) in a new checkpoint.dir"
-        )
-    if with_optimizer:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
-    try:
-        with no_code_execution(), warnings.catch_warnings():
-            # megatron-core 0.16.1 calls torch's deprecated alias of `load`; nothing a user can act on
-            warnings.filterwarnings("ignore", r"`load_state_dict` is deprecated", FutureWarning)
-            warnings.filterwarnings("ignore", r"Please use DTensor instead", FutureWarning)
-            loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as exc:  # megatron wraps load errors; an unsafe file is a user-facing refusal
-        cause = _unsafe_cause(exc)
-        if cause is None:
-            raise
-        raise UnsafeCheckpointError(f"checkpoint {path}: {cause}") from None
-    model.load_state_dict(loaded["model"])
-    if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
-    layout = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}
-    rng = _read_rng_file(Path(path) / "rng" / f"rank_{ctx.rank:05d}")
-    if meta["layout"] == layout and rng is not None:
-        _set_rng_state(rng)
-    state_file = Path(path) / TRAINING_STATE
-    training_state = read_json(state_file) if state_file.is_file() else loaded.get("training_state", {})
-    return {**meta, "training_state": training_state}
-
-
-def _unsafe_cause(exc: BaseException | None) -> str | None:
-    """The refusal message if `exc` (or what caused it) is an unsafe-unpickling refusal."""
-    while exc is not None:
-        if isinstance(exc, UnsafeCheckpointError):
-            return str(exc)
-        if isinstance(exc, pickle.UnpicklingError):
-            return f"refusing to unpickle a file that holds more than tensors and plain data ({refusal_reason(exc)})"
-        exc = exc.__cause__ or exc.__context__
-    return None

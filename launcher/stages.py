@@ -64,7 +64,8 @@ def train(config: CampaignConfig, options: RunOptions) -> None:
 
 def export(config: CampaignConfig, options: RunOptions) -> None:
     from distill.checkpoint import latest_checkpoint
-    from distill.models.convert import EXPORT_RECORD, export_hf
+    from distill.engine.megatron.convert import export_hf
+    from distill.models.hf_io import EXPORT_RECORD
 
     assert config.export is not None and config.checkpoint is not None
     source = latest_checkpoint(config.checkpoint.dir)
@@ -141,8 +142,8 @@ def write_card_with_eval(export_dir: Path, evaluation: dict[str, Any], name: str
     """Rewrite an export's model card with the eval numbers, where it is model `name` (the card is not
     part of the export's hash)."""
     from distill.checkpoint import resolve_checkpoint
-    from distill.models.convert import EXPORT_RECORD, model_card_of
-    from distill.models.model_card import CARD
+    from distill.models.hf_io import EXPORT_RECORD
+    from distill.models.model_card import CARD, model_card_of
     from distill.models.weights import find_weights
 
     made_from = read_json(export_dir / EXPORT_RECORD)["checkpoint"]
@@ -152,7 +153,7 @@ def write_card_with_eval(export_dir: Path, evaluation: dict[str, Any], name: str
 
 
 def report(config: CampaignConfig, options: RunOptions) -> None:
-    from distill.eval.results import format_table
+    from distill.eval_table import format_table
     from distill.report.build import build_report
 
     build_report(config.run.dir)

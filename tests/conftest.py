@@ -96,7 +96,7 @@ def tiny_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.models.hf_io import copy_tokenizer_files
+    from distill.tokenizer_files import copy_tokenizer_files
 
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -271,7 +271,7 @@ def test_engine_errors_name_the_keys(tmp_path, change, expected):
 
 
 def test_the_distributed_optimizer_is_megatron_on_cuda_only(tmp_path):
-    from distill.engine.distributed_optimizer import MegatronDistributedOptimizer
+    from distill.engine.megatron.distributed_optimizer import MegatronDistributedOptimizer
 
     tree = training_tree(tmp_path)
     tree["engine"] = "deepspeed"
@@ -291,7 +291,7 @@ def test_the_distributed_optimizer_is_megatron_on_cuda_only(tmp_path):
 def test_deepspeed_config_maps_training_and_zero_keys(tmp_path):
     import torch
 
-    from distill.engine.zero_config import inference_config, training_config
+    from distill.engine.zero.config import inference_config, training_config
 
     tree = training_tree(tmp_path)
     tree.update(

@@ -22,7 +22,7 @@ def distillery(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_import_at_tp2_then_export_round_trips(tmp_path, tokenizer_dir):
-    from distill.models.hf_io import copy_tokenizer_files
+    from distill.tokenizer_files import copy_tokenizer_files
 
     torch.manual_seed(0)
     config = Qwen2Config(

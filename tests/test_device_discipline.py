@@ -19,8 +19,11 @@ SOURCES = [
 FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "linspace"}
 # tensors deliberately made on the host (file, function): each is moved to the device, or stays host-side
 HOST_SIDE = {
-    ("distill/training/optimizer.py", "_init_state"): "torch AdamW keeps `step` on the CPU (not capturable)",
-    ("distill/training/optimizer.py", "load_state_dict"): "the same `step`",
+    (
+        "distill/engine/megatron/optimizer.py",
+        "_init_state",
+    ): "torch AdamW keeps `step` on the CPU (not capturable)",
+    ("distill/engine/megatron/optimizer.py", "load_state_dict"): "the same `step`",
     ("distill/teacher/aligned.py", "vocab_match"): "built once on the host, then `.to(device)`",
     ("distill/eval/score.py", "score_windows"): "a padded batch built row by row, then `.to(device)`",
     ("distill/cache/writer.py", "_records"): "uniforms from a per-sequence CPU generator, then `.to(device)`",

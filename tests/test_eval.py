@@ -14,11 +14,11 @@ import torch
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import load_tokenizer
 from distill.errors import DataError
-from distill.eval.results import format_table
 from distill.eval.run import EvalSettings, ModelToEval, evaluate
 from distill.eval.score import find_data_tokenizer, reencode, score_documents
 from distill.eval.text import Document, heldout_documents, packed_label_bytes, token_bytes
 from distill.eval.windows import rolling_windows
+from distill.eval_table import format_table
 from tests import conftest
 from tests.conftest import REPO, stdlib_texts
 

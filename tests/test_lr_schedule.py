@@ -3,7 +3,7 @@ import math
 import pytest
 
 from distill.config.schema import TrainingConfig
-from distill.training.optimizer import lr_at
+from distill.engine.schedule import lr_at
 
 
 def cfg(**kw) -> TrainingConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.checkpoint import _read_rng_file
+from distill.engine.megatron.checkpoint import _read_rng_file
 from distill.unpickling import UnsafeCheckpointError, no_code_execution
 
 

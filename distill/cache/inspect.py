@@ -22,7 +22,8 @@ from distill.data.prepared import PreparedData
 
 def _dense_teacher_logprobs(manifest: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
     """Teacher log-probs `[b, s, V]` in one process (a world of one, tp = pp = 1)."""
-    from distill.models.weights import find_weights, load_weights
+    from distill.engine.megatron.weights import load_weights
+    from distill.models.weights import find_weights
     from parallel.distributed import init_parallel, shutdown
     from parallel.model import build_gpt
     from parallel.schedule import forward_only

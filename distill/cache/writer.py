@@ -44,8 +44,9 @@ from distill.cache.format import (
 )
 from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
+from distill.engine.megatron.weights import load_teacher
 from distill.errors import DataError
-from distill.models.teacher import load_teacher, open_teacher
+from distill.models.teacher import open_teacher
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
 from distill.stop import StopRequest

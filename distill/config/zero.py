@@ -1,6 +1,6 @@
 """The `deepspeed` section: how the DeepSpeed engine (`engine: deepspeed`) shards the student.
 
-These keys map one to one onto DeepSpeed's `zero_optimization` block (`distill/engine/zero_config.py`
+These keys map one to one onto DeepSpeed's `zero_optimization` block (`distill/engine/zero/config.py`
 writes it); the batch sizes, precision, clipping and optimizer come from `training`, so a campaign
 switches engines by changing `engine` alone. Offloading is passed through after checks DeepSpeed
 itself only makes deep inside `initialize` (or not at all): parameters offload only under stage 3,

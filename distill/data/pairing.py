@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from distill.atomic import atomic_write_json, read_json
+from distill.checkpoint import tokenizer_dir_of
 from distill.config.schema import CampaignConfig
 from distill.data.alignment import byte_offset_pairs
 from distill.data.prepared import SPLITS
@@ -296,10 +297,8 @@ def resolve_pairing(config: CampaignConfig, student: TokenizerInfo) -> Pairing |
     if teacher.tokenizer is not None:
         directory, key = teacher.tokenizer, "teacher.tokenizer"
     else:
-        from distill.models.weights import find_weights  # model code: only for a campaign with a teacher
-
         try:
-            directory, key = find_weights(teacher.path).tokenizer_dir, "teacher.path"
+            directory, key = tokenizer_dir_of(teacher.path), "teacher.path"
         except (DataError, OSError) as exc:
             raise DataError(
                 f"teacher.path {teacher.path}: cannot read the teacher's tokenizer: {exc}"

@@ -14,9 +14,9 @@ def build_engine(config: CampaignConfig, ctx: Any = None) -> Engine:
     """The engine `config.engine` names; joins the world unless `ctx` (megatron: a built parallel
     context, for tests) is given. Each engine's library is imported only when it is built."""
     if config.engine == "deepspeed":
-        from distill.engine.zero import ZeroEngine
+        from distill.engine.zero.engine import ZeroEngine
 
         return ZeroEngine(config)
-    from distill.engine.megatron import MegatronEngine
+    from distill.engine.megatron.engine import MegatronEngine
 
     return MegatronEngine(config, ctx)

@@ -6,7 +6,7 @@ sharded student: building it and loading its weights, forward/backward over a st
 a loss callback, the optimizer step, forward-only passes, save/load, and the output layer the fused
 loss applies. Two engines fit this seam:
 
-- megatron-core (`distill/engine/megatron.py`): GPTModel under TP x PP x DP, pipeline schedules.
+- megatron-core (`distill/engine/megatron/engine.py`): GPTModel under TP x PP x DP, pipeline schedules.
 - DeepSpeed ZeRO over Hugging Face modules: the same calls, with the loss callback invoked on the
   module's final hidden states. Under ZeRO-3 the output weight is partitioned; the engine hands the
   callback a gathered weight (`deepspeed.zero.GatheredParameters` around the callback, with the weight

@@ -27,9 +27,9 @@ from typing import Any
 from distill.atomic import atomic_directory, atomic_write_json, read_json
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
-from distill.eval.results import format_table
 from distill.eval.score import find_data_tokenizer, model_weights, score_model
 from distill.eval.text import heldout_documents
+from distill.eval_table import format_table
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
 

@@ -197,7 +197,7 @@ def score_model(
 
     `data_tokenizer` is the data's (found from the model or the manifest when not given); `name` is
     what warnings and the progress bar call the model."""
-    from distill.models.convert import load_as_hf
+    from distill.engine.megatron.convert import load_as_hf
 
     name = name or Path(path).name
     info = load_tokenizer(model_weights(path).tokenizer_dir)  # before loading a large model

@@ -9,7 +9,6 @@ safetensors (split into files of at most `max_shard_bytes`, with an index), `con
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,10 @@ import torch
 from distill.atomic import atomic_directory, atomic_write_json, read_json
 from distill.errors import DataError, OutputExistsError
 from distill.models.hf_layout import Shard, hf_sources
+from distill.tokenizer_files import copy_tokenizer_files
 from parallel.model import ModelArch
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
+EXPORT_RECORD = "distillery_export.json"  # what a campaign's export was made from (stage record)
 
 
 class HFCheckpoint:
@@ -80,15 +71,6 @@ class HFCheckpoint:
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
             del value
-
-
-def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(target) / name)
-            copied.append(name)
-    return copied
 
 
 def write_hf_directory(

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from distill.eval.results import table_rows
+from distill.checkpoint import read_training_state
+from distill.eval_table import table_rows
 from parallel.model import ModelArch
 
 CARD = "README.md"
@@ -208,3 +209,17 @@ def _engine_text(config: dict[str, Any]) -> str:
         return f"DeepSpeed ZeRO-{(config.get('deepspeed') or {}).get('zero_stage', 2)} (Hugging Face modules)"
     parallel = config.get("parallel") or {}
     return f"megatron-core (tp {parallel.get('tp', 1)}, pp {parallel.get('pp', 1)})"
+
+
+def model_card_of(
+    ckpt: Path,
+    arch: ModelArch,
+    out: Path,
+    evaluation: dict[str, Any] | None = None,
+    own: str | None = None,
+) -> str:
+    """The model card of the export of checkpoint `ckpt` into `out` (see `model_card.py`)."""
+    state = read_training_state(ckpt)
+    run = ((state.get("provenance") or {}).get("config") or {}).get("run") or {}
+    name = f"{run['name']} student" if run.get("name") else out.name
+    return render_model_card(arch, state, name=name, location=str(out), evaluation=evaluation, own=own)

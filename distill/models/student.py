@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distill.config import CampaignConfig
 from distill.data.tokenizer import load_tokenizer
 from distill.errors import OutputExistsError
-from distill.models.convert import write_random_student
-from distill.models.hf_io import HFCheckpoint
+from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
 from parallel.model import ModelArch
 
 
@@ -72,3 +73,25 @@ def student_init_path(
     if problem:
         raise OutputExistsError(problem)
     return student.init_dir
+
+
+def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, seed: int) -> None:
+    """A seeded random HF model of `arch` (transformers' own init), with the campaign's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**arch.to_hf_config())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (arch.tie_word_embeddings and k == "lm_head.weight")
+    }
+    write_hf_directory(
+        out,
+        state,
+        arch,
+        tokenizer_dir=tokenizer_dir,
+        dtype=torch.float32,
+        generation=generation_config(tokenizer_dir),
+    )

@@ -3,9 +3,8 @@
 A model path names either a Hugging Face directory (`config.json` + safetensors) or a distillery
 checkpoint (a step directory, or a checkpoint root whose `latest` is taken; a DeepSpeed engine's
 checkpoint is read through the HF directory it holds, `hf/`). `find_weights` says which
-and reads the architecture; `load_weights` fills this rank's shard of a megatron-core model from
-either (HF: only this rank's slices are read; checkpoint: `dist_checkpointing` reshards to any layout).
-Students, online teachers, the cache writer's teacher and cache inspection all load through here.
+and reads the architecture; each engine loads them its own way (megatron-core:
+`distill/engine/megatron/weights.py`; DeepSpeed: `from_pretrained` of the HF directory).
 """
 
 from __future__ import annotations
@@ -13,14 +12,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import torch
-
-from distill.checkpoint import TOKENIZER, load_checkpoint, read_meta, resolve_checkpoint
+from distill.checkpoint import TOKENIZER, read_meta, resolve_checkpoint
 from distill.models.hf_io import HFCheckpoint
-from distill.models.hf_layout import Shard
-from parallel.distributed import ParallelContext
 from parallel.model import ModelArch
 
 
@@ -48,16 +43,6 @@ def find_weights(path: Path) -> Weights:
     return Weights(ModelArch.from_json(meta["arch"]), ckpt, "checkpoint")
 
 
-def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext) -> None:
-    """Collective: fill this rank's shard of `model` (built for `weights.arch` at `ctx`'s layout)."""
-    if weights.kind == "hf":
-        HFCheckpoint(weights.directory).load_into(
-            model, Shard(weights.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank)
-        )
-    else:
-        load_checkpoint(weights.directory, model=model, optimizer=None, ctx=ctx)
-
-
 def directory_sha256(path: Path) -> str:
     """Content hash of a model directory (config + weights), independent of its location."""
     digest = hashlib.sha256()
@@ -72,3 +57,7 @@ def directory_sha256(path: Path) -> str:
             while chunk := f.read(8 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_meta(arch: ModelArch, source: str) -> dict[str, Any]:
+    return {"arch": arch.to_json(), "source": source}

@@ -19,7 +19,7 @@ import yaml
 
 from distill.atomic import atomic_directory, read_json
 from distill.errors import DataError
-from distill.eval.results import table_rows
+from distill.eval_table import table_rows
 from distill.report.metrics_file import Metrics, read_metrics
 from distill.report.plots import plot_bits_per_byte, plot_losses, plot_mixture, plot_tau, plot_throughput
 

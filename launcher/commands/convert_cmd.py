@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from distill.models.convert import import_hf  # torch + megatron-core: imported only when used
+    from distill.engine.megatron.convert import import_hf  # torch + megatron-core: imported only when used
 
     path = import_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
     print(f"import: wrote {path}")
@@ -39,7 +39,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from distill.models.convert import export_hf
+    from distill.engine.megatron.convert import export_hf
 
     path = export_hf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"export: wrote {path}")

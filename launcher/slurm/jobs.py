@@ -73,7 +73,7 @@ def campaign_jobs(config: CampaignConfig, config_path: Path) -> list[Job]:
 def stage_complete(config: CampaignConfig, stage: str) -> bool:
     """Whether `stage`'s output record says it is done (cheap: no hashing of inputs)."""
     from distill.checkpoint import latest_checkpoint, read_meta
-    from distill.models.convert import EXPORT_RECORD
+    from distill.models.hf_io import EXPORT_RECORD
 
     def trained(cfg: CampaignConfig) -> bool:
         assert cfg.checkpoint is not None and cfg.training is not None

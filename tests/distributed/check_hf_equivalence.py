@@ -138,8 +138,9 @@ def our_logits(ctx: Any, hf_dir: Path, ids: Any) -> tuple[Any, Any]:
     import torch
     import torch.distributed as dist
 
+    from distill.engine.megatron.weights import load_weights
     from distill.models.hf_io import HFCheckpoint
-    from distill.models.weights import Weights, load_weights
+    from distill.models.weights import Weights
     from parallel.model import build_gpt
     from parallel.schedule import forward_only
 
@@ -165,10 +166,12 @@ def main(out_dir: Path) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from distill.checkpoint import resolve_checkpoint, save_checkpoint
-    from distill.models.convert import checkpoint_meta, full_state_dict
+    from distill.checkpoint import resolve_checkpoint
+    from distill.engine.megatron.checkpoint import save_checkpoint
+    from distill.engine.megatron.convert import full_state_dict
     from distill.models.hf_io import HFCheckpoint, write_hf_directory
     from distill.models.hf_layout import to_hf_state_dict
+    from distill.models.weights import checkpoint_meta
     from parallel.distributed import init_parallel, shutdown
     from tests.distributed import report
 

@@ -3,8 +3,7 @@
 Import runs with tp x pp processes; each rank reads only its shard's slices from the safetensors and
 the checkpoint is written with global shapes, so it loads into any layout later. Export runs in one
 process: it loads any checkpoint into an unsharded model (dist_checkpointing reshards) and inverts
-the name map. A random student (`student.arch`) is materialised once as an HF directory by
-`transformers` with a fixed seed, so every layout starts from bit-identical weights.
+the name map. `load_as_hf` gives any model path as one `transformers` model (what eval scores).
 """
 
 from __future__ import annotations
@@ -15,21 +14,18 @@ from typing import Any
 
 import torch
 
-from distill.checkpoint import TOKENIZER, read_training_state, resolve_checkpoint, save_checkpoint
+from distill.checkpoint import TOKENIZER, resolve_checkpoint
+from distill.engine.megatron.checkpoint import save_checkpoint
+from distill.engine.megatron.weights import load_weights
 from distill.errors import DataError
-from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
+from distill.models.hf_io import EXPORT_RECORD, HFCheckpoint, generation_config, write_hf_directory
 from distill.models.hf_layout import to_hf_state_dict
-from distill.models.model_card import CARD, render_model_card
-from distill.models.weights import Weights, find_weights, load_weights
+from distill.models.model_card import CARD, model_card_of
+from distill.models.weights import Weights, checkpoint_meta, find_weights
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.model import ModelArch, build_gpt
 
-EXPORT_RECORD = "distillery_export.json"  # what a campaign's export was made from (stage record)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def checkpoint_meta(arch: ModelArch, source: str) -> dict[str, Any]:
-    return {"arch": arch.to_json(), "source": source}
 
 
 def import_hf(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
@@ -134,39 +130,3 @@ def load_as_hf(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch
         )
     model.tie_weights()
     return model.eval(), weights.tokenizer_dir
-
-
-def model_card_of(
-    ckpt: Path,
-    arch: ModelArch,
-    out: Path,
-    evaluation: dict[str, Any] | None = None,
-    own: str | None = None,
-) -> str:
-    """The model card of the export of checkpoint `ckpt` into `out` (see `model_card.py`)."""
-    state = read_training_state(ckpt)
-    run = ((state.get("provenance") or {}).get("config") or {}).get("run") or {}
-    name = f"{run['name']} student" if run.get("name") else out.name
-    return render_model_card(arch, state, name=name, location=str(out), evaluation=evaluation, own=own)
-
-
-def write_random_student(arch: ModelArch, out: Path, *, tokenizer_dir: Path, seed: int) -> None:
-    """A seeded random HF model of `arch` (transformers' own init), with the campaign's tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**arch.to_hf_config())
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {
-        k: v
-        for k, v in model.state_dict().items()
-        if not (arch.tie_word_embeddings and k == "lm_head.weight")
-    }
-    write_hf_directory(
-        out,
-        state,
-        arch,
-        tokenizer_dir=tokenizer_dir,
-        dtype=torch.float32,
-        generation=generation_config(tokenizer_dir),
-    )

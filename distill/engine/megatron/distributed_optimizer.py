@@ -1,6 +1,6 @@
 """megatron-core's DistributedOptimizer behind the megatron engine's optimizer calls (CUDA only).
 
-`training.distributed_optimizer: true` swaps distillery's AdamW (`distill/training/optimizer.py`: fp32
+`training.distributed_optimizer: true` swaps distillery's AdamW (`distill/engine/megatron/optimizer.py`: fp32
 master copies and Adam state replicated on every data-parallel rank) for megatron-core's: the fp32
 masters and Adam state are sharded over data parallel (ZeRO-1 style: 12 bytes per parameter become
 12 / dp), gradients are reduce-scattered instead of all-reduced, and updated bf16 weights all-gathered.
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from distill.config.schema import TrainingConfig
+from distill.engine.schedule import lr_at
 from distill.errors import ConfigError
-from distill.training.optimizer import lr_at
 
 
 class MegatronDistributedOptimizer:

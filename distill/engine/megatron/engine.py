@@ -17,16 +17,17 @@ from typing import Any
 
 import torch
 
-from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.checkpoint import latest_checkpoint
 from distill.config import CampaignConfig
 from distill.engine.base import LossFn, OutputFn
 from distill.engine.collectives import WorldCollectives
-from distill.engine.distributed_optimizer import MegatronDistributedOptimizer
-from distill.models.convert import checkpoint_meta
+from distill.engine.megatron.checkpoint import load_checkpoint, save_checkpoint
+from distill.engine.megatron.distributed_optimizer import MegatronDistributedOptimizer
+from distill.engine.megatron.optimizer import DistillOptimizer
+from distill.engine.megatron.weights import load_teacher, load_weights
 from distill.models.student import student_init_path
-from distill.models.teacher import load_teacher, open_teacher
-from distill.models.weights import find_weights, load_weights
-from distill.training.optimizer import DistillOptimizer
+from distill.models.teacher import open_teacher
+from distill.models.weights import checkpoint_meta, find_weights
 from parallel.distributed import ParallelContext, init_parallel, shutdown
 from parallel.model import ModelArch, emit_hidden_states, output_weight, precision_dtype
 from parallel.schedule import forward_backward, forward_only

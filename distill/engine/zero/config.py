@@ -1,6 +1,6 @@
 """The DeepSpeed config dicts of a campaign: the student's training engine and the frozen teacher's.
 
-Only `distill/engine/zero.py` reads these. Batch sizes, precision and clipping come from `training`
+Only `distill/engine/zero/engine.py` reads these. Batch sizes, precision and clipping come from `training`
 (the same keys the megatron engine reads), ZeRO's own knobs from the `deepspeed` section. Two choices
 are ours, not DeepSpeed's defaults:
 

@@ -37,13 +37,13 @@ import torch.distributed as dist
 from distill.config import CampaignConfig
 from distill.engine.base import LossFn, OutputFn
 from distill.engine.collectives import WorldCollectives
-from distill.engine.zero_checkpoint import load_zero_checkpoint, save_zero_checkpoint
-from distill.engine.zero_config import inference_config, training_config, zero_section
+from distill.engine.schedule import adamw_param_groups, lr_at
+from distill.engine.zero.checkpoint import load_zero_checkpoint, save_zero_checkpoint
+from distill.engine.zero.config import inference_config, training_config, zero_section
 from distill.errors import DataError
 from distill.models.student import student_init_path
 from distill.models.teacher import open_teacher
 from distill.models.weights import Weights, find_weights
-from distill.training.optimizer import adamw_param_groups, lr_at
 from parallel.distributed import join_world
 from parallel.model import ModelArch, precision_dtype
 from parallel.vocab import VocabShard

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from distill.checkpoint import begin_save, commit_save, latest_checkpoint, read_meta, read_training_state
 from distill.config.train import CheckpointConfig
 from distill.errors import DataError
-from distill.models.convert import checkpoint_meta
 from distill.models.hf_io import generation_config, write_hf_directory
+from distill.models.weights import checkpoint_meta
 from distill.unpickling import no_code_execution
 from parallel.model import ModelArch
 

@@ -61,9 +61,9 @@ def main() -> None:
     from distill.cache.reader import CacheReader
     from distill.cache.writer import CacheWriter, ShardWork
     from distill.config import load_config
+    from distill.engine import teacher_job
     from distill.training.train import build_loop
     from parallel.distributed import init_parallel, shutdown
-    from parallel.schedule import forward_only
 
     base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
     result: dict = {}
@@ -86,7 +86,7 @@ def main() -> None:
                     "cache.samples=50",
                 ]
                 config = load_config(args.config, [*overrides, f"teacher.path={teacher}"])
-                writer = CacheWriter(config, ctx, overwrite=True)
+                writer = CacheWriter(config, teacher_job(config, ctx), overwrite=True)
                 (writer.out / domain / "train").mkdir(parents=True, exist_ok=True)
                 started = time.perf_counter()
                 writer._write_shard(work)
@@ -94,9 +94,9 @@ def main() -> None:
                 tokens = torch.from_numpy(writer.data.store(domain, "train").batch(np.arange(sequences)))
                 micro = list(tokens.split(config.teacher.micro_batch))
                 started = time.perf_counter()
-                forward_only(
-                    writer.model, micro, lambda index, logits, labels: None, seq_length=writer.data.seq_len
-                )
+                writer.model.forward(
+                    micro, lambda i, h, w, labels: torch.matmul(h, w.t())
+                )  # forward + output layer
                 forward_seconds = time.perf_counter() - started
                 marker = json.loads((writer.out / f"{work.stem}.json").read_text())
                 positions = sequences * writer.data.seq_len

@@ -65,7 +65,7 @@ def main() -> None:
             total = time.perf_counter() - started
             step_seconds = sum(r.seconds for r in trained)
             student = trainer.evaluate()
-            teacher = trainer._teacher_perplexity()
+            teacher = trainer.heldout.teacher_perplexity()
             ratio = {d: student[d] / teacher[d] for d in student}
             records = [json.loads(line) for line in Path(config.logging.metrics).read_text().splitlines()]
             results[name] = {

@@ -220,14 +220,14 @@ def _release() -> None:
 def cache_throughput(work: Path, size: dict) -> dict:
     """Cache stage writer (teacher forward + top-k extraction + encode + write) vs the forward alone."""
     from distill.cache.writer import CacheWriter
+    from distill.engine import teacher_job
     from parallel.distributed import init_parallel, shutdown
-    from parallel.schedule import forward_only
 
     config = load(campaign(work, size, "megatron", "cached_kd", 10), work, "cache")
     ctx = init_parallel(1, 1, seed=0)
     try:
         started = time.perf_counter()
-        writer = CacheWriter(config, ctx, overwrite=True)
+        writer = CacheWriter(config, teacher_job(config, ctx), overwrite=True)
         load_seconds = time.perf_counter() - started
         data = writer.data
         positions = (
@@ -242,10 +242,10 @@ def cache_throughput(work: Path, size: dict) -> dict:
             data.store(data.domains[0], "train").batch(np.arange(data.num_sequences(data.domains[0])))
         )
         micro = list(tokens.to(ctx.device).split(size["teacher_micro_batch"]))
-        forward_only(writer.model, micro[:1], lambda *_: None, seq_length=data.seq_len)  # warm
+        writer.model.forward(micro[:1], lambda i, h, w, labels: torch.matmul(h, w.t()))  # warm
         _sync()
         started = time.perf_counter()
-        forward_only(writer.model, micro, lambda *_: None, seq_length=data.seq_len)
+        writer.model.forward(micro, lambda i, h, w, labels: torch.matmul(h, w.t()))  # forward + output layer
         _sync()
         forward_seconds = time.perf_counter() - started
         forward_tokens = sum(len(m) for m in micro) * data.seq_len
@@ -284,17 +284,17 @@ def train_variant(work: Path, size: dict, engine: str, variant: str, steps: int,
         _release()
         results = [trainer.train_step() for _ in range(steps)]
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        cost = trainer._cost
         timed = results[warmup:]
         step_s = statistics.median(r.seconds for r in timed)
-        achieved = cost["step_flops"] / step_s / cost["devices"] / 1e12
+        achieved = trainer.step_log.tflops_per_device(step_s)
+        peak_tflops = trainer.step_log.peak_tflops
         phases = {k: statistics.median(r.phases.get(k, 0.0) for r in timed) for k in timed[-1].phases}
         out = {
             "build_seconds": build_seconds,
             "step_seconds": step_s,
             "tokens_per_s": timed[-1].tokens / step_s,
             "model_tflops_per_device": achieved,
-            "mfu": achieved / cost["peak_tflops"] if cost["peak_tflops"] else None,
+            "mfu": achieved / peak_tflops if peak_tflops else None,
             "peak_gib": peak,
             "phases_seconds": phases,
             "losses": [r.loss for r in results],

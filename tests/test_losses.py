@@ -10,6 +10,7 @@ float64 references, within TOLERANCE: the loss per token, the gradients of the s
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -327,3 +328,54 @@ def test_vocabulary_sharded_losses_match_dense_references_at_tp2(tmp_path):
     assert coverage["topk_k10_one_shard_rows"]["both"] > 0.2
     assert coverage["sampled"]["both"] > 0.5
     assert 0.2 < coverage["labels"]["on_shard_0"] < 0.8
+
+
+def test_every_configurable_loss_term_has_one_registry_entry_and_the_config_lists_agree_with_it():
+    from distill.config.loss import CROSS_TOKENIZER_TERMS, KD_TERMS, LossWeightsConfig
+    from distill.losses.terms import TERMS
+
+    assert set(LossWeightsConfig.model_fields) - {"ce"} == set(TERMS) == set(KD_TERMS)
+    assert set(CROSS_TOKENIZER_TERMS) == {name for name, term in TERMS.items() if term.accepts("aligned")}
+    assert {name for name, term in TERMS.items() if term.accepts("sampled")} == {
+        "forward_kl"
+    }  # the schema's rule
+
+
+@pytest.mark.parametrize(
+    ("name", "signal", "expected"),
+    [
+        (
+            "reverse_kl",
+            "sampled",
+            "loss term reverse_kl needs the teacher's distribution; a sampled cache holds draws only",
+        ),
+        ("taid", "aligned", "loss term taid needs a teacher with the student's tokenizer"),
+        ("uld", "topk", "loss term uld needs a teacher aligned across tokenizers (a paired prepare)"),
+        ("span", "live", "loss term span needs a teacher aligned across tokenizers (a paired prepare)"),
+    ],
+)
+def test_a_term_refuses_a_teacher_signal_it_cannot_read(name, signal, expected):
+    from distill.losses.signal import AlignedSignal, CachedTop, LiveSignal, SampledSignal, TopKSignal
+    from distill.losses.terms import TERMS
+
+    n, v, h = 4, 16, 8
+    teacher = {
+        "sampled": SampledSignal(torch.zeros(n, 2, dtype=torch.long), torch.full((n, 2), 0.5)),
+        "aligned": AlignedSignal(
+            torch.arange(n),
+            v,
+            CachedTop(torch.zeros(n, 2, dtype=torch.long), torch.zeros(n, 2), torch.zeros(n)),
+        ),
+        "topk": TopKSignal(torch.zeros(n, 2, dtype=torch.long), torch.zeros(n, 2), torch.zeros(n), v),
+        "live": LiveSignal(torch.randn(n, h), torch.randn(v, h)),
+    }[signal]
+    assert not TERMS[name].accepts(signal)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        fused_output_loss(
+            torch.randn(n, h, requires_grad=True),
+            torch.randn(v, h, requires_grad=True),
+            torch.zeros(n, dtype=torch.long),
+            terms=Terms(weights={name: 1.0}),
+            shard=VocabShard.of(v, 0, 1, None),
+            teacher=teacher,
+        )

@@ -20,29 +20,31 @@ from distill.cache.reader import CacheReader, read_cache_manifest
 from distill.data.prepared import PreparedData
 
 
-def _dense_teacher_logprobs(manifest: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher log-probs `[b, s, V]` in one process (a world of one, tp = pp = 1)."""
-    from distill.engine.megatron.weights import load_weights
-    from distill.models.weights import find_weights
-    from parallel.distributed import init_parallel, shutdown
-    from parallel.model import build_gpt
-    from parallel.schedule import forward_only
+def _dense_teacher_logprobs(
+    manifest: dict[str, Any], data: PreparedData, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Teacher log-probs `[b, s, V]` in one process (a teacher job of one rank, fp32)."""
+    from distill.config.train import ParallelConfig
+    from distill.engine.megatron.teacher import MegatronTeacherJob
 
-    ctx = init_parallel(1, 1, seed=0)
+    job = MegatronTeacherJob(ParallelConfig(tp=1, pp=1))
     try:
-        weights = find_weights(Path(manifest["teacher"]["path"]))
-        model = build_gpt(weights.arch, ctx.dims, pp_rank=0)
-        load_weights(model, weights, ctx)
+        model = job.frozen_model(
+            Path(manifest["teacher"]["path"]),
+            precision="fp32",
+            tokenizer_sha256=manifest["spec"]["tokenizer_sha256"],  # the tokenizer the cache was written in
+            data_dir=data.directory,
+        )
         temperature = manifest["spec"].get("temperature", 1.0)
-        (logprobs,) = forward_only(
-            model,
+        (logprobs,) = model.forward(
             [tokens],
-            lambda index, logits, labels: torch.log_softmax(logits.float() / temperature, dim=-1),
-            seq_length=tokens.shape[1] - 1,
+            lambda index, hidden, weight, labels: torch.log_softmax(
+                torch.matmul(hidden, weight.t()).float() / temperature, dim=-1
+            ),
         )
         return logprobs
     finally:
-        shutdown()
+        job.close()
 
 
 def inspect_cache(directory: Path, *, sequences: int = 8) -> dict[str, Any]:
@@ -74,7 +76,7 @@ def inspect_cache(directory: Path, *, sequences: int = 8) -> dict[str, Any]:
     ]
     batch = signal.batch(keys)
     dense = _dense_teacher_logprobs(
-        manifest, torch.stack([torch.from_numpy(prepared.sequence(d, i)) for d, _, i in keys])
+        manifest, prepared, torch.stack([torch.from_numpy(prepared.sequence(d, i)) for d, _, i in keys])
     )
     p = dense.exp()[..., :vocab].double()  # [b, s, V]
     if signal.mode == "topk":

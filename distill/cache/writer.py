@@ -1,10 +1,11 @@
 """`distillery cache`: run the teacher once over every prepared sequence and write its signal.
 
 Work is split into shards of `cache.sequences_per_shard` consecutive sequences of one (domain, split)
-store; data-parallel rank r takes shards r, r + dp, ...; inside a replica the teacher runs sharded
-(any tp x pp, independent of the student's) and the last stage's tp rank 0 writes. A shard is written
-to `.tmp`, fsynced, renamed, and only then gets its `.json` marker (size, sha256), so a finished shard
-is skipped on restart and an interrupted one is redone from the start. Draws of the sampled mode are
+store; data-parallel rank r takes shards r, r + dp, ...; inside a replica the teacher runs sharded (any
+tp x pp, independent of the student's: a `TeacherJob` from `distill.engine.teacher_job`, whose frozen
+model hands the last stage its hidden states and output-layer slice) and that stage's tp rank 0 writes.
+A shard is written to `.tmp`, fsynced, renamed, and only then gets its `.json` marker (size, sha256),
+so a finished shard is skipped on restart and an interrupted one is redone from the start. Draws of the sampled mode are
 seeded per sequence, so the cache bytes do not depend on the layout, the shard split or restarts.
 The manifest (written last by rank 0) records the teacher hash, the prepared data's fingerprint and
 tokenizer hash, the mode and its parameters and every shard's checksum; see `format.py` for records.
@@ -44,14 +45,12 @@ from distill.cache.format import (
 )
 from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
-from distill.engine.megatron.weights import load_teacher
+from distill.engine import TeacherJob, teacher_job
 from distill.errors import DataError
 from distill.models.teacher import open_teacher
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
 from distill.stop import StopRequest
-from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.schedule import forward_only
 
 
 @dataclass(frozen=True)
@@ -87,14 +86,14 @@ class CacheWriter:
     def __init__(
         self,
         config: CampaignConfig,
-        ctx: ParallelContext,
+        job: TeacherJob,
         *,
         overwrite: bool,
         part: tuple[int, int] = (0, 1),
         stop: StopRequest | None = None,
     ) -> None:
         assert config.teacher is not None and config.cache is not None
-        self.config, self.ctx, self.cfg = config, ctx, config.cache
+        self.config, self.job, self.cfg = config, job, config.cache
         self.part, self.stop = part, stop or StopRequest()
         # paired data (a teacher with another tokenizer): the teacher runs over its own tokenization
         student_side = PreparedData(config.data.dir)
@@ -103,15 +102,23 @@ class CacheWriter:
             config.teacher.path, tokenizer_sha256=self.data.tokenizer_sha256, data_dir=self.data.directory
         )
         self.arch = weights.arch
-        digest = [directory_sha256(weights.directory) if ctx.is_main else None]
-        dist.broadcast_object_list(digest, src=0)
-        self.spec = self._spec(str(digest[0]))
+        digest = job.broadcast_from_main(directory_sha256(weights.directory) if job.is_main else None)
+        self.spec = self._spec(str(digest))
         self.out = self.cfg.dir
         self.output = StageOutput(
             "cache", self.out, "cache.dir", self.spec, record=MANIFEST, legacy_progress=".spec.json"
         )
         self.complete = self._check_output(overwrite)
-        self.model = None if self.complete else load_teacher(weights, ctx, config.teacher.precision)
+        self.model = (
+            None
+            if self.complete
+            else job.frozen_model(
+                weights.directory,  # the resolved weights it hashed (a checkpoint root may move on)
+                precision=config.teacher.precision,
+                tokenizer_sha256=self.data.tokenizer_sha256,
+                data_dir=self.data.directory,
+            )
+        )
 
     def _spec(self, teacher_sha: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -136,7 +143,7 @@ class CacheWriter:
     def _check_output(self, overwrite: bool) -> bool:
         """True if the cache is already complete; refuses another config's cache (main rank decides)."""
         decision: list[Any] = [None]
-        if self.ctx.is_main:
+        if self.job.is_main:
             output = self.output
             try:
                 status = output.check(overwrite=overwrite, shared=self.part[1] > 1)
@@ -154,33 +161,33 @@ class CacheWriter:
 
     @property
     def writes(self) -> bool:
-        return self.ctx.is_last_stage and self.ctx.tp_rank == 0
+        return self.job.counting_rank
 
     def run(self) -> None:
         if self.complete:
-            if self.ctx.is_main:
+            if self.job.is_main:
                 print(f"cache: {self.out} is complete, nothing to do", file=sys.stderr)
             return
         plan = shard_plan(self.data, self.cfg.sequences_per_shard)
         index, parts = self.part
         ours = [w for i, w in enumerate(plan) if i % parts == index]
-        mine = [w for i, w in enumerate(ours) if i % self.ctx.dims.dp == self.ctx.dp_rank]
+        mine = [w for i, w in enumerate(ours) if i % self.job.dp_size == self.job.dp_rank]
         todo = [w for w in mine if not (self.out / f"{w.stem}.json").is_file()]
-        show = self.writes and self.ctx.dp_rank == 0
+        show = self.writes and self.job.dp_rank == 0
         positions = sum(w.end - w.start for w in todo) * self.data.seq_len
         # every rank checks for a stop as often as the busiest replica writes shards (a collective)
-        rounds = torch.tensor([len(todo)], dtype=torch.int64, device=self.ctx.device)
+        rounds = torch.tensor([len(todo)], dtype=torch.int64, device=self.job.device)
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
         with tqdm(
             total=positions, unit="tok", unit_scale=True, desc="cache", disable=not show, file=sys.stderr
         ) as bar:
             for turn in range(int(rounds.item())):
-                self.stop.check(dist.all_reduce, self.ctx.device)
+                self.stop.check(self.job.all_reduce_sum, self.job.device)
                 if turn < len(todo):
                     self._write_shard(todo[turn])
                     bar.update((todo[turn].end - todo[turn].start) * self.data.seq_len)
         dist.barrier()
-        if self.ctx.is_main:
+        if self.job.is_main:
             missing = [w.stem for w in plan if not (self.out / f"{w.stem}.json").is_file()]
             if not missing:
                 self._write_manifest(plan)
@@ -195,19 +202,23 @@ class CacheWriter:
         tokens = torch.from_numpy(
             self.data.store(work.domain, work.split).batch(np.arange(work.start, work.end))
         )
-        micro = list(tokens.to(self.ctx.device).split(self.config.teacher.micro_batch))
+        micro = list(tokens.to(self.job.device).split(self.config.teacher.micro_batch))
         first = [work.start + i * self.config.teacher.micro_batch for i in range(len(micro))]
         path = self.out / f"{work.stem}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".bin.tmp")
         sink = _ShardSink(tmp) if self.writes else None
 
-        def extract_signal(index: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        def extract_signal(
+            index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+        ) -> None:
+            logits = torch.matmul(hidden, weight.t())  # [mb, s, h] x [V/tp, h]: the output layer, as its own
             records = self._records(logits, labels, work, first[index])  # logits [mb, s, V/tp]
             if sink is not None:
                 sink.add(records)
 
-        forward_only(self.model, micro, extract_signal, seq_length=self.data.seq_len)
+        assert self.model is not None
+        self.model.forward(micro, extract_signal)
         if sink is not None:
             sink.finish(path, self.out / f"{work.stem}.json", work)
 
@@ -215,11 +226,11 @@ class CacheWriter:
         self, logits: torch.Tensor, labels: torch.Tensor, work: ShardWork, start: int
     ) -> list[bytes]:
         """One record blob per sequence of this micro-batch (collective over the teacher's tp group)."""
-        ctx, cfg = self.ctx, self.cfg
+        cfg = self.cfg
+        assert self.model is not None
         b, s, _ = logits.shape  # [b, s, V/tp]
         flat, targets = logits.reshape(b * s, -1), labels.reshape(-1)
-        vocab_start = ctx.tp_rank * self.arch.vocab_size // ctx.dims.tp
-        group = ctx.tp_group
+        vocab_start, group = self.model.shard.start, self.model.shard.group
         if cfg.mode == "topk":
             ids, lps, tail, target = extract.topk_with_tail(
                 flat, cfg.k, temperature=cfg.temperature, target=targets, vocab_start=vocab_start, group=group
@@ -336,11 +347,10 @@ def build_cache(config: CampaignConfig, *, overwrite: bool = False, part: tuple[
     """The cache stage on this process (one per teacher rank: tp x pp x dp), or its part `(i, n)`."""
     if config.teacher is None or config.cache is None:
         raise DataError("this config has no `teacher` and `cache` sections")
-    teacher = config.teacher
     stop = StopRequest.from_environment().install()
-    ctx = init_parallel(teacher.layout.tp, teacher.layout.pp, seed=0)
+    job = teacher_job(config)
     try:
-        CacheWriter(config, ctx, overwrite=overwrite, part=part, stop=stop).run()
+        CacheWriter(config, job, overwrite=overwrite, part=part, stop=stop).run()
     finally:
-        shutdown()
+        job.close()
         stop.uninstall()

@@ -166,6 +166,11 @@ class TeacherConfig(Section):
         default=None,
         description="The cache job's tp/pp (default tp 1, pp 1); online teachers use the student's.",
     )
+    engine: Literal["megatron"] = Field(
+        default="megatron",
+        description="What runs the teacher in the cache stage, beside the student's top-level `engine` "
+        "(megatron-core, at teacher.parallel); an online teacher runs in the student's engine.",
+    )
     micro_batch: int = Field(default=8, gt=0, description="Sequences per teacher forward pass.")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     tokenizer: AbsPath | None = Field(

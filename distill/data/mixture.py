@@ -122,3 +122,11 @@ def rank_slice(rows: list[Row], dp_rank: int, dp: int) -> list[Row]:
     """Data-parallel rank `dp_rank`'s contiguous share of a global batch."""
     per_rank = len(rows) // dp
     return rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+
+
+def micro_batch_keys(
+    rows: list[Row], dp_rank: int, dp: int, micro_batch: int
+) -> list[list[tuple[str, str, int]]]:
+    """The (domain, "train", index) keys of data-parallel rank `dp_rank`'s micro-batches of a global batch."""
+    keys = [(domain, "train", index) for domain, index in rank_slice(rows, dp_rank, dp)]
+    return [keys[i : i + micro_batch] for i in range(0, len(keys), micro_batch)]

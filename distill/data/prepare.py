@@ -34,17 +34,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from distill.atomic import atomic_write_json, atomic_write_text, read_json
 from distill.config.loader import config_to_yaml
 from distill.config.schema import CampaignConfig, DataConfig
 from distill.data import encode_worker
+from distill.data.packing import DomainState, Packer
 from distill.data.pairing import Pairing, pair_domain, resolve_pairing
 from distill.data.prepare_spec import (
     SOURCE_HASHES,
@@ -63,24 +63,6 @@ from distill.stage import StageOutput, Status
 
 PARTIAL = ".partial"
 PARTS = ".parts"  # units encoded by `prepare --part I/N` (prepare_parts.py)
-
-
-@dataclass
-class _DomainState:
-    """Progress of one domain, committed atomically after the token files are fsynced."""
-
-    source_index: int = 0
-    stream_state: dict | None = None
-    docs_in_source: int = 0
-    documents: int = 0
-    heldout_documents: int = 0
-    tokens: int = 0
-    train_sequences: int = 0
-    heldout_sequences: int = 0
-    heldout_dropped_tokens: int = 0
-    train_carry: list[int] = field(default_factory=list)
-    heldout_carry: list[int] = field(default_factory=list)
-    sources_done: dict[str, dict] = field(default_factory=dict)  # finished sources' record tallies
 
 
 @dataclass(frozen=True)
@@ -209,7 +191,7 @@ def _report_bad_records(domain: str, summary: dict[str, Any]) -> None:
 
 
 def _batches(
-    sources: list[ResolvedSource], state: _DomainState, chars: int, policy: RecordPolicy
+    sources: list[ResolvedSource], state: DomainState, chars: int, policy: RecordPolicy
 ) -> Iterator[tuple[list[str], dict]]:
     """Batches of about `chars` characters of documents from the state's position on, each with the
     reading position right after it (small batches keep the workers evenly loaded). Positions are
@@ -256,48 +238,6 @@ def _position(source_index: int, reader: Any, docs_in_source: int, done: dict[st
     }
 
 
-class _Packer:
-    """Routes tokenized documents to the train / held-out streams and cuts them into sequences."""
-
-    def __init__(
-        self, state: _DomainState, data: DataConfig, train: TokenStoreWriter, heldout: TokenStoreWriter
-    ):
-        self.state, self.train, self.heldout = state, train, heldout
-        self.seq_tokens = data.seq_len + 1
-        self.heldout_target = data.heldout_sequences
-        self.fraction = data.heldout_fraction
-
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, scores: np.ndarray) -> None:
-        s, t = self.state, self.seq_tokens
-        train_pieces = [np.asarray(s.train_carry, dtype=np.uint32)]
-        offset = 0
-        for length, score in zip(lengths.tolist(), scores.tolist(), strict=True):
-            if length == 0:
-                continue
-            doc = tokens[offset : offset + length]
-            offset += length
-            s.documents += 1
-            s.tokens += length
-            if s.heldout_sequences < self.heldout_target and score < self.fraction:
-                s.heldout_documents += 1
-                buf = np.concatenate([np.asarray(s.heldout_carry, dtype=np.uint32), doc])
-                n = min(len(buf) // t, self.heldout_target - s.heldout_sequences)
-                self.heldout.append(buf[: n * t].reshape(n, t))
-                s.heldout_sequences += n
-                rest = buf[n * t :]
-                if s.heldout_sequences >= self.heldout_target:
-                    s.heldout_dropped_tokens += len(rest)  # held-out is full: the document's tail is dropped
-                    rest = rest[:0]
-                s.heldout_carry = rest.tolist()
-            else:
-                train_pieces.append(doc)
-        buf = np.concatenate(train_pieces)
-        n = len(buf) // t
-        self.train.append(buf[: n * t].reshape(n, t))
-        s.train_sequences += n
-        s.train_carry = buf[n * t :].tolist()
-
-
 def _prepare_domain(
     name: str,
     sources: list[ResolvedSource],
@@ -310,7 +250,7 @@ def _prepare_domain(
 ) -> None:
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.json"
-    state = _DomainState(**read_json(state_path)) if state_path.is_file() else _DomainState()
+    state = DomainState(**read_json(state_path)) if state_path.is_file() else DomainState()
     if state.documents:
         _say(
             f"prepare {name}: resuming after {state.documents:,} documents ({state.train_sequences:,} sequences)",
@@ -319,7 +259,7 @@ def _prepare_domain(
     seq_tokens = data.seq_len + 1
     train = TokenStoreWriter(work / "train", seq_tokens, dtype, resume_sequences=state.train_sequences)
     heldout = TokenStoreWriter(work / "heldout", seq_tokens, dtype, resume_sequences=state.heldout_sequences)
-    packer = _Packer(state, data, train, heldout)
+    packer = Packer(state, data, train, heldout)
 
     def commit() -> None:
         train.flush()
@@ -370,7 +310,7 @@ def _prepare_domain(
 
 def _finish_domain(
     name: str,
-    state: _DomainState,
+    state: DomainState,
     data: DataConfig,
     train: TokenStoreWriter,
     heldout: TokenStoreWriter,

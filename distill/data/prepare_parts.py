@@ -4,7 +4,7 @@ the pack step that turns their output into exactly the bytes of a one-part `prep
 Why: tokenizing is the expensive part and independent per document, but packing (held-out routing,
 sequences, checksums) is sequential: where a document lands depends on all before it. So documents are
 split into *units* with independent token streams, N tasks encode disjoint units, and a cheap last step
-feeds all units in order through the streaming prepare's own `_Packer` and `_finish_domain`.
+feeds all units in order through the streaming prepare's `Packer` and `_finish_domain`.
 
 Units (`units`), per domain and source in config order: one per file of a local-file source (sorted, as
 `prepare` reads them); a source with `max_documents`, or a `dataset:` source, is one unit read whole
@@ -52,6 +52,7 @@ from distill.atomic import atomic_write_json, fsync_dir, read_json
 from distill.config.schema import CampaignConfig
 from distill.data import encode_worker
 from distill.data import prepare as streaming  # what the pack shares with the streaming prepare
+from distill.data.packing import DomainState, Packer
 from distill.data.prepare import PARTIAL, PARTS, PrepareStage, _say, open_stage
 from distill.data.prepare_spec import SOURCE_HASHES
 from distill.data.records import EXAMPLES, RecordPolicy, Tally, policy_of
@@ -339,8 +340,8 @@ def _pack_domain(stage: PrepareStage, name: str, todo: list[Unit], root: Path, p
     dtype = token_dtype(stage.tokenizer.vocab_size)
     train = TokenStoreWriter(work / "train", data.seq_len + 1, dtype)
     heldout = TokenStoreWriter(work / "heldout", data.seq_len + 1, dtype)
-    state = streaming._DomainState()
-    packer = streaming._Packer(state, data, train, heldout)
+    state = DomainState()
+    packer = Packer(state, data, train, heldout)
     bar = tqdm(desc=f"pack {name}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
     policy = policy_of(data)
     for key, group in itertools.groupby(todo, key=lambda u: u.source.key):

@@ -10,13 +10,16 @@ block of a store is checked against its checksum the first time this process rea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from distill.atomic import read_json
 from distill.data.token_store import TokenStore
 from distill.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 FORMAT = "distillery.prepared"
@@ -119,3 +122,11 @@ class PreparedData:
     def sequence(self, domain: str, index: int, split: Split = "train") -> np.ndarray:
         """Sequence `index` of `domain`: `[seq_len + 1]` tokens (inputs `[:-1]`, labels `[1:]`)."""
         return self.store(domain, split)[index]
+
+    def tokens(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
+        """The sequences of `keys` ((domain, split, index) each) as one batch `[b, seq_len + 1]` (int64)."""
+        import torch  # here: prepare's workers read this module and need no torch
+
+        return torch.from_numpy(
+            np.stack([self.sequence(domain, index, split) for domain, split, index in keys])
+        )

@@ -13,6 +13,10 @@ loss applies. Two engines fit this seam:
   registered via `zero.register_external_parameter` on the module that calls the loss), so its
   gradient reaches the partitioned copy. The loop never touches a parameter itself.
 
+A teacher comes from the same seam: `Engine.frozen_model` inside a training job (the online teacher,
+sharded like the student) and `TeacherJob.frozen_model` on the teacher's own layout (the cache stage);
+`distill.engine.teacher_job` builds the latter for `teacher.engine`.
+
 Callbacks see one micro-batch at a time, on the ranks that compute the loss (megatron: the last
 pipeline stage, every tp rank), as `fn(index, hidden [b, s, h], weight [V/tp, h], labels [b, s])`.
 Passes are collective: every rank of the job calls `forward` / `forward_backward` the same number of
@@ -49,6 +53,7 @@ class ForwardModel(Protocol):
     arch: ModelArch  # what it computes (model FLOPs per token for MFU)
     vocab_size: int
     num_parameters: int
+    shard: VocabShard  # the slice of its output vocabulary each callback's weight holds, and its group
 
     def forward(self, micro_batches: Sequence[torch.Tensor], fn: OutputFn) -> list[Any]:
         """Run `micro_batches` (`[b, s + 1]` tokens each); `fn`'s result per micro-batch on loss ranks,
@@ -60,10 +65,10 @@ class Engine(ForwardModel, Protocol):
     """The student, sharded, with its optimizer and checkpoints."""
 
     tokenizer_dir: Path  # the student's tokenizer (checked against the prepared data by the loop)
-    shard: VocabShard  # this rank's slice of the output vocabulary and the group holding the rest
     device: torch.device
     dp_rank: int  # which data-parallel replica this rank belongs to, of `dp_size`
     dp_size: int
+    world_size: int  # every rank of the job (megatron: tp x pp x dp; ZeRO: dp): the devices a step runs on
     is_main: bool  # the one process that writes shared files and prints
     loss_rank: bool  # this rank runs loss callbacks (and needs the teacher signal)
     counting_rank: bool  # this rank's loss reports are summed into the global metrics (each counted once)
@@ -104,3 +109,28 @@ class Engine(ForwardModel, Protocol):
     def close(self) -> None:
         """Leave the process group (the process may then build another engine)."""
         ...
+
+
+class TeacherJob(Protocol):
+    """A teacher on its own layout (`teacher.parallel`), as the cache stage runs it: the world's facts
+    and the factory of the frozen model. Built by `distill.engine.teacher_job`."""
+
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+    is_main: bool
+    loss_rank: bool  # this rank receives the forward callbacks
+    counting_rank: bool  # the one rank of its replica that keeps what the callbacks give (the writer)
+    description: str
+
+    def frozen_model(
+        self, path: Path, *, precision: str, tokenizer_sha256: str, data_dir: Path
+    ) -> ForwardModel:
+        """The teacher at `path`, this rank's shard of it, without gradients (collective)."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None: ...
+
+    def broadcast_from_main(self, value: Any) -> Any: ...
+
+    def close(self) -> None: ...

@@ -2,9 +2,9 @@
 
 The student's last stage hands over its final hidden states `[N, h]` instead of logits. For each chunk
 of tokens this computes the chunk's logits `[c, V/tp]` in fp32, every configured term's value per token
-and its gradient with respect to the logits (hand-written, see `divergences.py`), then immediately the
-gradients with respect to the hidden states `[c, h]` and the output weight `[V/tp, h]`, and drops the
-chunk. So no `[N, V]` tensor exists, neither logits nor log-softmax nor their gradients, under any tp
+and its gradient with respect to the logits (each term's math from the registry, `terms.py`; hand-written
+gradients, `divergences.py`), then immediately the gradients with respect to the hidden states `[c, h]`
+and the output weight `[V/tp, h]`, and drops the chunk. So no `[N, V]` tensor exists, neither logits nor log-softmax nor their gradients, under any tp
 (the Liger-Kernel recipe, here with the vocabulary split over ranks). Backward only scales the stored
 gradients. The hidden-state gradient is summed over the tp group once at the end, because each rank
 only saw its slice of the vocabulary (the all-reduce megatron's ColumnParallelLinear would do).
@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from distill.losses import divergences, span, uld
+from distill.losses import divergences, span
 from distill.losses.signal import TeacherSignal
+from distill.losses.terms import TERMS, ChunkInputs, extras_of, refusal, value_and_grad
 from parallel.vocab import VocabShard, gather, log_softmax, log_softmax_, row_sum, scatter
 
 # fp32 logits per chunk and rank when `chunk_tokens` is auto: on a CPU a chunk that stays near the caches;
 # on a GPU one large enough that each chunk's matmuls fill the device (bench/loss_memory.py measures both)
 AUTO_CHUNK_BYTES = 16 << 20
 AUTO_CHUNK_BYTES_CUDA = 256 << 20
-ULD_EXTRAS = ["uld_bound", "uld_pairs"]  # summed beside the uld term: its truncation bound, aligned rows
 
 
 @dataclass(frozen=True)
@@ -56,53 +56,6 @@ class ChunkedResult:
     term_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, per term
     grad_hidden: torch.Tensor | None = None  # [N, h] fp32, summed over the tp group
     grad_weight: torch.Tensor | None = None  # [V/tp, h] fp32
-
-
-def _kd_value_and_grad(
-    name: str,
-    u: torch.Tensor,
-    rows: slice,
-    teacher: TeacherSignal,
-    terms: Terms,
-    shard: VocabShard,
-    tau: float,
-    dense_lt: dict[str, torch.Tensor],
-    sums: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, Any]:
-    """One KD term on one chunk: value `[c]` and d/du (dense `[c, V/tp]`, `Sparse`, or both)."""
-    if (name == "uld") != (teacher.kind == "aligned"):
-        raise ValueError(
-            f"loss term {name} needs a teacher with the student's tokenizer (ULD compares across tokenizers)"
-            if name != "uld"
-            else "loss term uld needs a teacher aligned across tokenizers (a paired prepare)"
-        )
-    if name == "uld":
-        top = teacher.top(rows, terms.temperature, terms.uld_top_m)
-        result = uld.uld(u, top, shard, terms.uld_top_m, teacher.match)
-        sums["uld_bound"] += result.bound.sum()
-        sums["uld_pairs"] += top.mask.sum()
-        return result.value, result.grads
-
-    def teacher_logprobs() -> torch.Tensor:  # computed once per chunk, shared by the dense terms
-        if "lt" not in dense_lt:
-            dense_lt["lt"] = teacher.logprobs(rows, terms.temperature, shard)
-        return dense_lt["lt"]
-
-    if name == "forward_kl" and teacher.kind == "topk":
-        return divergences.topk_tail_forward_kl(
-            u, teacher.ids[rows], teacher.logprobs_kept[rows], teacher.tail[rows], shard
-        )
-    if name == "forward_kl" and teacher.kind == "sampled":
-        return divergences.sampled_cross_entropy(u, teacher.ids[rows], teacher.weights[rows], shard)
-    if teacher.kind == "sampled":
-        raise ValueError(
-            f"loss term {name} needs the teacher's distribution; a sampled cache holds draws only (forward_kl)"
-        )
-    if name == "taid":
-        return divergences.taid_cross_entropy(u, teacher_logprobs(), tau, shard)
-    return divergences.dense(
-        name, u, teacher_logprobs(), shard, skew=terms.skew_alpha, jsd_beta=terms.jsd_beta
-    )
 
 
 class _ChunkBuffers:
@@ -159,7 +112,7 @@ def _chunk(
     `label_grad_weight [c]`: per-token weight of the cross-entropy gradient when it is not `ce`'s
     (the span term adds its own there)."""
     c, temperature = h.shape[0], terms.temperature
-    kd = {name: w for name, w in terms.weights.items() if name not in ("ce", "span") and w > 0}
+    kd = {name: w for name, w in terms.weights.items() if name != "ce" and w > 0 and TERMS[name].per_chunk}
     ce_weight = terms.weights.get("ce", 0.0)
     z = torch.matmul(h, w32.t(), out=buffers.logits[:c])  # [c, V/tp]
     total = torch.zeros(c, dtype=torch.float32, device=h.device)  # [c]
@@ -188,11 +141,13 @@ def _chunk(
         u = log_softmax_(z.div_(temperature) if temperature != 1.0 else z, shard)
     dense_g: torch.Tensor | None = None  # d/du of the weighted KD terms: dense part [c, V/tp]
     sparse_g: list[divergences.Sparse] = []  # ... and parts at given ids
-    dense_lt: dict[str, torch.Tensor] = {}
+    assert teacher is not None
+    inputs = ChunkInputs(
+        u, rows, teacher, shard, temperature, tau, terms.skew_alpha, terms.jsd_beta, terms.uld_top_m, sums
+    )
     scale = temperature * temperature
     for name, w in kd.items():
-        assert teacher is not None
-        value, grad_u = _kd_value_and_grad(name, u, rows, teacher, terms, shard, tau, dense_lt, sums)
+        value, grad_u = value_and_grad(name, inputs)  # the term's math for this kind of teacher (terms.py)
         total += (w * scale) * value
         sums[name] += value.sum()
         if not need_grad:
@@ -205,7 +160,7 @@ def _chunk(
             else:
                 dense_g.add_(part, alpha=w * scale)
         del grad_u
-    dense_lt.clear()
+    del inputs  # the teacher's log-probs of the chunk, before the gradient needs the memory
     if need_grad:
         grad_z = _kd_grad(u, dense_g, sparse_g, shard, temperature, grad_z, buffers.grad[:c])
     return total, grad_z
@@ -251,12 +206,12 @@ def _span_term(
     """The span term (`span.py`): a forward-only pre-pass for the student's label log-probs `[N]`, the
     spans' values into the loss, and the per-token weight of the label gradient `[N]` (`ce`'s plus the
     span term's) for the main pass."""
-    if teacher is None or teacher.kind != "aligned" or teacher.span_student is None:
+    if teacher is None or teacher.kind != "aligned" or teacher.spans is None:
         raise ValueError(
             "loss term span needs a teacher aligned across tokenizers with its spans (a paired prepare)"
         )
     logprobs = label_logprobs(hidden, w32, labels, shard, step, buffers.logits)  # [N]
-    value, per_row = span.span_loss(teacher.span_student, logprobs, teacher.span_teacher)
+    value, per_row = span.span_loss(teacher.spans.student, logprobs, teacher.spans.teacher)
     weight = terms.weights["span"]
     sums["span"] += value.sum()
     result.loss_sum += weight * value.sum()
@@ -311,9 +266,18 @@ def _chunked_loss(
     kd = [name for name, w in terms.weights.items() if name != "ce" and w > 0]  # span included
     if kd and teacher is None:
         raise ValueError(f"loss terms {', '.join(kd)} need a teacher signal")
+    unknown = [name for name in kd if name not in TERMS]
+    kind = teacher.kind if teacher is not None else None
+    refused = [refusal(name, kind) for name in unknown] + [
+        refusal(name, kind)
+        for name in kd
+        if kind is not None and name in TERMS and not TERMS[name].accepts(kind)
+    ]
+    if refused:
+        raise ValueError("; ".join(refused))
     result = ChunkedResult(loss_sum=torch.zeros((), dtype=torch.float64, device=hidden.device))
     names = [name for name, w in terms.weights.items() if w > 0]
-    names += ULD_EXTRAS if "uld" in names else []
+    names += extras_of(names)
     sums = {name: torch.zeros((), dtype=torch.float64, device=hidden.device) for name in names}
     if need_grad:
         result.grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)

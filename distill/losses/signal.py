@@ -80,39 +80,60 @@ class SampledSignal:
 
 
 @dataclass
+class CachedTop:
+    """The cache's top-k over the teacher's positions: ids and kept log-probs `[N_t, k]`, tail mass `[N_t]`
+    (at the cache's temperature, which the config checks is the loss's)."""
+
+    ids: torch.Tensor
+    kept_logprobs: torch.Tensor
+    tail: torch.Tensor
+
+    def top(self, at: torch.Tensor, mask: torch.Tensor, temperature: float, m: int, vocab: int) -> TeacherTop:
+        return TeacherTop(self.ids[at], self.kept_logprobs[at].exp(), self.tail[at], vocab, mask)
+
+
+@dataclass
+class LiveTop:
+    """The live teacher's final hidden states `[N_t, h_t]` and output-layer slice `[V_t/tp, h_t]`, its own
+    vocabulary split over the student's tp group (`shard`); the top m is taken per chunk."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    shard: VocabShard
+
+    def top(self, at: torch.Tensor, mask: torch.Tensor, temperature: float, m: int, vocab: int) -> TeacherTop:
+        logits = self.hidden[at].float() @ self.weight.float().t() / temperature  # [c, V_t/tp]
+        probs, ids = top_m(log_softmax(logits, self.shard).exp_(), m, self.shard)
+        return TeacherTop(ids, probs, (1 - probs.sum(-1)).clamp_min(0), vocab, mask)
+
+
+@dataclass
+class SpanTargets:
+    """Byte-aligned spans (`span.py`): each student row's span `[N]` (-1: none), and the teacher's
+    log-likelihood of each span `[G]`."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+
+
+@dataclass
 class AlignedSignal:
     """A teacher with another tokenizer (ULD), at the student's rows: `index [N]` is the teacher position
-    paired with each student row (-1: none; `distill/data/alignment.py`). The teacher is either cached
-    (`ids`, `kept_logprobs` `[N_t, k]`, `tail [N_t]`) or live (`hidden [N_t, h_t]`, `weight [V_t/tp, h_t]`
-    with `teacher_shard`, its own vocabulary split); `top` gives both as `TeacherTop` per chunk."""
+    paired with each student row (-1: none; `distill/data/alignment.py`); `teacher` is where its top m
+    comes from (the cache's top-k, or the live teacher); `top` gives it as `TeacherTop` per chunk."""
 
     index: torch.Tensor  # [N] int64
     vocab_size: int  # the teacher's
+    teacher: CachedTop | LiveTop
     match: VocabMatch | None = None  # hybrid ULD
-    ids: torch.Tensor | None = None  # cached
-    kept_logprobs: torch.Tensor | None = None
-    tail: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None  # live
-    weight: torch.Tensor | None = None
-    teacher_shard: VocabShard | None = None
-    span_student: torch.Tensor | None = None  # [N] span of each student row (-1: none), `span.py`
-    span_teacher: torch.Tensor | None = None  # [G] the teacher's log-likelihood of each span
+    spans: SpanTargets | None = None  # the span term
 
     kind = "aligned"
 
     def top(self, rows: slice, temperature: float, m: int) -> TeacherTop:
         index = self.index[rows]
         mask, at = index >= 0, index.clamp_min(0)
-        if self.ids is not None:
-            assert self.kept_logprobs is not None and self.tail is not None
-            # the cache's values are at the cache's temperature (checked in the config)
-            return TeacherTop(
-                self.ids[at], self.kept_logprobs[at].exp(), self.tail[at], self.vocab_size, mask
-            )
-        assert self.hidden is not None and self.weight is not None and self.teacher_shard is not None
-        logits = self.hidden[at].float() @ self.weight.float().t() / temperature  # [c, V_t/tp]
-        probs, ids = top_m(log_softmax(logits, self.teacher_shard).exp_(), m, self.teacher_shard)
-        return TeacherTop(ids, probs, (1 - probs.sum(-1)).clamp_min(0), self.vocab_size, mask)
+        return self.teacher.top(at, mask, temperature, m, self.vocab_size)
 
 
 TeacherSignal = LiveSignal | TopKSignal | SampledSignal | AlignedSignal

@@ -9,7 +9,9 @@ from distill.config import CampaignConfig
 from distill.data.prepared import PreparedData
 from distill.engine.base import Engine
 from distill.errors import DataError
-from distill.teacher.aligned import AlignedSource, check_pairing, open_aligned_cache
+from distill.teacher.aligned import check_pairing, open_aligned_cache
+from distill.teacher.aligned_cached import AlignedCachedSource
+from distill.teacher.aligned_online import AlignedOnlineSource
 from distill.teacher.cached import CachedSource, open_cache
 from distill.teacher.online import OnlineSource
 from distill.teacher.source import MicroBatch, ReadAhead, TeacherSource
@@ -18,7 +20,8 @@ if TYPE_CHECKING:  # the CE objective is passed in; sources do not build objecti
     from distill.training.objective import Objective
 
 __all__ = [
-    "AlignedSource",
+    "AlignedCachedSource",
+    "AlignedOnlineSource",
     "CachedSource",
     "MicroBatch",
     "OnlineSource",
@@ -45,14 +48,10 @@ def open_teacher_source(
                 tokenizer_sha256=data.teacher_tokenizer_sha256,
                 data_dir=data.directory,
             )
-            return AlignedSource(
-                config, data, engine, model=model, teacher_tokenizer=_tokenizer_dir(config, data)
-            )
+            return AlignedOnlineSource(config, data, engine, model, _tokenizer_dir(config, data))
         assert config.cache is not None
         reader = open_aligned_cache(config.cache.dir, data)
-        return AlignedSource(
-            config, data, engine, reader=reader, teacher_tokenizer=_tokenizer_dir(config, data)
-        )
+        return AlignedCachedSource(config, data, engine, reader, _tokenizer_dir(config, data))
     if teacher.mode == "online":
         model = engine.frozen_model(
             teacher.path,

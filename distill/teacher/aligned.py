@@ -1,14 +1,16 @@
-"""A teacher with another tokenizer (ULD): its signal at the student's positions, cached or live.
+"""A teacher with another tokenizer (ULD): what its cached and live sources share (the alignment).
 
 The data was prepared paired (`distill/data/pairing.py`): every student sequence also exists in the
-teacher's tokens, with both tokenizations' byte offsets. For each micro-batch this source reads the
+teacher's tokens, with both tokenizations' byte offsets. For each micro-batch a source reads the
 offsets and maps every student position to its teacher position (`distill/data/alignment.py`,
 `loss.uld.alignment`), then gives the teacher's signal over the teacher sequences:
 
-- **cached**: the top-k cache the cache stage wrote over the teacher sequences (kept values and the
-  tail mass, spread over the unkept ids by the loss), read ahead of each step like `CachedSource`;
-- **online**: the live teacher, sharded like the student over its own vocabulary, run forward on the
-  teacher sequences; the loss takes its per-shard top m at the aligned positions chunk by chunk.
+- **cached** (`aligned_cached.py`): the top-k cache the cache stage wrote over the teacher sequences
+  (kept values and the tail mass, spread over the unkept ids by the loss), read ahead of each step;
+- **online** (`aligned_online.py`): the live teacher, sharded like the student over its own vocabulary,
+  run forward on the teacher sequences; the loss takes its per-shard top m at the aligned positions.
+
+`Alignment` is the part both use: each micro-batch's positions and spans, the teacher's tokens.
 
 Hybrid ULD (`loss.uld.hybrid`) needs the ids whose token bytes are identical in both vocabularies
 (`vocab_match`); with none, it warns with the count and uses the plain sorted L1. The span term
@@ -36,17 +38,13 @@ from distill.data.alignment import align_rows, span_groups
 from distill.data.prepared import PreparedData
 from distill.data.token_text import token_text
 from distill.data.tokenizer import load_tokenizer
-from distill.engine.base import Engine, ForwardModel
+from distill.engine.base import Engine
 from distill.errors import DataError
-from distill.losses.fused import Terms, chunked_loss, label_logprobs
-from distill.losses.signal import AlignedSignal, TeacherSignal
+from distill.losses.signal import SpanTargets
 from distill.losses.uld import VocabMatch
-from distill.teacher.source import MicroBatch, ReadAhead
 from parallel.vocab import VocabShard
 
 Spans = tuple[np.ndarray, np.ndarray, int]  # student rows' spans, teacher rows' spans, count (span_groups)
-Rows = list[tuple[np.ndarray, Spans | None, dict[str, torch.Tensor] | None]]  # per micro-batch
-LIVE_CHUNK = 1024  # teacher tokens per chunk of its label log-probs (span term, live teacher)
 
 
 def vocab_match(
@@ -90,43 +88,25 @@ def usable_match(match: VocabMatch, *, speak: bool) -> VocabMatch | None:
     return match
 
 
-class AlignedSource:
+class Alignment:
+    """What both cross-tokenizer sources share: each micro-batch's student -> teacher positions (and
+    byte-aligned spans), the teacher's tokens of its sequences, the vocabulary match of hybrid ULD."""
+
     def __init__(
-        self,
-        config: CampaignConfig,
-        data: PreparedData,
-        engine: Engine,
-        *,
-        reader: CacheReader | None = None,
-        model: ForwardModel | None = None,
-        teacher_tokenizer: Any = None,
+        self, config: CampaignConfig, data: PreparedData, engine: Engine, vocab: int, teacher_tokenizer: Any
     ) -> None:
-        self.data, self.engine, self.device = data, engine, engine.device
+        self.data, self.device = data, engine.device
         self.teacher_data = PreparedData(data.directory, side="teacher")
-        self.alignment = config.loss.uld.alignment
+        self.mode = config.loss.uld.alignment
         self.spans = config.loss.weights.span > 0  # span-likelihood matching (`distill/losses/span.py`)
-        self.reader, self.model = reader, model
-        self.vocab = (
-            int(reader.manifest["spec"]["teacher_vocab_size"]) if reader is not None else model.vocab_size
-        )  # type: ignore[union-attr]
-        self.teacher_shard = engine.shard.sibling(self.vocab)
-        self.arch = model.arch if model is not None else None
-        self.active = engine.loss_rank
+        self.vocab = vocab
+        self.teacher_shard = engine.shard.sibling(vocab)
         self.match: VocabMatch | None = None
         if config.loss.uld.hybrid and config.loss.weights.uld > 0:
-            match = vocab_match(
-                engine.tokenizer_dir, teacher_tokenizer, engine.shard, self.vocab, self.device
-            )
+            match = vocab_match(engine.tokenizer_dir, teacher_tokenizer, engine.shard, vocab, self.device)
             self.match = usable_match(match, speak=engine.is_main)
-        kind = f"cache {reader.directory} (top-k)" if reader is not None else "online teacher"
-        self.description = f"{kind}, another tokenizer: ULD, {self.alignment} alignment"
-        self._ahead: ReadAhead[list[list[SequenceKey]], Rows] | None = (
-            ReadAhead(self._read, "aligned-read") if self.active else None
-        )
 
-    # -- what the teacher sees --------------------------------------------------------------------
-
-    def _offsets(self, keys: list[SequenceKey]) -> np.ndarray:
+    def offsets(self, keys: list[SequenceKey]) -> np.ndarray:
         """The offset rows of `keys`, in order: one read per (domain, split), not one per sequence."""
         groups: dict[tuple[str, str], list[int]] = {}
         for n, (domain, split, _) in enumerate(keys):
@@ -138,127 +118,37 @@ class AlignedSource:
                 rows[n] = row
         return np.stack(rows)
 
-    def _teacher_tokens(self, keys: list[SequenceKey]) -> torch.Tensor:
+    def rows(self, keys: list[SequenceKey]) -> tuple[np.ndarray, Spans | None]:
+        """One micro-batch's teacher position of every student row (-1: none), and its spans."""
+        offsets = self.offsets(keys)
+        index = align_rows(offsets, self.data.seq_len + 1, self.teacher_data.seq_len + 1, self.mode)
+        spans = (
+            span_groups(offsets, self.data.seq_len + 1, self.teacher_data.seq_len + 1) if self.spans else None
+        )
+        return index, spans
+
+    def teacher_tokens(self, keys: list[SequenceKey]) -> torch.Tensor:
         rows = [self.teacher_data.sequence(d, i, s) for d, s, i in keys]  # type: ignore[arg-type]
         return torch.from_numpy(np.stack(rows)).to(self.device)  # [b, T + 1]
 
-    def _spans(self, offsets: np.ndarray) -> Spans | None:
-        if not self.spans:
-            return None
-        return span_groups(offsets, self.data.seq_len + 1, self.teacher_data.seq_len + 1)
+    def lengths(self, keys: list[SequenceKey]) -> np.ndarray:
+        return self.offsets(keys)[:, 0].astype(np.int64)  # teacher tokens per sequence
 
-    def _read(self, keys: list[list[SequenceKey]]) -> Rows:
-        rows: Rows = []
-        for m in keys:
-            offsets = self._offsets(m)
-            index = align_rows(offsets, self.data.seq_len + 1, self.teacher_data.seq_len + 1, self.alignment)
-            rows.append(
-                (index, self._spans(offsets), self.reader.batch(m) if self.reader is not None else None)
-            )
-        return rows
-
-    def _span_tensors(
-        self, spans: Spans | None, teacher_logprobs: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """The signal's span fields: each student row's span `[b * S]`, the teacher's log-likelihood of
+    def span_targets(self, spans: Spans | None, teacher_logprobs: torch.Tensor | None) -> SpanTargets | None:
+        """The span term's targets: each student row's span `[b * S]`, the teacher's log-likelihood of
         each span `[G]` (sum of its log-probs `[b * T]` of the tokens in the span)."""
         if spans is None or teacher_logprobs is None:
-            return {}
+            return None
         student_span, teacher_span, count = spans
         teacher_span_t = torch.from_numpy(teacher_span).to(self.device)
         inside = teacher_span_t >= 0
         teacher_ll = torch.zeros(count, dtype=torch.float64, device=self.device).index_add_(
             0, teacher_span_t[inside], teacher_logprobs.reshape(-1)[inside].double()
         )
-        return {"span_student": torch.from_numpy(student_span).to(self.device), "span_teacher": teacher_ll}
+        return SpanTargets(torch.from_numpy(student_span).to(self.device), teacher_ll)
 
-    # -- the protocol -----------------------------------------------------------------------------
-
-    def signals(self, micro_batches: list[MicroBatch]) -> list[TeacherSignal | None]:
-        if self.model is not None:  # collective: every rank runs the teacher
-            tokens = [self._teacher_tokens(m.keys) for m in micro_batches]
-            live = self.model.forward(tokens, lambda i, hidden, weight, labels: (hidden, weight))
-        if self._ahead is None:
-            return [None] * len(micro_batches)
-        rows = self._ahead.get([m.keys for m in micro_batches])
-        out: list[TeacherSignal | None] = []
-        for m, (index_np, spans, cached) in enumerate(rows):
-            index = torch.from_numpy(index_np).to(self.device)
-            if cached is not None:
-                flat = {k: v.reshape(-1, *v.shape[2:]).to(self.device) for k, v in cached.items()}
-                out.append(
-                    AlignedSignal(
-                        index,
-                        self.vocab,
-                        self.match,
-                        ids=flat["ids"].long(),
-                        kept_logprobs=flat["logprobs"],
-                        tail=flat["tail"],
-                        **self._span_tensors(spans, flat["target_logprob"]),
-                    )
-                )
-            else:
-                hidden, weight = live[m]
-                hidden = hidden.reshape(-1, hidden.shape[-1])  # [b * T, h_t]
-                logprobs = None
-                if spans is not None:  # the teacher's log-probs of its own next tokens  [b * T]
-                    labels = tokens[m][:, 1:].reshape(-1)
-                    logprobs = label_logprobs(hidden, weight, labels, self.teacher_shard, LIVE_CHUNK)
-                out.append(
-                    AlignedSignal(
-                        index,
-                        self.vocab,
-                        self.match,
-                        hidden=hidden,
-                        weight=weight,  # [V_t/tp, h_t]
-                        teacher_shard=self.teacher_shard,
-                        **self._span_tensors(spans, logprobs),
-                    )
-                )
-        return out
-
-    def read_ahead(self, keys: list[list[SequenceKey]]) -> None:
-        if self._ahead is not None:
-            self._ahead.start(keys)
-
-    def _lengths(self, keys: list[SequenceKey]) -> np.ndarray:
-        return self._offsets(keys)[:, 0].astype(np.int64)  # teacher tokens per sequence
-
-    def cross_entropy(self, micro_batches: list[MicroBatch]) -> list[tuple[float, int] | None]:
-        """Per micro-batch: the teacher's NLL over its real tokens, and the student tokens of that text."""
-        student_tokens = [len(m.keys) * self.data.seq_len for m in micro_batches]
-        if self.model is not None:
-            tokens = [self._teacher_tokens(m.keys) for m in micro_batches]
-            lengths = [self._lengths(m.keys) for m in micro_batches]
-            terms = Terms(weights={"ce": 1.0})
-
-            def score(index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> float:
-                real = torch.arange(labels.shape[1], device=labels.device) < torch.from_numpy(
-                    lengths[index] - 1
-                ).to(labels.device).unsqueeze(-1)  # [b, T] positions predicting a real token
-                result = chunked_loss(
-                    hidden[real], weight, labels[real], terms=terms, shard=self.teacher_shard, need_grad=False
-                )
-                return float(result.loss_sum)
-
-            nll = self.model.forward(tokens, score)
-            return [None if v is None else (v, n) for v, n in zip(nll, student_tokens, strict=True)]
-        if not self.active:
-            return [None] * len(micro_batches)
-        assert self.reader is not None
-        out: list[tuple[float, int] | None] = []
-        for m, count in zip(micro_batches, student_tokens, strict=True):
-            lengths = self._lengths(m.keys)
-            nll = sum(
-                -float(self.reader.sequence(key)["target_logprob"][: n - 1].astype(np.float64).sum())
-                for key, n in zip(m.keys, lengths.tolist(), strict=True)
-            )
-            out.append((nll, count))
-        return out
-
-    def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead.close()
+    def description(self, kind: str) -> str:
+        return f"{kind}, another tokenizer: ULD, {self.mode} alignment"
 
 
 def check_pairing(config: CampaignConfig, data: PreparedData) -> None:

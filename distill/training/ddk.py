@@ -119,6 +119,10 @@ class DomainMixture:
             record[f"ddk/ratio/{domain}"] = student[domain] / self.teacher_ppl[domain]
         return record
 
+    def weights_text(self) -> str:
+        """The current weights for a log line: `code 0.250, legal 0.250, ...`."""
+        return ", ".join(f"{d} {w:.3f}" for d, w in self.sampler.weights_dict().items())
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "sampler": self.sampler.state_dict(),

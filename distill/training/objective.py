@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.config.loss import LossConfig
-from distill.losses.fused import ULD_EXTRAS, Terms, fused_output_loss
+from distill.losses.fused import Terms, fused_output_loss
 from distill.losses.signal import TeacherSignal
 from distill.losses.taid import TaidSchedule
+from distill.losses.terms import extras_of
 from parallel.vocab import VocabShard
 
 if TYPE_CHECKING:
-    from distill.engine.base import ForwardModel
+    from distill.engine.base import Engine, ForwardModel
 
 
 class Objective:
@@ -45,7 +46,7 @@ class Objective:
     @property
     def report_keys(self) -> list[str]:
         """Keys of the per-micro-batch report, in order (the same on every rank)."""
-        extras = ULD_EXTRAS if "uld" in self.terms.weights else []  # ULD's truncation bound, aligned rows
+        extras = extras_of(list(self.terms.weights))  # e.g. ULD's truncation bound and aligned rows
         return ["loss", *self.terms.weights, *extras, "tokens"]
 
     @property
@@ -94,3 +95,17 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.taid is not None and "taid" in state:
             self.taid.load_state_dict(state["taid"])
+
+    def global_means(self, reports: list[dict[str, Any]], engine: Engine) -> tuple[dict[str, float], int]:
+        """Global token means of the loss and each term, from a step's per-micro-batch reports: the
+        counting ranks' sums, reduced over every rank of `engine`'s job (collective); and the tokens."""
+        keys = self.report_keys
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=engine.device)  # NCCL: on the device
+        if engine.counting_rank:
+            for report in reports:
+                sums += torch.tensor(
+                    [float(report[k]) for k in keys], dtype=torch.float64, device=engine.device
+                )
+        engine.all_reduce_sum(sums)
+        tokens = float(sums[-1])
+        return {k: float(v) / tokens for k, v in zip(keys[:-1], sums[:-1], strict=True)}, int(tokens)

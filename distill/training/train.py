@@ -40,10 +40,13 @@ def _loop(config: CampaignConfig, engine: Any, stop: StopRequest = NEVER) -> Dis
 
 
 def build_loop(config: CampaignConfig, ctx: Any = None) -> DistillLoop:
-    """The loop over this config's engine (`ctx`: an already built parallel context, for tests)."""
+    """The loop over this config's engine, started (`ctx`: an already built parallel context, for tests
+    and benchmarks that call `train_step` themselves)."""
     if not config.trains:
         raise DataError("this config has no training sections (student, training, checkpoint, logging)")
-    return _loop(config, build_engine(config, ctx))
+    loop = _loop(config, build_engine(config, ctx))
+    loop.start()
+    return loop
 
 
 def train(config: CampaignConfig) -> list[StepResult]:

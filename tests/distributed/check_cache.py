@@ -18,6 +18,7 @@ from distill.cache.reader import CacheReader
 from distill.cache.writer import CacheWriter
 from distill.config import load_config
 from distill.data.prepared import SPLITS, PreparedData
+from distill.engine import teacher_job
 from parallel.distributed import init_parallel, shutdown
 from tests.distributed import report
 
@@ -38,7 +39,7 @@ def main() -> None:
             ]
             config = load_config(Path(work) / "config.yaml", overrides)
             ctx = init_parallel(tp, pp, seed=0)
-            CacheWriter(config, ctx, overwrite=False).run()
+            CacheWriter(config, teacher_job(config, ctx), overwrite=False).run()
             dist.barrier()
             dirs.append(
                 (f"{mode}_tp{tp}pp{pp}dp{int(os.environ['WORLD_SIZE']) // (tp * pp)}", cache_dir, config)

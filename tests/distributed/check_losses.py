@@ -32,7 +32,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distill.losses.fused import Terms, fused_output_loss
-from distill.losses.signal import AlignedSignal, LiveSignal, SampledSignal, TeacherSignal, TopKSignal
+from distill.losses.signal import (
+    AlignedSignal,
+    CachedTop,
+    LiveSignal,
+    LiveTop,
+    SampledSignal,
+    SpanTargets,
+    TeacherSignal,
+    TopKSignal,
+)
 from distill.losses.uld import VocabMatch
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
@@ -267,10 +276,8 @@ def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case
             return AlignedSignal(
                 index,
                 vt,
+                LiveTop(t_hidden, t_weight[shard.start : shard.start + shard.size], shard),
                 match(sl) if hybrid else None,
-                hidden=t_hidden,
-                weight=t_weight[shard.start : shard.start + shard.size],
-                teacher_shard=shard,
             )
 
         return signal
@@ -306,9 +313,7 @@ def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case
     def cached(
         index: torch.Tensor, s: tuple = (ids, kept, tail), hybrid: bool = False
     ) -> Callable[[slice], TeacherSignal]:
-        return lambda sl: AlignedSignal(
-            index, vt, match(sl) if hybrid else None, ids=s[0], kept_logprobs=s[1], tail=s[2]
-        )
+        return lambda sl: AlignedSignal(index, vt, CachedTop(*s), match(sl) if hybrid else None)
 
     cases["uld_cached_topk_k10"] = Case(
         uld_terms({"uld": 1.0}), cached(handmade), {"uld": uld_ref(completed, handmade, 1.0)}
@@ -336,7 +341,7 @@ def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case
 
     def with_spans(index: torch.Tensor) -> Callable[[slice], TeacherSignal]:
         return lambda sl: AlignedSignal(
-            index, vt, ids=ids, kept_logprobs=kept, tail=tail, span_student=spans, span_teacher=teacher_ll
+            index, vt, CachedTop(ids, kept, tail), spans=SpanTargets(spans, teacher_ll)
         )
 
     cases["span_alone"] = Case(terms({"span": 1.0}), with_spans(handmade), {"span": span_ref})

@@ -19,34 +19,19 @@ import torch
 
 from distill.checkpoint import latest_checkpoint
 from distill.config import CampaignConfig
-from distill.engine.base import LossFn, OutputFn
+from distill.engine.base import LossFn
 from distill.engine.collectives import WorldCollectives
 from distill.engine.megatron.checkpoint import load_checkpoint, save_checkpoint
 from distill.engine.megatron.distributed_optimizer import MegatronDistributedOptimizer
+from distill.engine.megatron.forward import MegatronForward, frozen_model
 from distill.engine.megatron.optimizer import DistillOptimizer
-from distill.engine.megatron.weights import load_teacher, load_weights
+from distill.engine.megatron.weights import load_weights
 from distill.models.student import student_init_path
-from distill.models.teacher import open_teacher
 from distill.models.weights import checkpoint_meta, find_weights
 from parallel.distributed import ParallelContext, init_parallel, shutdown
-from parallel.model import ModelArch, emit_hidden_states, output_weight, precision_dtype
-from parallel.schedule import forward_backward, forward_only
+from parallel.model import emit_hidden_states, output_weight, precision_dtype
+from parallel.schedule import forward_backward
 from parallel.vocab import VocabShard
-
-
-class MegatronForward:
-    """Forward-only passes of a megatron-core model whose last stage emits hidden states."""
-
-    def __init__(self, model: torch.nn.Module, module: Any, arch: ModelArch) -> None:
-        self.model, self.module = model, module  # what the schedule runs (maybe DDP), the GPTModel inside
-        self.arch = arch
-        self.num_parameters, self.vocab_size = arch.num_parameters(), arch.vocab_size
-
-    def forward(self, micro_batches: Sequence[torch.Tensor], fn: OutputFn) -> list[Any]:
-        def on_output(index: int, hidden: torch.Tensor, labels: torch.Tensor) -> Any:
-            return fn(index, hidden, output_weight(self.module), labels)
-
-        return forward_only(self.model, micro_batches, on_output, seq_length=micro_batches[0].shape[1] - 1)
 
 
 class MegatronEngine(WorldCollectives, MegatronForward):
@@ -101,10 +86,10 @@ class MegatronEngine(WorldCollectives, MegatronForward):
             else DistillOptimizer(model, config.training, mp_group=ctx.mp_group, tp_rank=ctx.tp_rank)
         )
         emit_hidden_states(model)  # the last stage hands hidden states to the fused loss
-        super().__init__(ddp, model, arch)
-        self.shard = VocabShard.of(arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)
+        shard = VocabShard.of(arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)
+        super().__init__(ddp, model, arch, shard)
         self.device = ctx.device
-        self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dims.dp
+        self.dp_rank, self.dp_size, self.world_size = ctx.dp_rank, ctx.dims.dp, ctx.dims.world_size
         self.is_main = ctx.is_main
         self.loss_rank = ctx.is_last_stage
         self.counting_rank = ctx.is_last_stage and ctx.tp_rank == 0
@@ -149,10 +134,9 @@ class MegatronEngine(WorldCollectives, MegatronForward):
     def frozen_model(
         self, path: Path, *, precision: str, tokenizer_sha256: str, data_dir: Path
     ) -> MegatronForward:
-        weights = open_teacher(path, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir)
-        model = load_teacher(weights, self.ctx, precision)
-        emit_hidden_states(model)
-        return MegatronForward(model, model, weights.arch)
+        return frozen_model(
+            path, self.ctx, precision=precision, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir
+        )
 
     def close(self) -> None:
         shutdown()

@@ -112,6 +112,7 @@ class ZeroForward:
     ) -> None:
         self.ds, self.wrapper, self.arch, self.device = engine, wrapper, arch, device
         self.num_parameters, self.vocab_size = arch.num_parameters(), arch.vocab_size
+        self.shard = VocabShard(0, arch.vocab_size, None)  # ZeRO never splits the vocabulary
 
     def forward(self, micro_batches: Sequence[torch.Tensor], fn: OutputFn) -> list[Any]:
         was_training = self.ds.training
@@ -148,6 +149,7 @@ class ZeroEngine(WorldCollectives, ZeroForward):
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         torch.manual_seed(config.training.seed)
         self.rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.world_size = self.dp_size
         self.dp_rank, self.is_main = self.rank, self.rank == 0
         self.weights = find_weights(
             student_init_path(config, is_main=self.is_main, broadcast_from_main=self.broadcast_from_main)
@@ -166,7 +168,6 @@ class ZeroEngine(WorldCollectives, ZeroForward):
             eps=config.training.eps,
         )
         super().__init__(_initialize(wrapper, self.ds_config, optimizer), wrapper, arch, device)
-        self.shard = VocabShard(0, arch.vocab_size, None)  # ZeRO never splits the vocabulary
         self.loss_rank = self.counting_rank = True  # every rank holds whole layers and its own batch slice
         self.description = f"{arch.num_parameters() / 1e6:.1f}M parameters, DeepSpeed ZeRO-{self.stage} x {self.dp_size} ranks"
 

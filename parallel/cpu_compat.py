@@ -9,7 +9,10 @@ without CUDA each of those fails. This module maps them to the CPU:
 - `Tensor.cuda()` -> the tensor itself, `torch.cuda.synchronize()` -> no-op,
 - `device="cuda"` / `device=torch.device("cuda")` in tensor factories -> CPU, through a
   `torch.overrides.TorchFunctionMode` that stays active for the life of the process,
-- the RNG tracker's state functions -> the CPU default generator (fork/restore semantics unchanged).
+- the RNG tracker's state functions -> the CPU default generator (fork/restore semantics unchanged),
+- `dist_checkpointing`'s file writer writes its buckets in this process instead of forked children:
+  a child forked from a gloo rank (other threads hold locks) can wait forever on a lock no thread of it
+  will release; a test's save hung that way once in a handful of full runs (`_write_buckets_here`).
 
 Everything is reversible (`restore()`), and `apply()` is a no-op on a CUDA machine, where megatron-core
 runs unmodified. `tests/test_cpu_compat.py` shows each piece failing without the layer and working with it.
@@ -76,6 +79,32 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _write_buckets_here(
+    transform_list: list, use_msc: bool, rank: int, write_buckets: list, global_results_queue: Any
+) -> None:
+    """megatron-core 0.16.1's `FileSystemWriterAsync.write_preloaded_data_multiproc`, without its forked
+    processes: each bucket is written by the same `write_preloaded_data` in turn, here, with in-process
+    queues; the results (or the first exception) reach `global_results_queue` as megatron expects."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: queue.Queue = queue.Queue()
+    counts: queue.Queue = queue.Queue()
+    outcome: dict[int, Any] | Exception = {}
+    for index, bucket in enumerate(write_buckets):
+        counts.put(index)
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, index, bucket, results, counts, True, use_msc=use_msc
+        )
+        local_index, written = results.get()
+        if isinstance(written, Exception):
+            outcome = written
+            break
+        outcome[local_index] = written
+    global_results_queue.put(outcome)
+
+
 def needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -101,9 +130,11 @@ def apply() -> None:
     quiet_known_warnings()
     if applied():
         return
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.tensor_parallel import random as mcore_random
 
     _saved.update(
+        write_multiproc=FileSystemWriterAsync.__dict__["write_preloaded_data_multiproc"],
         current_device=torch.cuda.current_device,
         synchronize=torch.cuda.synchronize,
         tensor_cuda=torch.Tensor.cuda,
@@ -121,6 +152,7 @@ def apply() -> None:
         torch.get_rng_state().clone() if clone else torch.get_rng_state()
     )
     mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)  # type: ignore[assignment]
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_here)  # type: ignore[method-assign]
     _mode = _CudaDeviceToCpu()
     _mode.__enter__()
 
@@ -130,8 +162,10 @@ def restore() -> None:
     global _mode
     if _mode is None:
         return
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.tensor_parallel import random as mcore_random
 
+    FileSystemWriterAsync.write_preloaded_data_multiproc = _saved["write_multiproc"]  # type: ignore[method-assign]
     _mode.__exit__(None, None, None)
     _mode = None
     torch.cuda.current_device = _saved["current_device"]

@@ -158,3 +158,44 @@ def test_apply_ignores_megatrons_known_cpu_warnings_and_nothing_else():
         for message, category, module in shown:
             warnings.warn_explicit(message, category, "megatron.py", 1, module=module)
         assert [(str(w.message), w.category) for w in caught] == [(m, c) for m, c, _ in shown]
+
+
+def test_checkpoint_writes_fork_no_process_with_the_layer(tmp_path, monkeypatch):
+    """megatron's file writer forks one child per bucket; a child forked from a gloo rank can hang on a lock
+    no thread of it will release, so on CPU the layer writes the buckets in the process itself."""
+    import multiprocessing
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    forked = []
+    fork = multiprocessing.get_context("fork")
+    monkeypatch.setattr(type(fork.Process()), "start", lambda self: forked.append(self) or 1 / 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        weight = torch.arange(12.0).reshape(3, 4)
+
+        def state() -> dict:
+            return {"w": ShardedTensor.from_rank_offsets("w", weight.clone(), replica_id=0)}
+
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+        with monkeypatch.context() as undo:  # megatron's own writer back, the rest of the layer kept
+            undo.setattr(
+                FileSystemWriterAsync, "write_preloaded_data_multiproc", cpu_compat._saved["write_multiproc"]
+            )
+            (tmp_path / "without").mkdir()
+            with pytest.raises(Exception):  # noqa: B017 (the fork is refused, whatever megatron wraps it in)
+                dist_checkpointing.save(state(), str(tmp_path / "without"))
+        assert forked, "megatron's writer forks a process per bucket"
+        forked.clear()
+        (tmp_path / "with").mkdir()
+        dist_checkpointing.save(state(), str(tmp_path / "with"))
+        loaded = dist_checkpointing.load(
+            {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(3, 4), replica_id=0)},
+            str(tmp_path / "with"),
+        )
+        assert not forked and torch.equal(loaded["w"], weight)
+    finally:
+        dist.destroy_process_group()

@@ -33,6 +33,7 @@ LATEST = "latest"
 META = "distillery.json"
 TOKENIZER = "tokenizer"
 FORMAT = "distillery.checkpoint"
+FORMAT_VERSION = 1  # raised whenever what a checkpoint holds changes; other versions are not read
 TRAINING_STATE = "training_state.json"
 
 
@@ -58,12 +59,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise DataError(f"{meta_path} is not a {FORMAT} file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path} is a checkpoint of another distillery build (format version {meta.get('format_version')}, "
+            f"this build reads {FORMAT_VERSION}); choose another checkpoint directory"
+        )
     return meta
 
 
 def read_training_state(path: Path) -> dict[str, Any]:
-    """The loop's training state of checkpoint `path` without loading weights ({} when it has none
-    in JSON: an imported model, or a checkpoint of distillery <= 0.2)."""
+    """The loop's training state of checkpoint `path` without loading weights ({} for an imported model)."""
     state_file = Path(path) / TRAINING_STATE
     return read_json(state_file) if state_file.is_file() else {}
 
@@ -111,7 +116,7 @@ def commit_save(
         if tokenizer_dir is not None:
             (partial / TOKENIZER).mkdir()
             copy_tokenizer_files(tokenizer_dir, partial / TOKENIZER)
-        atomic_write_json(partial / META, {"format": FORMAT, **meta})
+        atomic_write_json(partial / META, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

@@ -64,8 +64,6 @@ class StageOutput:
     spec_field: str | None = "spec"  # where the record keeps the spec (None: the record is the spec)
     foreign_hint: str | None = None  # what to do about a directory no distillery stage wrote
     replace_stale: bool = False  # another spec's output is derived data, replaced without --overwrite
-    legacy_progress: str | None = None  # where distillery <= 0.1 kept this stage's progress record
-    legacy_specs: tuple[dict[str, Any], ...] = ()  # what older distillery recorded for this same output
     working_files: tuple[str, ...] = ()  # names the stage may write before its progress record (not foreign)
 
     def check(
@@ -80,7 +78,7 @@ class StageOutput:
                 f"{self.key} {out} exists and is not a directory; choose another {self.key}"
             )
         if (out / self.record).is_file() and (found := self.recorded_spec()) is not None:
-            if found == self.spec or found in self.legacy_specs:
+            if found == self.spec:
                 return Status.COMPLETE
             if self.replace_stale:
                 return Status.REPLACE
@@ -130,11 +128,6 @@ class StageOutput:
         try:
             if (out / PROGRESS).is_file():
                 return read_json(out / PROGRESS)
-            if self.legacy_progress and (out / self.legacy_progress).is_file():
-                old = read_json(
-                    out / self.legacy_progress
-                )  # {spec, inputs} (prepare) or the bare spec (cache)
-                return {"spec": old.get("spec", old), "facts": old.get("inputs", {})}
         except (OSError, ValueError) as exc:
             raise OutputExistsError(
                 f"{out} holds an unreadable progress record ({exc}); pass --overwrite to start over"
@@ -169,5 +162,3 @@ class StageOutput:
         """Write the completion record (atomically, last) and drop the progress record."""
         atomic_write_json(Path(self.directory) / self.record, record)
         (Path(self.directory) / PROGRESS).unlink(missing_ok=True)
-        if self.legacy_progress:
-            (Path(self.directory) / self.legacy_progress).unlink(missing_ok=True)

@@ -6,7 +6,7 @@ training state is JSON (`training_state.json`), RNG states are safetensors. What
 `dist_checkpointing` (torch_dist) writes and reads is not all ours; the audit, for torch 2.13 and
 megatron-core 0.16.1:
 
-- `common.pt` (megatron's non-sharded state: optimizer param groups, older distillery training state):
+- `common.pt` (megatron's non-sharded state: optimizer param groups):
   `torch.load` with the default `weights_only=True` -> safe;
 - sharded objects `*.pt` (none in our checkpoints): `torch.load` default -> safe;
 - `.metadata` (torch.distributed.checkpoint's index of tensors and byte items): `pickle.load` upstream;

@@ -30,10 +30,10 @@ def stdlib_texts(count: int, start: int = 0) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from distill.data.tokenizer import train_byte_level_bpe
+    from distill.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_byte_level_bpe(stdlib_texts(30), out, vocab_size=600)
+    train_tokenizer(stdlib_texts(30), out, algorithm="byte_level_bpe", vocab_size=600)
     return out
 
 

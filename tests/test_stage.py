@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from distill.errors import OutputExistsError
+from distill.errors import DataError, OutputExistsError
 from distill.stage import PROGRESS, StageOutput, Status, differences
 
 SPEC = {"seq_len": 64, "domains": {"code": ["a.jsonl"], "legal": ["b.jsonl"]}}
@@ -114,20 +114,23 @@ def test_differences_walks_nested_specs():
     assert differences([1], [2]) == ["spec: [1] on disk, [2] in the config"]
 
 
-def test_progress_of_older_distillery_resumes_and_temporaries_alone_are_not_foreign(tmp_path):
-    (tmp_path / "out" / ".partial").mkdir(parents=True)
-    (tmp_path / "out" / ".partial" / "spec.json").write_text(json.dumps({"spec": SPEC, "inputs": {"a": [1]}}))
-    legacy = output(tmp_path, legacy_progress=".partial/spec.json")
-    assert legacy.check(overwrite=False, resume_facts={"a": [1]}) is Status.PARTIAL
-    legacy.finish({"spec": SPEC})
-    assert not (tmp_path / "out" / ".partial" / "spec.json").exists()
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / ".spec.json").write_text(json.dumps(SPEC))  # the cache kept the bare spec
-    cache = StageOutput("cache", tmp_path / "cache", "cache.dir", SPEC, legacy_progress=".spec.json")
-    assert cache.check(overwrite=False) is Status.PARTIAL
+def test_temporaries_alone_are_not_foreign_and_an_unreadable_progress_record_is_named(tmp_path):
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / f".{PROGRESS}.x1.tmp").write_text("{")  # killed inside begin()
     assert StageOutput("cache", tmp_path / "killed", "cache.dir", SPEC).check(overwrite=False) is Status.FRESH
     (tmp_path / "killed" / PROGRESS).write_text("{")
     with pytest.raises(OutputExistsError, match="unreadable progress record"):
         StageOutput("cache", tmp_path / "killed", "cache.dir", SPEC).check(overwrite=False)
+
+
+def test_a_checkpoint_of_another_build_is_refused_by_name(tmp_path):
+    from distill.checkpoint import FORMAT, FORMAT_VERSION, LATEST, META, read_meta, resolve_checkpoint
+
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (tmp_path / "checkpoints" / LATEST).write_text("step_00000004\n")
+    (step / META).write_text(json.dumps({"format": FORMAT, "step": 4}))  # a development build's: no version
+    with pytest.raises(DataError, match=r"step_00000004 is a checkpoint of another distillery build \(format "):
+        read_meta(resolve_checkpoint(tmp_path / "checkpoints"))
+    (step / META).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "step": 4}))
+    assert read_meta(step)["step"] == 4

@@ -189,7 +189,7 @@ def test_unigram_decodes_a_literal_metaspace_character_as_a_space(unigram_dir):
 
 def test_unigram_and_bpe_of_the_same_config_differ(tmp_path, small_corpus, capsys):
     bpe = ensure_tokenizer(config(tmp_path, small_corpus).data)
-    with pytest.raises(OutputExistsError, match=r"algorithm: None on disk, 'unigram' in the config"):
+    with pytest.raises(OutputExistsError, match=r"algorithm: 'byte_level_bpe' on disk, 'unigram' in the config"):
         ensure_tokenizer(config(tmp_path, small_corpus, algorithm="unigram").data)
     unigram = ensure_tokenizer(config(tmp_path, small_corpus, algorithm="unigram").data, overwrite=True)
     assert "training a unigram (byte fallback) of 400 tokens" in capsys.readouterr().err
@@ -209,18 +209,9 @@ def test_unknown_algorithm_is_a_config_error(tmp_path, small_corpus):
         config(tmp_path, small_corpus, algorithm="wordpiece")
 
 
-def test_bpe_trained_before_the_algorithm_setting_is_still_complete(tmp_path, small_corpus, capsys):
+def test_the_default_algorithm_named_or_not_is_the_same_tokenizer(tmp_path, small_corpus, capsys):
     first = ensure_tokenizer(config(tmp_path, small_corpus).data)
-    record = tmp_path / "tok" / TRAINING_RECORD
-    on_disk = json.loads(record.read_text())
-    # byte for byte what distillery wrote before `algorithm` existed
-    legacy = {
-        "vocab_size": 400,
-        "min_frequency": 2,
-        "max_bytes_per_domain": 100_000,
-        "domains": on_disk["domains"],
-    }
-    assert record.read_text() == json.dumps(legacy, indent=2) + "\n"
+    assert json.loads((tmp_path / "tok" / TRAINING_RECORD).read_text())["algorithm"] == "byte_level_bpe"
     capsys.readouterr()
     for train in ({}, {"algorithm": "byte_level_bpe"}):
         assert ensure_tokenizer(config(tmp_path, small_corpus, **train).data).sha256 == first.sha256

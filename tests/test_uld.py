@@ -22,7 +22,7 @@ from distill.data.alignment import (
 )
 from distill.data.pairing import Pairing, _Pairer
 from distill.data.token_text import token_text
-from distill.data.tokenizer import load_tokenizer, train_byte_level_bpe
+from distill.data.tokenizer import load_tokenizer, train_tokenizer
 from distill.losses.uld import TeacherTop, uld
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
@@ -69,7 +69,7 @@ def test_positional_pairs_truncate_to_the_shorter():
 @pytest.fixture(scope="module")
 def teacher_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("teacher-tok") / "tokenizer"
-    train_byte_level_bpe(stdlib_texts(20, start=5), out, vocab_size=900)
+    train_tokenizer(stdlib_texts(20, start=5), out, algorithm="byte_level_bpe", vocab_size=900)
     return out
 
 

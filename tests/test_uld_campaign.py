@@ -21,7 +21,7 @@ import torch
 from distill.config import load_config
 from distill.data.prepare import prepare
 from distill.data.prepared import PreparedData
-from distill.data.tokenizer import train_byte_level_bpe
+from distill.data.tokenizer import train_tokenizer
 from distill.errors import DataError
 from distill.losses.uld import VocabMatch
 from distill.teacher.aligned import usable_match, vocab_match
@@ -37,7 +37,7 @@ SPAN_TOLERANCE = 5e-3  # float16 target log-probs (~5e-4 relative each), summed 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("uld-teacher")
-    train_byte_level_bpe(stdlib_texts(20, start=5), root / "tokenizer", vocab_size=900)
+    train_tokenizer(stdlib_texts(20, start=5), root / "tokenizer", algorithm="byte_level_bpe", vocab_size=900)
     tiny_llama(root / "hf", root / "tokenizer", TEACHER_VOCAB, seed=1, hidden_size=48, max_positions=128)
     return root / "hf"
 
@@ -167,7 +167,7 @@ def test_hybrid_matches_identical_token_bytes_and_warns_when_none_match(tokenize
     assert 256 < match.count < 600  # the 256 byte tokens and common merges at least
     twins = match.teacher_to_student[match.teacher_to_student >= 0]
     assert len(set(twins.tolist())) == match.count and bool(match.student_mask[twins].all())
-    assert usable_match(match, speak=False) is match
+    assert usable_match(match) is match
     lonely = VocabMatch(torch.zeros(640, dtype=torch.bool), torch.full((TEACHER_VOCAB,), -1), 1)
-    assert usable_match(lonely, speak=True) is None
+    assert usable_match(lonely) is None
     assert "1 token(s) have identical text in both vocabularies" in capsys.readouterr().err

@@ -25,23 +25,6 @@ class Marker:
         return (os.makedirs, (str(self.path),))
 
 
-def test_legacy_rng_file_with_a_code_object_is_refused(tmp_path):
-    marker = tmp_path / "ran"
-    torch.save(
-        {"torch": torch.get_rng_state(), "tracker": {}, "evil": Marker(marker)}, tmp_path / "rank_00000.pt"
-    )
-    with pytest.raises(UnsafeCheckpointError, match="rank_00000.pt holds objects other than tensors"):
-        _read_rng_file(tmp_path / "rank_00000")
-    assert not marker.exists()
-
-
-def test_legacy_rng_file_of_tensors_still_loads(tmp_path):
-    state = torch.get_rng_state()
-    torch.save({"torch": state, "tracker": {"model-parallel-rng": state.clone()}}, tmp_path / "rank_00000.pt")
-    loaded = _read_rng_file(tmp_path / "rank_00000")
-    assert loaded is not None and torch.equal(loaded["tracker.model-parallel-rng"], state)
-
-
 def test_damaged_safetensors_rng_file_is_a_named_error(tmp_path):
     (tmp_path / "rank_00000.safetensors").write_bytes(pickle.dumps(Marker(tmp_path / "ran")))
     with pytest.raises(Exception, match=r"rank_00000.safetensors is not a readable safetensors file"):

@@ -10,7 +10,6 @@ from distill.config.base import Section
 
 KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid", "uld", "span")
 CROSS_TOKENIZER_TERMS = ("uld", "span")  # a teacher with another tokenizer, over a paired prepare
-SAME_VOCAB_TERMS = KD_TERMS[:-2]  # compare the two distributions id by id: one tokenizer
 
 
 class LossWeightsConfig(Section):

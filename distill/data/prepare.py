@@ -49,7 +49,6 @@ from distill.data.pairing import Pairing, pair_domain, resolve_pairing
 from distill.data.prepare_spec import (
     SOURCE_HASHES,
     known_hashes,
-    legacy_prepare_spec,
     prepare_spec,
     prepared_manifest,
 )
@@ -101,8 +100,6 @@ def open_stage(config: CampaignConfig) -> PrepareStage:
         data.dir,
         "data.dir",
         spec,
-        legacy_progress=f"{PARTIAL}/spec.json",
-        legacy_specs=(legacy_prepare_spec(data, tokenizer, sources),),
         working_files=(PARTS, SOURCE_HASHES),  # array tasks write these and no progress record
     )
     return PrepareStage(config, data, Path(data.dir), tokenizer, sources, known, spec, output, pairing)

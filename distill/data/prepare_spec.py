@@ -1,5 +1,4 @@
-"""What identifies a prepare: its spec (compared by the stage contract), the spec older distillery
-recorded, and the manifest with the fingerprint that the cache and training key on.
+"""What identifies a prepare: its spec (compared by the stage contract) and the manifest with the fingerprint that the cache and training key on.
 
 Neither holds a path: sources are named by their path below the glob's fixed directory, size and
 SHA-256 (`ResolvedSource.describe`), and the fingerprint hashes only what defines the token stores (their
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from distill.data.pairing import SUMMARY, TEACHER_DIR, Pairing
 from distill.data.prepared import FORMAT, SPLITS, VERSION
 from distill.data.records import policy_of
 from distill.data.sources import ResolvedSource
-from distill.data.token_store import TokenStore, token_dtype
+from distill.data.token_store import token_dtype
 from distill.data.tokenizer import TokenizerInfo
 
 SOURCE_HASHES = ".source-hashes.json"  # {path: [size, mtime_ns, sha256]}: re-runs hash only changed files
@@ -45,38 +43,18 @@ def prepare_spec(
     with equal specs write equal stores."""
     policy = policy_of(data)
     return {
-        **_spec(data, tokenizer, sources, lambda s: s.describe(known)),
-        "records": {k: getattr(policy, k) for k in ("on_bad_record", "invalid_utf8", "max_record_bytes")},
-    }
-
-
-def legacy_prepare_spec(
-    data: DataConfig, tokenizer: TokenizerInfo, sources: dict[str, list[ResolvedSource]]
-) -> dict[str, Any]:
-    """The spec distillery <= 0.2 recorded (absolute source paths, no record policy): its complete
-    prepares of this config are complete for this one too (its readers wrote the same bytes for sources
-    without bad records)."""
-    return _spec(data, tokenizer, sources, lambda s: s.legacy_describe())
-
-
-def _spec(
-    data: DataConfig,
-    tokenizer: TokenizerInfo,
-    sources: dict[str, list[ResolvedSource]],
-    describe: Callable[[ResolvedSource], dict[str, Any]],
-) -> dict[str, Any]:
-    return {
         "tokenizer_sha256": tokenizer.sha256,
         "seq_len": data.seq_len,
         "heldout_sequences": data.heldout_sequences,
         "heldout_fraction": data.heldout_fraction,
         "domains": {
             name: [
-                {**describe(s), "max_documents": s.config.max_documents, "sample_by": s.config.sample_by}
+                {**s.describe(known), "max_documents": s.config.max_documents, "sample_by": s.config.sample_by}
                 for s in srcs
             ]
             for name, srcs in sources.items()
         },
+        "records": {k: getattr(policy, k) for k in ("on_bad_record", "invalid_utf8", "max_record_bytes")},
     }
 
 
@@ -86,9 +64,6 @@ def prepared_manifest(
     domains = {}
     for name in spec["domains"]:
         summary = read_json(out / name / "domain.json")
-        for split in SPLITS:  # a domain finished by distillery <= 0.2 recorded no checksums
-            if f"{split}_sha256" not in summary:
-                summary[f"{split}_sha256"] = TokenStore(out / name / split).sha256()
         summary["sources"] = spec["domains"][name]
         if pairing is not None:
             summary["teacher"] = read_json(out / name / TEACHER_DIR / SUMMARY)

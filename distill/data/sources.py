@@ -61,12 +61,6 @@ class ResolvedSource:
             "text_field": c.text_field,
         }
 
-    def legacy_describe(self) -> dict[str, Any]:
-        """What distillery <= 0.2 recorded (absolute paths), to recognise its complete prepares."""
-        if self.files:
-            return {"files": list(self.files), "format": self.builder, "text_field": self.config.text_field}
-        return self.describe()
-
 
 def file_sha256(path: str, known: dict[str, list[Any]] | None = None) -> str:
     """SHA-256 of a file, reused from `known` when its size and mtime are unchanged."""

@@ -101,31 +101,8 @@ def train_tokenizer(
     else:
         raise DataError(f"unknown tokenizer algorithm {algorithm!r}; valid: byte_level_bpe, unigram")
     if not record:
-        record = {"vocab_size": vocab_size, "min_frequency": min_frequency}
-        if algorithm != "byte_level_bpe":
-            record["algorithm"] = algorithm
+        record = {"algorithm": algorithm, "vocab_size": vocab_size, "min_frequency": min_frequency}
     return _save_tokenizer(tokenizer, Path(out_dir), overwrite=overwrite, record=record)
-
-
-def train_byte_level_bpe(
-    texts: Iterable[str],
-    out_dir: Path,
-    *,
-    vocab_size: int,
-    min_frequency: int = 2,
-    overwrite: bool = False,
-    record: dict[str, Any] | None = None,
-) -> TokenizerInfo:
-    """`train_tokenizer` with algorithm byte_level_bpe: kept for callers from before there was a choice."""
-    return train_tokenizer(
-        texts,
-        out_dir,
-        algorithm="byte_level_bpe",
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        overwrite=overwrite,
-        record=record,
-    )
 
 
 def _save_tokenizer(
@@ -297,8 +274,6 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         settings.path,
         "data.tokenizer.path",
         wanted,
-        # distillery <= 0.2 trained byte-level BPE only
-        legacy_specs=(_legacy_training_record(data),) if settings.train.algorithm == "byte_level_bpe" else (),
         record=TRAINING_RECORD,
         spec_field=None,
         foreign_hint="remove data.tokenizer.train to use it as it is, or pass --overwrite to train over it",
@@ -341,20 +316,9 @@ def _training_record(data: DataConfig) -> dict[str, Any]:
     return {**_train_settings(data.tokenizer.train), "domains": domains}
 
 
-def _legacy_training_record(data: DataConfig) -> dict[str, Any]:
-    """The record of distillery <= 0.2 (absolute globs): its tokenizers of this config are complete."""
-    assert data.tokenizer.train is not None
-    return {
-        **_train_settings(data.tokenizer.train),
-        "domains": {name: [s.model_dump(mode="json") for s in d.sources] for name, d in data.domains.items()},
-    }
-
-
 def _train_settings(train: TokenizerTrainConfig) -> dict[str, Any]:
-    """`data.tokenizer.train` as the record keeps it. The default algorithm is left out: records written
-    before there was a choice have no `algorithm`, and their tokenizers must stay complete."""
-    default = TokenizerTrainConfig.model_fields["algorithm"].default
-    return train.model_dump(mode="json", exclude={"algorithm"} if train.algorithm == default else None)
+    """`data.tokenizer.train` as the record keeps it."""
+    return train.model_dump(mode="json")
 
 
 def _training_texts(data: DataConfig, max_bytes_per_domain: int) -> Iterator[str]:

@@ -48,7 +48,7 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def _read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
-    """The RNG states in `path` (`.safetensors`; a `.pt` of distillery <= 0.2 is read weights-only)."""
+    """The RNG states in `path.safetensors`, or None when the checkpoint has none for this rank."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -58,18 +58,7 @@ def _read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
             return load_file(safe)
         except SafetensorError as exc:
             raise DataError(f"{safe} is not a readable safetensors file ({exc})") from None
-    if not path.with_suffix(".pt").is_file():
-        return None
-    try:
-        old = torch.load(path.with_suffix(".pt"), weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path.with_suffix('.pt')} holds objects other than tensors; refusing to unpickle it (a pickle can "
-            f"run code when loaded): {refusal_reason(exc)}"
-        ) from None
-    return {"torch": old["torch"], **{f"tracker.{k}": v for k, v in old["tracker"].items()}} | (
-        {"cuda": old["cuda"]} if "cuda" in old else {}
-    )
+    return None
 
 
 def save_checkpoint(
@@ -159,7 +148,7 @@ def load_checkpoint(
     if meta["layout"] == layout and rng is not None:
         _set_rng_state(rng)
     state_file = Path(path) / TRAINING_STATE
-    training_state = read_json(state_file) if state_file.is_file() else loaded.get("training_state", {})
+    training_state = read_json(state_file) if state_file.is_file() else {}
     return {**meta, "training_state": training_state}
 
 

@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "prepare.json"))
     args = parser.parse_args()
 
-    from distill.data.prepare import prepare
-    from distill.data.sources import iter_documents, resolve_source
+    from distill.data.prepare.run import prepare
+    from distill.data.sources.resolve import iter_documents, resolve_source
     from distill.data.tokenizer import load_tokenizer
 
     config = ensure_data_stages(args.config, ("corpus", "tokenizer"))

@@ -173,7 +173,7 @@ def load(tree: dict, work: Path, name: str):
 
 def build_inputs(work: Path, size: dict) -> None:
     """Tokenizer, corpus, the random teacher and the prepared data (each kept if already there)."""
-    from distill.data.prepare import prepare
+    from distill.data.prepare.run import prepare
     from parallel.model import ModelArch
 
     if not (work / "tokenizer" / "tokenizer.json").is_file():

@@ -10,19 +10,19 @@ Multi-process stages read the resolved config written to `run.dir/config.yaml`.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from distill.atomic import atomic_write_text
 from distill.config import CampaignConfig, config_to_yaml
-from distill.data.prepare import prepare
+from distill.data.prepare.run import prepare
 from distill.data.tokenizer import ensure_tokenizer
+from distill.messages import say
 from launcher import stages
 from launcher.stages import RunOptions
 
-__all__ = ["STAGES", "RunOptions", "Stage", "run_campaign", "run_stages"]
+__all__ = ["STAGES", "RunOptions", "Stage", "run_stages"]
 
 
 @dataclass(frozen=True)
@@ -45,25 +45,14 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def run_campaign(config: CampaignConfig, options: RunOptions | None = None) -> None:
-    """Run every stage that applies to `config`, in order."""
-    run_stages(config, [s.name for s in STAGES], options)
-
-
 def run_stages(config: CampaignConfig, names: list[str], options: RunOptions | None = None) -> None:
     """Run the named stages that apply to `config`, in campaign order (complete ones skip themselves)."""
     options = options or RunOptions()
     config.run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config.run.dir / "config.yaml", config_to_yaml(config))  # what launched stages read
     chosen = [s for s in STAGES if s.name in names and s.applies(config)]
-    print(
-        f"campaign {config.run.name}: {' -> '.join(s.name for s in chosen)} in {config.run.dir}",
-        file=sys.stderr,
-    )
+    say(f"campaign {config.run.name}", f"{' -> '.join(s.name for s in chosen)} in {config.run.dir}")
     for stage in chosen:
         started = time.monotonic()
         stage.run(config, options)
-        print(
-            f"campaign {config.run.name}: {stage.name} done ({time.monotonic() - started:.1f}s)",
-            file=sys.stderr,
-        )
+        say(f"campaign {config.run.name}", f"{stage.name} done ({time.monotonic() - started:.1f}s)")

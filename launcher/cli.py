@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.messages import say
 from distill.stop import EXIT_STOPPED, StopRequested
 from launcher.commands import (
     cache_cmd,
@@ -76,19 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reports is not None:  # a launched rank: the launcher prints it once for all ranks
             reports.with_suffix(".user").write_text(str(exc))
         else:
-            print(_paragraph(exc), file=sys.stderr)
+            say("distillery", _paragraph(exc), all_ranks=_one_of_several())
         return 2
     except StopRequested as exc:
         if reports is not None:  # a launched rank: the launcher says it once
             reports.with_suffix(".stopped").write_text(str(exc))
         else:
-            print(f"distillery: {exc}", file=sys.stderr)
+            say("distillery", str(exc), all_ranks=_one_of_several())
         return EXIT_STOPPED
     except LaunchFailed as exc:
-        print(f"distillery: {exc}" if exc.code == EXIT_STOPPED else _paragraph(exc), file=sys.stderr)
+        say("distillery", str(exc) if exc.code == EXIT_STOPPED else _paragraph(exc))
         return exc.code
     except KeyboardInterrupt:
-        print("distillery: interrupted", file=sys.stderr)
+        say("distillery", "interrupted")
         return 130
     except Exception:
         if reports is None:
@@ -117,8 +118,15 @@ def _die_with_agent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
+def _one_of_several() -> bool:
+    """Whether this process is one rank of several that were not started by `distillery launch` (plain
+    torchrun): each says its own end, naming its rank, since no launcher gathers them."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _paragraph(exc: Exception) -> str:
-    """`distillery: error: ...` with the first line wrapped; indented detail lines kept as they are."""
+    """`error: ...` (said after `distillery: `) with the first line wrapped at 100 columns, prefix
+    included; indented detail lines kept as they are."""
     first, *rest = str(exc).splitlines() or [""]
     head = textwrap.fill(
         f"distillery: error: {first}",
@@ -127,7 +135,7 @@ def _paragraph(exc: Exception) -> str:
         break_long_words=False,  # paths stay whole, so they can be copied
         break_on_hyphens=False,
     )
-    return "\n".join([head, *rest])
+    return "\n".join([head.removeprefix("distillery: "), *rest])
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import UserError
+from distill.messages import say
 from distill.stop import EXIT_STOPPED, STOP_FILE
 
 RANK_REPORTS = "DISTILLERY_RANK_REPORTS"  # env: where launched ranks write how they ended
@@ -132,7 +133,7 @@ def _failure(reports: Path, codes: dict[int, int]) -> LaunchFailed:
     if not crashes and codes and set(codes.values()) == {2}:  # e.g. argparse: each rank printed why
         return LaunchFailed(f"{_ranks(sorted(codes))} stopped on a usage error (see above)", 2)
     for rank, trace in sorted(crashes.items()):
-        print(f"--- rank {rank} crashed:\n{trace.rstrip()}", file=sys.stderr)
+        say("distillery", f"rank {rank} crashed:\n{trace.rstrip()}")
     ended = [f"rank {rank} {_how(codes.get(rank))}" for rank in sorted(set(crashes) | set(codes))]
     return LaunchFailed("the job failed: " + "; ".join(ended) + (" (tracebacks above)" if crashes else ""), 1)
 

@@ -7,15 +7,15 @@ are launched with torch's elastic agent on the resolved config written into thei
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distill.atomic import atomic_write_text, read_json
 from distill.config import CampaignConfig, config_to_yaml
-from distill.data.corpus import DemoCorpusSpec, build_demo_corpus
+from distill.data.corpus.build import DemoCorpusSpec, build_demo_corpus
 from distill.errors import UserError
+from distill.messages import say
 from distill.stage import StageOutput, Status
 from launcher.local import launch_local
 
@@ -53,10 +53,7 @@ def train(config: CampaignConfig, options: RunOptions) -> None:
     """Train `config`'s student; its resolved config must be at `run.dir/config.yaml`."""
     assert config.training is not None and config.checkpoint is not None
     if (_final_step(config) or 0) >= config.training.steps:
-        print(
-            f"train: {config.checkpoint.dir} holds step {config.training.steps}, nothing to do",
-            file=sys.stderr,
-        )
+        say("train", f"{config.checkpoint.dir} holds step {config.training.steps}, nothing to do")
         return
     nproc = options.nproc or config.run.nproc or config.parallel.tp * config.parallel.pp
     launch_local(nproc, ["train", str(config.run.dir / "config.yaml")])
@@ -84,10 +81,10 @@ def export(config: CampaignConfig, options: RunOptions) -> None:
         replace_stale=True,  # an export of an older checkpoint is replaced by the latest
     )
     if output.check(overwrite=False) is Status.COMPLETE:
-        print(f"export: {out} is complete, nothing to do", file=sys.stderr)
+        say("export", f"{out} is complete, nothing to do")
         return
     export_hf(source, out, dtype=config.export.dtype, overwrite=out.exists(), record=record)
-    print(f"export: wrote {out} from {source.name}", file=sys.stderr)
+    say("export", f"wrote {out} from {source.name}")
 
 
 def baseline(config: CampaignConfig, options: RunOptions) -> None:
@@ -97,7 +94,7 @@ def baseline(config: CampaignConfig, options: RunOptions) -> None:
     base = baseline_config(config)
     base.run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(base.run.dir / "config.yaml", config_to_yaml(base))
-    print(f"baseline: CE only, same student, data and steps, in {base.run.dir}", file=sys.stderr)
+    say("baseline", f"CE only, same student, data and steps, in {base.run.dir}")
     train(base, options)
     if base.export is not None:
         export(base, options)
@@ -158,4 +155,4 @@ def report(config: CampaignConfig, options: RunOptions) -> None:
 
     build_report(config.run.dir)
     if config.eval is not None and (config.eval.dir / "eval.json").is_file():
-        print(format_table(read_json(config.eval.dir / "eval.json")), file=sys.stderr)
+        say("report", format_table(read_json(config.eval.dir / "eval.json")))

@@ -124,7 +124,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 def prepared_small(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, tokenizer_dir: Path) -> dict:
     """`small_corpus` prepared at seq_len 32 (2 held-out sequences per domain); returns its config tree."""
     from distill.config import load_config
-    from distill.data.prepare import prepare
+    from distill.data.prepare.run import prepare
 
     work = tmp_path_factory.mktemp("prepared")
     tree = prepare_tree(work / "data", small_corpus, tokenizer_dir, seq_len=32, heldout_sequences=2)

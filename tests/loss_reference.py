@@ -1,4 +1,4 @@
-"""Dense single-process reference losses, written straight from ALGORITHMS.md with full-vocabulary
+"""Dense single-process reference losses, written straight from docs/algorithms.md with full-vocabulary
 tensors and autograd. The sharded, chunked, hand-differentiated losses are checked against these."""
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config.schema import SourceConfig
-from distill.data.records import RecordPolicy
-from distill.data.sources import open_documents, resolve_source
+from distill.data.sources.records import RecordPolicy
+from distill.data.sources.resolve import open_documents, resolve_source
 from distill.errors import DataError
 from tests.conftest import REPO, stdlib_texts, write_config
 from tests.test_prepare import kill_after_progress, run_prepare, store_bytes

@@ -184,7 +184,7 @@ def test_target_logprob_matches_dense(world_of_one):
 def cache_work(tmp_path_factory, small_corpus, tokenizer_dir, tiny_model_dir) -> Path:
     """A few documents per domain prepared at seq_len 32 (a few hundred sequences), teacher + cache sections."""
     from distill.config import load_config
-    from distill.data.prepare import prepare
+    from distill.data.prepare.run import prepare
     from tests.conftest import prepare_tree
 
     work = tmp_path_factory.mktemp("cache")
@@ -386,7 +386,7 @@ def test_cache_of_other_prepared_data_is_refused(
 ):
     from distill.cache.format import VERSION
     from distill.config import load_config
-    from distill.data.prepare import prepare
+    from distill.data.prepare.run import prepare
     from tests.conftest import prepare_tree
 
     manifest = {

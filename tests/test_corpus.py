@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.data import corpus, corpus_text
-from distill.data.corpus import (
+from distill.data.corpus import build as corpus
+from distill.data.corpus import text as corpus_text
+from distill.data.corpus.build import (
     DEMO_DOMAINS,
     DemoCorpusSpec,
     DemoRoots,

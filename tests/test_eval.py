@@ -116,7 +116,7 @@ def run_cli(*args, cwd=REPO):
 
 
 def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
-    tmp_path, prepared_small, tiny_model_dir
+    tmp_path, prepared_small, tiny_model_dir, caplog
 ):
     from distill.atomic import read_json
 
@@ -139,6 +139,18 @@ def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
     assert teacher["domains"] == copy["domains"]  # the same weights score the same
     assert "bits per UTF-8 byte" in first.stderr and "teacher" in first.stderr
     assert (tmp_path / "a" / "lm_eval" / "distillery_heldout_code.yaml").is_file()
+    from lm_eval.tasks import TaskManager
+
+    with caplog.at_level("WARNING"):  # lm-eval finds the task complete: it warns of no missing setting
+        loaded = TaskManager(include_path=str(tmp_path / "a" / "lm_eval")).load(["distillery_heldout_code"])
+    task = loaded["tasks"]["distillery_heldout_code"]
+    assert task.higher_is_better() == {
+        "word_perplexity": False,
+        "byte_perplexity": False,
+        "bits_per_byte": False,
+    }
+    assert len(task.test_docs()) > 0
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
 
     again = run_cli(
         "eval", "--data", data, "--teacher", tiny_model_dir, f"copy={tiny_model_dir}", "--out", tmp_path / "a"

@@ -128,8 +128,9 @@ def check_handoff(run: Path, log: str) -> None:
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
     assert "distillation" in front["tags"] and front["license"] == "apache-2.0"
+    assert str(run) not in card and "/assets/" not in card  # models named by name and hash, never a path
     for fact in (
-        "assets/demo-teacher",
+        "`demo-teacher` (sha256 ",
         "3,147,456",
         "tokens seen: 1,024 (4 steps of 4 sequences of 64",
         "forward_kl 1",

@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from distill.config import load_config
-from distill.data.prepare import prepare
+from distill.data.prepare.run import prepare
 from distill.data.prepared import PreparedData
 from distill.errors import ConfigError, DataError, OutputExistsError
 from tests.conftest import REPO, prepare_tree, write_config

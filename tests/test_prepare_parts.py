@@ -19,9 +19,10 @@ from types import SimpleNamespace
 import pytest
 
 from distill.config import load_config
-from distill.data import prepare_parts
-from distill.data.prepare import open_stage, prepare
-from distill.data.prepare_parts import prepare_part, spec_id, units
+from distill.data.prepare import pack as prepare_pack
+from distill.data.prepare.parts import prepare_part, spec_id, units
+from distill.data.prepare.run import prepare
+from distill.data.prepare.stage import open_stage
 from distill.data.prepared import PreparedData
 from distill.errors import OutputExistsError
 from launcher.cli import main
@@ -97,7 +98,7 @@ def test_two_parts_then_pack_is_byte_identical(case):
 
 def test_pack_alone_encodes_missing_units_and_chunks_whole_documents(case, monkeypatch):
     part(case, 0, 3)
-    monkeypatch.setattr(prepare_parts, "CHUNK_TOKENS", 50)  # most documents are longer: one per chunk
+    monkeypatch.setattr(prepare_pack, "CHUNK_TOKENS", 50)  # most documents are longer: one per chunk
     prepare(load_config(case.path), progress=False)
     assert tree_bytes(case.out) == case.reference
 
@@ -187,7 +188,7 @@ def test_bad_part_argument_exits_2_naming_it(case, capsys, value):
 
 
 def test_pack_interrupted_after_a_domain_resumes(case, monkeypatch):
-    real = prepare_parts._pack_domain
+    real = prepare_pack._pack_domain
 
     def stop_at_prose(stage, name, *args):
         if name == "prose":
@@ -195,11 +196,11 @@ def test_pack_interrupted_after_a_domain_resumes(case, monkeypatch):
         real(stage, name, *args)
 
     part(case, 2, 3)
-    monkeypatch.setattr(prepare_parts, "_pack_domain", stop_at_prose)
+    monkeypatch.setattr(prepare_pack, "_pack_domain", stop_at_prose)
     with pytest.raises(KeyboardInterrupt):
         prepare(load_config(case.path), progress=False)  # encodes the other units, packs `code`, stops
     assert (case.out / "code" / "domain.json").is_file() and (case.out / ".parts").is_dir()
-    monkeypatch.setattr(prepare_parts, "_pack_domain", real)
+    monkeypatch.setattr(prepare_pack, "_pack_domain", real)
     prepare(load_config(case.path), progress=False)
     assert tree_bytes(case.out) == case.reference
 

@@ -149,3 +149,26 @@ def test_peak_tflops_comes_from_config_else_none_on_cpu():
 
     assert peak_tflops(123.0, torch.device("cpu")) == 123.0
     assert peak_tflops(None, torch.device("cpu")) is None
+
+
+def test_model_card_names_models_by_hub_id_or_name_and_hash_never_by_path():
+    from distill.models.model_card import named, render_model_card
+    from parallel.model import ModelArch
+
+    assert named("hf://Qwen/Qwen3-8B", "ab" * 32) == "`Qwen/Qwen3-8B`"
+    assert (
+        named("/tmp/x/assets/demo-teacher", "0123456789abcdef" * 4)
+        == "`demo-teacher` (sha256 0123456789abcdef)"
+    )
+    assert named(None, None) == "not recorded"
+    arch = ModelArch("llama", 64, 16, 1, 2, 2, 32, head_dim=8, max_position_embeddings=64)
+    state = {
+        "provenance": {
+            "config": {"data": {"tokenizer": {"path": "/home/me/tok"}}, "export": {"hub_id": "me/student"}},
+            "data": {"tokenizer_sha256": "f" * 64},
+            "teacher": {"path": "/home/me/teacher", "parameters": 10, "sha256": "e" * 64, "signal": "top-k"},
+        }
+    }
+    card = render_model_card(arch, state, name="s", location="me/student")
+    assert "/home/me" not in card and "`teacher` (sha256 eeeeeeeeeeeeeeee)" in card
+    assert "`tok` (sha256 ffffffffffffffff)" in card and 'from_pretrained("me/student")' in card

@@ -130,7 +130,9 @@ def test_a_checkpoint_of_another_build_is_refused_by_name(tmp_path):
     step.mkdir(parents=True)
     (tmp_path / "checkpoints" / LATEST).write_text("step_00000004\n")
     (step / META).write_text(json.dumps({"format": FORMAT, "step": 4}))  # a development build's: no version
-    with pytest.raises(DataError, match=r"step_00000004 is a checkpoint of another distillery build \(format "):
+    with pytest.raises(
+        DataError, match=r"step_00000004 is a checkpoint of another distillery build \(format "
+    ):
         read_meta(resolve_checkpoint(tmp_path / "checkpoints"))
     (step / META).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "step": 4}))
     assert read_meta(step)["step"] == 4

@@ -189,7 +189,9 @@ def test_unigram_decodes_a_literal_metaspace_character_as_a_space(unigram_dir):
 
 def test_unigram_and_bpe_of_the_same_config_differ(tmp_path, small_corpus, capsys):
     bpe = ensure_tokenizer(config(tmp_path, small_corpus).data)
-    with pytest.raises(OutputExistsError, match=r"algorithm: 'byte_level_bpe' on disk, 'unigram' in the config"):
+    with pytest.raises(
+        OutputExistsError, match=r"algorithm: 'byte_level_bpe' on disk, 'unigram' in the config"
+    ):
         ensure_tokenizer(config(tmp_path, small_corpus, algorithm="unigram").data)
     unigram = ensure_tokenizer(config(tmp_path, small_corpus, algorithm="unigram").data, overwrite=True)
     assert "training a unigram (byte fallback) of 400 tokens" in capsys.readouterr().err

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data.alignment import (
+from distill.data.pairing.alignment import (
     align_rows,
     byte_offset_pairs,
     positional_pairs,
     span_groups,
     split_offset_row,
 )
-from distill.data.pairing import Pairing, _Pairer
+from distill.data.pairing.pairs import Pairing, _Pairer
 from distill.data.token_text import token_text
 from distill.data.tokenizer import load_tokenizer, train_tokenizer
 from distill.losses.uld import TeacherTop, uld
@@ -164,7 +164,7 @@ def test_pairing_interrupted_and_resumed_writes_the_same_bytes(
 ):
     import shutil
 
-    from distill.data import pairing
+    from distill.data.pairing import pairs as pairing
 
     source = Path(prepared_small["data"]["dir"]) / "code"
     student, teacher = load_tokenizer(tokenizer_dir), load_tokenizer(teacher_tokenizer)
@@ -200,8 +200,8 @@ def test_paired_prepare_by_array_parts_equals_one_part(
     import shutil
 
     from distill.config import load_config
-    from distill.data.prepare import prepare
-    from distill.data.prepare_parts import prepare_part
+    from distill.data.prepare.parts import prepare_part
+    from distill.data.prepare.run import prepare
     from tests.conftest import prepare_tree, write_config
     from tests.test_prepare_parts import tree_bytes
 

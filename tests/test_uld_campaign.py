@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from distill.config import load_config
-from distill.data.prepare import prepare
+from distill.data.prepare.run import prepare
 from distill.data.prepared import PreparedData
 from distill.data.tokenizer import train_tokenizer
 from distill.errors import DataError

@@ -47,6 +47,7 @@ from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
 from distill.engine import TeacherJob, teacher_job
 from distill.errors import DataError
+from distill.messages import say
 from distill.models.teacher import open_teacher
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
@@ -105,9 +106,7 @@ class CacheWriter:
         digest = job.broadcast_from_main(directory_sha256(weights.directory) if job.is_main else None)
         self.spec = self._spec(str(digest))
         self.out = self.cfg.dir
-        self.output = StageOutput(
-            "cache", self.out, "cache.dir", self.spec, record=MANIFEST, legacy_progress=".spec.json"
-        )
+        self.output = StageOutput("cache", self.out, "cache.dir", self.spec, record=MANIFEST)
         self.complete = self._check_output(overwrite)
         self.model = (
             None
@@ -165,8 +164,7 @@ class CacheWriter:
 
     def run(self) -> None:
         if self.complete:
-            if self.job.is_main:
-                print(f"cache: {self.out} is complete, nothing to do", file=sys.stderr)
+            say("cache", f"{self.out} is complete, nothing to do")
             return
         plan = shard_plan(self.data, self.cfg.sequences_per_shard)
         index, parts = self.part
@@ -192,10 +190,10 @@ class CacheWriter:
             if not missing:
                 self._write_manifest(plan)
             else:
-                print(
-                    f"cache: part {index}/{parts} complete; {len(missing)} shard(s) of other parts to go "
+                say(
+                    "cache",
+                    f"part {index}/{parts} complete; {len(missing)} shard(s) of other parts to go "
                     f"(the last part to finish writes the manifest)",
-                    file=sys.stderr,
                 )
 
     def _write_shard(self, work: ShardWork) -> None:
@@ -290,9 +288,8 @@ class CacheWriter:
             "shards": shards,
         }
         self.output.finish(manifest)
-        print(
-            f"cache: {positions:,} positions, {manifest['bytes_per_token']:.1f} bytes/token into {self.out}",
-            file=sys.stderr,
+        say(
+            "cache", f"{positions:,} positions, {manifest['bytes_per_token']:.1f} bytes/token into {self.out}"
         )
 
     def _layout_json(self) -> dict[str, Any]:

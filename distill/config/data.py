@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distill.config.base import AbsPath, Section
 
-# The demo corpus's domains (built by distill/data/corpus.py); defined here so that the config package
+# The demo corpus's domains (built by distill/data/corpus/build.py); defined here so that the config package
 # imports nothing else of `distill`.
 DEMO_DOMAINS: tuple[str, ...] = ("code", "legal", "docs", "multilingual")
 _DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

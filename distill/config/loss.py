@@ -73,7 +73,7 @@ class TaidConfig(Section):
 
 
 class UldConfig(Section):
-    """Universal logit distillation across tokenizers (ALGORITHMS.md, "ULD"; README, "Cross-tokenizer")."""
+    """Universal logit distillation across tokenizers (docs/algorithms.md, "ULD"; docs/cross-tokenizer.md)."""
 
     alignment: Literal["byte_offset", "positional"] = Field(
         default="byte_offset",

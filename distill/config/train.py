@@ -150,6 +150,11 @@ class ExportConfig(Section):
         default=[], description="Hub dataset ids for the model card (besides the `dataset:` sources)."
     )
     tags: list[str] = Field(default=[], description="Extra model card tags (`distillation` is always there).")
+    hub_id: str | None = Field(
+        default=None,
+        description="The Hub repository the export is published as (`org/name`): the model card's usage "
+        "example loads it (without it, the export directory's name; never a local path).",
+    )
 
 
 class TeacherConfig(Section):

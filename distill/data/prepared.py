@@ -45,7 +45,7 @@ Side = Literal["student", "teacher"]
 class PreparedData:
     """A complete prepared dataset: `data.sequence("code", 17)` -> `[seq_len + 1]` int64 token ids.
 
-    A paired prepare (a teacher with another tokenizer, `pairing.py`) also holds every sequence in the
+    A paired prepare (a teacher with another tokenizer, `pairing/pairs.py`) also holds every sequence in the
     teacher's tokens: `PreparedData(dir, side="teacher")` reads those (the teacher's `seq_len` and
     tokenizer), with the same domains, splits and sequence indices, so the cache stage runs on it as on
     any prepared data; `offsets(domain, split, indices)` gives the rows the alignment reads."""

@@ -1,6 +1,6 @@
 """The UTF-8 bytes each token id stands for: what makes two tokenizations of one text comparable.
 
-Bits per byte (eval) needs each token's byte length; cross-tokenizer pairing (`pairing.py`) needs the
+Bits per byte (eval) needs each token's byte length; cross-tokenizer pairing (`pairing/pairs.py`) needs the
 bytes themselves, to give back the exact text of a packed sequence and each token's byte span in it.
 The rules, by the tokenizer's decoder:
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 from distill.atomic import atomic_directory, atomic_write_json
 from distill.config.data import TokenizerAlgorithm, TokenizerTrainConfig
 from distill.config.schema import DataConfig
-from distill.data.records import policy_of
-from distill.data.sources import iter_documents, resolve_source
+from distill.data.sources.records import policy_of
+from distill.data.sources.resolve import iter_documents, resolve_source
 from distill.errors import DataError
+from distill.messages import say
 from distill.stage import StageOutput, Status
 
 if TYPE_CHECKING:
@@ -279,11 +279,11 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         foreign_hint="remove data.tokenizer.train to use it as it is, or pass --overwrite to train over it",
     )
     if output.check(overwrite=overwrite) is Status.COMPLETE:
-        print(f"tokenizer: {settings.path} is complete, nothing to do", file=sys.stderr)
+        say("tokenizer", f"{settings.path} is complete, nothing to do")
         return load_tokenizer(settings.path)
     texts = _training_texts(data, settings.train.max_bytes_per_domain)
     kind = _ALGORITHM_NAMES[settings.train.algorithm]
-    print(f"tokenizer: training a {kind} of {settings.train.vocab_size} tokens", file=sys.stderr)
+    say("tokenizer", f"training a {kind} of {settings.train.vocab_size} tokens")
     info = train_tokenizer(
         texts,
         settings.path,
@@ -293,7 +293,7 @@ def ensure_tokenizer(data: DataConfig, *, overwrite: bool = False) -> TokenizerI
         overwrite=overwrite or settings.path.exists(),  # checked above: replaced, or an empty directory
         record=wanted,
     )
-    print(f"tokenizer: saved {settings.path} (sha256 {info.sha256[:12]})", file=sys.stderr)
+    say("tokenizer", f"saved {settings.path} (sha256 {info.sha256[:12]})")
     return info
 
 

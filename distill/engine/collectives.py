@@ -1,4 +1,4 @@
-"""What every engine does the same way over the job's world: sums, a broadcast, a main-rank message.
+"""What every engine does the same way over the job's world: sums and a broadcast.
 
 Both engines join one torch.distributed world (megatron's groups or DeepSpeed's sit inside it), so these
 calls need nothing engine-specific; an engine mixes this in beside its own `is_main`.
@@ -6,7 +6,6 @@ calls need nothing engine-specific; an engine mixes this in beside its own `is_m
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -25,7 +24,3 @@ class WorldCollectives:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def _say(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)

@@ -2,8 +2,8 @@
 
 The output directory is written whole and atomically: `eval.json` (per model and domain: ce, ppl,
 bits_per_byte, tokens, bytes, documents; the data fingerprint and the protocol; each model's content
-hash) and `lm_eval/`, the same documents as an lm-evaluation-harness task per domain (see README,
-"Evaluation"), so a downstream team can check the numbers with a client we did not write. Under the
+hash) and `lm_eval/`, the same documents as an lm-evaluation-harness task per domain (see
+docs/evaluation.md), so a downstream team can check the numbers with a client we did not write. Under the
 stage contract its spec is the data fingerprint, the protocol and the models' content hashes: an
 eval of the same models is skipped, an eval of a newer export replaces the old one.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.eval.score import find_data_tokenizer, model_weights, score_model
 from distill.eval.text import heldout_documents
 from distill.eval_table import format_table
+from distill.messages import say
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
 
@@ -38,6 +38,11 @@ FORMAT = "distillery.eval"
 VERSION = 1
 LM_EVAL_DIR = "lm_eval"
 TASK_PREFIX = "distillery_heldout"
+LM_EVAL_METRICS = (
+    ("word_perplexity", "weighted_perplexity"),
+    ("byte_perplexity", "weighted_perplexity"),
+    ("bits_per_byte", "bits_per_byte"),
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ def evaluate(
     spec = {"prepared_fingerprint": data.fingerprint, "protocol": protocol(data, settings), "models": hashes}
     output = StageOutput("eval", out, key, spec, record=EVAL_FILE, replace_stale=True)
     if output.check(overwrite=overwrite) is Status.COMPLETE:
-        print(f"eval: {out} is complete, nothing to do", file=sys.stderr)
+        say("eval", f"{out} is complete, nothing to do")
         return read_json(Path(out) / EVAL_FILE)
     # the held-out text is decoded with the data's tokenizer whichever models are scored; found
     # before scoring, so a missing one fails before a model is loaded
@@ -108,7 +113,7 @@ def evaluate(
         )
         atomic_write_json(tmp / EVAL_FILE, record)
     if show_table:
-        print(format_table(record), file=sys.stderr)
+        say("eval", format_table(record))
     return record
 
 
@@ -129,7 +134,7 @@ def _score(
         # scores kept before models were recorded with their tokenizer lack the per-document
         # round-trip counts: scored again, once
         if found.get("spec") == kept_spec and "tokenizer" in found["scores"]:
-            print(f"eval: {model.name}: reusing {kept}", file=sys.stderr)
+            say("eval", f"{model.name}: reusing {kept}")
             return found["scores"]
     scores = score_model(
         model.path,
@@ -146,7 +151,7 @@ def _score(
             kept.parent.mkdir(exist_ok=True)
             atomic_write_json(kept, {"spec": kept_spec, "scores": scores})
         except OSError as exc:  # a read-only shared data directory: recomputed next time, nothing lost
-            print(f"eval: warning: cannot keep the teacher's scores in {kept} ({exc})", file=sys.stderr)
+            say("eval", f"warning: cannot keep the teacher's scores in {kept} ({exc})")
     return scores
 
 
@@ -172,7 +177,10 @@ def write_lm_eval_tasks(
             "output_type": "loglikelihood_rolling",
             "doc_to_text": "",
             "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+            "metric_list": [  # aggregations as lm-eval registers them; all three: lower is better
+                {"metric": metric, "aggregation": aggregation, "higher_is_better": False}
+                for metric, aggregation in LM_EVAL_METRICS
+            ],
             "metadata": {"version": 1.0},
         }
         (out / f"{TASK_PREFIX}_{domain}.yaml").write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")

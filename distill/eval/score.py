@@ -35,6 +35,7 @@ from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.errors import DataError
 from distill.eval.text import Document, heldout_documents
 from distill.eval.windows import Window, rolling_windows
+from distill.messages import say
 from distill.models.weights import Weights, find_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -212,11 +213,11 @@ def score_model(
         documents[domain] = reencode(found, info) if own else (found, 0)
         inexact = documents[domain][1]
         if inexact:
-            print(
-                f"eval: warning: {name} ({path}): {inexact} of {len(found)} held-out documents of domain "
+            say(
+                "eval",
+                f"warning: {name} ({path}): {inexact} of {len(found)} held-out documents of domain "
                 f"{domain!r} are not reproduced exactly by the model's tokenizer (sha256 {info.sha256[:12]}); "
                 "they are scored as it encodes them, bits per byte over the original text",
-                file=sys.stderr,
             )
     if not documents:
         raise DataError(

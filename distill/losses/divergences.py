@@ -1,4 +1,4 @@
-"""The divergences of ALGORITHMS.md, per token, on vocabulary-sharded rows, with hand-written gradients.
+"""The divergences of docs/algorithms.md, per token, on vocabulary-sharded rows, with hand-written gradients.
 
 Every function takes the student's log-probabilities `u = log q` on this rank's vocabulary slice
 (`[c, V/tp]`, already normalised over the whole vocabulary) and the teacher's signal, and returns
@@ -114,7 +114,7 @@ def dense(
 def topk_tail_forward_kl(
     u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, shard: VocabShard
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Sparse]]:
-    """Forward KL over the k kept ids plus one tail bucket (ALGORITHMS.md, sparse teacher 1).
+    """Forward KL over the k kept ids plus one tail bucket (docs/algorithms.md, "Top-k forward KL").
 
     ids, logprobs `[c, k]` (teacher log-probs over the full vocabulary), tail `[c]` = 1 - sum of kept p.
     The student's tail is the mass it puts on the unkept ids, `t = sum_{j not kept} q_j`, summed

@@ -119,7 +119,7 @@ class SpanTargets:
 @dataclass
 class AlignedSignal:
     """A teacher with another tokenizer (ULD), at the student's rows: `index [N]` is the teacher position
-    paired with each student row (-1: none; `distill/data/alignment.py`); `teacher` is where its top m
+    paired with each student row (-1: none; `distill/data/pairing/alignment.py`); `teacher` is where its top m
     comes from (the cache's top-k, or the live teacher); `top` gives it as `TeacherTop` per chunk."""
 
     index: torch.Tensor  # [N] int64

@@ -1,6 +1,6 @@
 """Span-likelihood matching across tokenizers (approximate likelihood matching, Minixhofer et al. 2025).
 
-Two tokenizations of one text share byte boundaries now and then (`distill/data/alignment.py:
+Two tokenizations of one text share byte boundaries now and then (`distill/data/pairing/alignment.py:
 span_groups`). Between two consecutive shared boundaries lies a span that both sides spell out fully:
 its likelihood under the teacher, `L_t = sum log p_t(teacher tokens of the span)`, and under the
 student, `L_s = sum log p_s(student tokens of the span)`, are likelihoods of the same bytes. The term

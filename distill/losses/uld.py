@@ -1,6 +1,6 @@
 """ULD: the sorted-probability L1 between a student and a teacher with different vocabularies.
 
-Per aligned position (ALGORITHMS.md, "ULD"): sort both probability vectors descending, zero-pad the
+Per aligned position (docs/algorithms.md, "ULD"): sort both probability vectors descending, zero-pad the
 shorter vocabulary, `L = sum_i |q_(i) - p_(i)|`, the closed-form Wasserstein-1 distance between the
 sorted distributions (Boizard et al. 2024).
 

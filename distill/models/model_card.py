@@ -44,6 +44,18 @@ def _front_matter(config: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(matter, sort_keys=False) + "---\n"
 
 
+def named(reference: str | None, sha256: str | None) -> str:
+    """How the card names a model or tokenizer: a hub id as it is (`org/name`, from `hf://org/name@rev`);
+    a local directory by its name and content hash only, since a card pushed to a hub must not show
+    strangers a path on the machine that trained it."""
+    if not reference:
+        return "not recorded"
+    if reference.startswith("hf://"):
+        return f"`{reference.removeprefix('hf://')}`"
+    digest = f" (sha256 {sha256[:16]})" if sha256 else ""
+    return f"`{Path(reference).name}`{digest}"
+
+
 def _weights_text(weights: dict[str, float]) -> str:
     return ", ".join(f"{domain} {value:.3f}" for domain, value in weights.items())
 
@@ -78,7 +90,7 @@ def _eval_table(evaluation: dict[str, Any], own: str | None) -> list[str]:
         "Held-out bits per UTF-8 byte (lower is better) on the documents of the first "
         f"{p['sequences']} held-out sequences of each domain, scored with lm-evaluation-harness's rolling "
         f"windows of {p['max_len']} tokens in {p['dtype']} (`distillery eval`; the same documents ship as "
-        "an lm-eval task, see distillery's README).",
+        "an lm-eval task, see distillery's docs/evaluation.md).",
         "",
         *rows,
     ]
@@ -102,7 +114,7 @@ def render_model_card(
     if teacher:
         lines.append(
             f"A {arch.num_parameters() / 1e6:.1f}M-parameter {arch.model_type} student distilled from "
-            f"`{teacher['path']}` by distillery (pretraining distillation)."
+            f"{named(teacher['path'], teacher.get('sha256'))} by distillery (pretraining distillation)."
         )
     else:
         lines.append(
@@ -130,13 +142,11 @@ def render_model_card(
     ]
     data = prov.get("data") or {}
     tokenizer = ((config.get("data") or {}).get("tokenizer") or {}).get("path")
-    lines.append(
-        f"- tokenizer: `{tokenizer or 'not recorded'}` (sha256 {str(data.get('tokenizer_sha256', '?'))[:16]})"
-    )
+    lines.append(f"- tokenizer: {named(tokenizer, data.get('tokenizer_sha256'))}")
     lines += ["", "## Teacher", ""]
     if teacher:
         lines += [
-            f"- path: `{teacher['path']}`",
+            f"- model: {named(teacher['path'], teacher.get('sha256'))}",
             f"- parameters: {teacher['parameters']:,}",
             f"- fingerprint (sha256 of config and weights): {teacher.get('sha256', 'not recorded')}",
             f"- signal: {teacher.get('signal', teacher.get('mode'))}",
@@ -222,4 +232,6 @@ def model_card_of(
     state = read_training_state(ckpt)
     run = ((state.get("provenance") or {}).get("config") or {}).get("run") or {}
     name = f"{run['name']} student" if run.get("name") else out.name
-    return render_model_card(arch, state, name=name, location=str(out), evaluation=evaluation, own=own)
+    export = ((state.get("provenance") or {}).get("config") or {}).get("export") or {}
+    location = export.get("hub_id") or Path(out).name  # never the path on this machine
+    return render_model_card(arch, state, name=name, location=location, evaluation=evaluation, own=own)

@@ -10,7 +10,6 @@ is written whole and atomically, so a report being rebuilt is never seen half-do
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 from distill.atomic import atomic_directory, read_json
 from distill.errors import DataError
 from distill.eval_table import table_rows
+from distill.messages import say
 from distill.report.metrics_file import Metrics, read_metrics
 from distill.report.plots import plot_bits_per_byte, plot_losses, plot_mixture, plot_tau, plot_throughput
 
@@ -73,7 +73,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         ]
         text = render_report(layout, run, baseline, evaluation, [p.name for p in plots if p is not None])
         (tmp / REPORT).write_text(text, encoding="utf-8")
-    print(f"report: wrote {out / REPORT} and {sum(p is not None for p in plots)} plots", file=sys.stderr)
+    say("report", f"wrote {out / REPORT} and {sum(p is not None for p in plots)} plots")
     return out
 
 

@@ -1,8 +1,8 @@
 """A teacher with another tokenizer (ULD): what its cached and live sources share (the alignment).
 
-The data was prepared paired (`distill/data/pairing.py`): every student sequence also exists in the
+The data was prepared paired (`distill/data/pairing/pairs.py`): every student sequence also exists in the
 teacher's tokens, with both tokenizations' byte offsets. For each micro-batch a source reads the
-offsets and maps every student position to its teacher position (`distill/data/alignment.py`,
+offsets and maps every student position to its teacher position (`distill/data/pairing/alignment.py`,
 `loss.uld.alignment`), then gives the teacher's signal over the teacher sequences:
 
 - **cached** (`aligned_cached.py`): the top-k cache the cache stage wrote over the teacher sequences
@@ -25,7 +25,6 @@ and the truncated teacher tail).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from distill.cache.reader import CacheReader, SequenceKey
 from distill.config import CampaignConfig
 from distill.config.loss import CROSS_TOKENIZER_TERMS
-from distill.data.alignment import align_rows, span_groups
+from distill.data.pairing.alignment import align_rows, span_groups
 from distill.data.prepared import PreparedData
 from distill.data.token_text import token_text
 from distill.data.tokenizer import load_tokenizer
@@ -42,6 +41,7 @@ from distill.engine.base import Engine
 from distill.errors import DataError
 from distill.losses.signal import SpanTargets
 from distill.losses.uld import VocabMatch
+from distill.messages import say
 from parallel.vocab import VocabShard
 
 Spans = tuple[np.ndarray, np.ndarray, int]  # student rows' spans, teacher rows' spans, count (span_groups)
@@ -74,17 +74,16 @@ def vocab_match(
     return VocabMatch(mask[shard.start :].to(device), to_student.to(device), int((to_student >= 0).sum()))
 
 
-def usable_match(match: VocabMatch, *, speak: bool) -> VocabMatch | None:
+def usable_match(match: VocabMatch) -> VocabMatch | None:
     """`match` for hybrid ULD, or None (a warning with the count) when nothing but EOS matched."""
     if match.count <= 1:
-        print(
-            f"train: warning: loss.uld.hybrid: {match.count} token(s) have identical text in both vocabularies; "
+        say(
+            "train",
+            f"warning: loss.uld.hybrid: {match.count} token(s) have identical text in both vocabularies; "
             "using the sorted L1 over all ids",
-            file=sys.stderr,
         )
         return None
-    if speak:
-        print(f"train: hybrid ULD: {match.count:,} ids matched by their text", file=sys.stderr)
+    say("train", f"hybrid ULD: {match.count:,} ids matched by their text")
     return match
 
 
@@ -104,7 +103,7 @@ class Alignment:
         self.match: VocabMatch | None = None
         if config.loss.uld.hybrid and config.loss.weights.uld > 0:
             match = vocab_match(engine.tokenizer_dir, teacher_tokenizer, engine.shard, vocab, self.device)
-            self.match = usable_match(match, speak=engine.is_main)
+            self.match = usable_match(match)
 
     def offsets(self, keys: list[SequenceKey]) -> np.ndarray:
         """The offset rows of `keys`, in order: one read per (domain, split), not one per sequence."""

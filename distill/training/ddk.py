@@ -1,6 +1,6 @@
 """The domain mixture of a training run: fixed weights, or DDK's domain-discrepancy reweighting.
 
-DDK (Liu et al. 2024; ALGORITHMS.md): the teacher's per-domain held-out perplexity `l_T` is computed
+DDK (Liu et al. 2024; docs/algorithms.md#ddk): the teacher's per-domain held-out perplexity `l_T` is computed
 once (from the cache's stored log-probs of the actual next tokens, or a pass of the online teacher) and
 kept in the training state. Every `interval` steps the student's per-domain held-out perplexity `l_S`
 is evaluated by the whole job and the weights move toward the domains where the student lags most

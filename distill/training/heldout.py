@@ -9,13 +9,12 @@ rank calls alike and which agrees on stop requests between domains.
 
 Bits per byte of packed sequences: the summed NLL of every predicted token (EOS included) over the
 UTF-8 bytes of those tokens; `distillery eval` scores complete documents with rolling windows instead
-(README, "Evaluation").
+(docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 
 from distill.config import CampaignConfig
@@ -24,6 +23,7 @@ from distill.data.prepared import PreparedData
 from distill.data.tokenizer import TokenizerInfo
 from distill.engine.base import Engine
 from distill.eval.text import packed_label_bytes, token_bytes
+from distill.messages import say
 from distill.metrics import MetricsLogger
 from distill.teacher import MicroBatch, TeacherSource
 from distill.training.evaluate import Scorer, heldout_cross_entropy
@@ -118,5 +118,4 @@ class HeldoutEval:
             for key, value in record.items()
             if key.endswith("/ppl")
         )
-        if self.engine.is_main:
-            print(f"train: held-out perplexity at step {step}: {shown}", file=sys.stderr, flush=True)
+        say("train", f"held-out perplexity at step {step}: {shown}")

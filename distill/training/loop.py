@@ -20,7 +20,6 @@ This module reads no engine internals: a second engine (DeepSpeed ZeRO) runs the
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ from distill.data.prepared import PreparedData
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.engine.base import Engine
 from distill.errors import DataError
+from distill.messages import say
 from distill.metrics import MetricsLogger
 from distill.provenance import run_provenance
 from distill.stop import NEVER, StopRequest, StopRequested
@@ -74,7 +74,7 @@ class DistillLoop:
         self.teacher: TeacherSource | None = None
         if self.objective.needs_teacher or self.mixture.is_ddk:
             self.teacher = open_teacher_source(config, self.data, engine, self.heldout.objective)
-            self._say(f"train: teacher signal from {self.teacher.description}")
+            say("train", f"teacher signal from {self.teacher.description}")
         self.heldout.teacher = self.teacher
         self.metrics = MetricsLogger(
             config.logging,
@@ -109,7 +109,7 @@ class DistillLoop:
             record = self.mixture.start(self.heldout.student_perplexity, self.heldout.teacher_perplexity)
             if record is not None:
                 self.metrics.log(0, record)
-                self._say(f"train: DDK initial weights {self.mixture.weights_text()}")
+                say("train", f"DDK initial weights {self.mixture.weights_text()}")
             if self.teacher is not None and self.cfg.eval_sequences:
                 self.metrics.log(0, self.heldout.teacher_record())
         elif self.mixture.is_ddk and self.mixture.teacher_ppl is None:
@@ -135,11 +135,6 @@ class DistillLoop:
         self.step = self._saved_step = int(state["step"])
         self.pending = list(state.get("pending", []))
         self.objective.load_state_dict(state.get("objective", {}))
-        if "mixture" not in state:
-            raise DataError(
-                f"checkpoint {state.get('checkpoint', '(resumed)')} has no data-mixture state (written by an "
-                "older distillery); start a new run directory or restart from it as `student.init`"
-            )
         self.mixture.load_state_dict(state["mixture"])
 
     def save(self) -> None:
@@ -209,10 +204,11 @@ class DistillLoop:
         except StopRequested as stop:
             if self.step > self._saved_step or self.pending:
                 self.save()
-            self._say(
-                f"train: {stop.reason}: stopped after step {self.step}"
+            say(
+                "train",
+                f"{stop.reason}: stopped after step {self.step}"
                 + (f" (left for the resumed run: {', '.join(self.pending)})" if self.pending else "")
-                + "; re-running resumes from its checkpoint"
+                + "; re-running resumes from its checkpoint",
             )
             self.close()
             raise
@@ -238,7 +234,7 @@ class DistillLoop:
         self.pending.remove("mixture")
         if record is not None:
             self.metrics.log(self.step, record)
-            self._say(f"train: DDK weights at step {self.step}: {self.mixture.weights_text()}")
+            say("train", f"DDK weights at step {self.step}: {self.mixture.weights_text()}")
         return record
 
     def _after_step(self, result: StepResult | None) -> None:
@@ -261,10 +257,6 @@ class DistillLoop:
             self.sample_log.close()
         if self.teacher is not None:
             self.teacher.close()
-
-    def _say(self, message: str) -> None:
-        if self.engine.is_main:
-            print(message, file=sys.stderr, flush=True)
 
 
 def check_tokenizer(engine: Engine, data: PreparedData) -> TokenizerInfo:

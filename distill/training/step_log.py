@@ -9,13 +9,13 @@ device, MFU where the device's peak is known, peak memory) and one console line.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distill.config import CampaignConfig
 from distill.data.mixture import Row
 from distill.engine.base import Engine
+from distill.messages import say
 from distill.metrics import MetricsLogger
 from distill.training.throughput import device_label, flops_per_token, peak_memory_gib, peak_tflops
 
@@ -95,10 +95,8 @@ class StepLog:
         self.metrics.log(result.step, record)
         terms = " ".join(f"{name} {value:.4f}" for name, value in result.terms.items())
         tau = f" tau {result.tau:.4f}" if result.tau is not None else ""
-        if self.engine.is_main:
-            print(
-                f"train: step {result.step}/{self.cfg.steps} loss {result.loss:.4f} ({terms}){tau} "
-                f"grad_norm {result.grad_norm:.3f} lr {result.lr:.2e} {result.tokens / result.seconds:,.0f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
+        say(
+            "train",
+            f"step {result.step}/{self.cfg.steps} loss {result.loss:.4f} ({terms}){tau} "
+            f"grad_norm {result.grad_norm:.3f} lr {result.lr:.2e} {result.tokens / result.seconds:,.0f} tok/s",
+        )

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from distill.errors import DataError
+from distill.messages import say
 from launcher.commands.common import (
     add_config_arguments,
     add_overwrite_argument,
@@ -82,5 +82,5 @@ def _verify(directory: Path) -> int:
     errors = shard_checksum_errors(directory, manifest["shards"])
     if errors:
         raise DataError(f"cache {directory} failed verification:\n" + "\n".join(f"  {e}" for e in errors))
-    print(f"cache {directory}: {len(manifest['shards'])} shards complete, checksums match", file=sys.stderr)
+    say(f"cache {directory}", f"{len(manifest['shards'])} shards complete, checksums match")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distill.messages import say
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     imp = subparsers.add_parser(
@@ -34,7 +36,7 @@ def _import(args: argparse.Namespace) -> int:
     from distill.engine.megatron.convert import import_hf  # torch + megatron-core: imported only when used
 
     path = import_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
-    print(f"import: wrote {path}")
+    say("import", f"wrote {path}")
     return 0
 
 
@@ -42,5 +44,5 @@ def _export(args: argparse.Namespace) -> int:
     from distill.engine.megatron.convert import export_hf
 
     path = export_hf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"export: wrote {path}")
+    say("export", f"wrote {path}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.data.corpus import DEMO_DOMAINS, DemoCorpusSpec, build_demo_corpus
+from distill.data.corpus.build import DEMO_DOMAINS, DemoCorpusSpec, build_demo_corpus
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

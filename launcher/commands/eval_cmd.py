@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.messages import say
 from launcher.commands.common import add_quiet_argument
 
 
@@ -74,5 +75,5 @@ def _eval(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    print(f"eval: wrote {args.out / 'eval.json'}")
+    say("eval", f"wrote {args.out / 'eval.json'}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.data.prepare import prepare
+from distill.data.prepare.run import prepare
 from launcher.commands.common import (
     add_config_arguments,
     add_overwrite_argument,
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.part is not None:
-        from distill.data.prepare_parts import prepare_part
+        from distill.data.prepare.parts import prepare_part
 
         index, count = args.part
         prepare_part(config_from(args), index, count, not args.quiet, overwrite=args.overwrite)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distill.messages import say
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,5 +22,5 @@ def _report(args: argparse.Namespace) -> int:
     from distill.report.build import build_report
 
     out = build_report(args.run_dir, args.out)
-    print(f"report: {out / 'report.md'}")
+    say("report", str(out / "report.md"))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distill.messages import say
 from launcher.commands.common import add_config_arguments, config_from
 
 
@@ -45,10 +46,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    import sys
-
     from launcher.slurm.submit import cancel
 
     ids = cancel(args.run_dir.resolve())
-    print(f"cancel: {', '.join(ids) if ids else 'no queued or running job'}", file=sys.stderr)
+    say("cancel", ", ".join(ids) if ids else "no queued or running job")
     return 0

@@ -1,4 +1,4 @@
-"""A `Job` (jobs.py) + the `slurm` config section -> the text of its sbatch script (`slurm/job.sbatch`).
+"""A `Job` (jobs.py) + the `slurm` config section -> the text of its sbatch script (`launcher/slurm/job.sbatch`).
 
 Safety: values reach the script in two places. `#SBATCH` lines are read by sbatch, not a shell, but a
 newline or space would start another option: names, times and sizes are validated by the config
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from importlib.resources import files as package_files
 from pathlib import Path
 
 from distill.config import CampaignConfig
@@ -18,7 +19,7 @@ from distill.config.slurm import slurm_seconds
 from distill.errors import ConfigError
 from launcher.slurm.jobs import Job
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
+TEMPLATE = "job.sbatch"  # package data beside this module: a wheel carries it
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _SAFE_SBATCH_PATH = re.compile(r"^[^\s'\"\\%]+$")  # %: sbatch's own filename patterns
 _JOB_NAME = re.compile(r"[^A-Za-z0-9_.-]")
@@ -153,4 +154,4 @@ def render_job(config: CampaignConfig, job: Job, python: str, after: list[str] |
         "body": body(config, job),
         "max_requeues": str(slurm.max_requeues),
     }
-    return render(TEMPLATE.read_text(), values)
+    return render(package_files("launcher.slurm").joinpath(TEMPLATE).read_text(encoding="utf-8"), values)

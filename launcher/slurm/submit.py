@@ -22,6 +22,7 @@ from typing import Any
 from distill.atomic import atomic_write_json, atomic_write_text, read_json
 from distill.config import CampaignConfig, config_to_yaml, load_config
 from distill.errors import UserError
+from distill.messages import say
 from launcher.slurm.jobs import Job, campaign_jobs, stage_complete
 from launcher.slurm.render import job_name, render_job, script_path
 
@@ -94,10 +95,10 @@ def submit(config: CampaignConfig, *, dry_run: bool = False, python: str | None 
     for job in jobs:
         known = record["jobs"].get(job.name)
         if stage_complete(config, job.stage):
-            print(f"submit: {job.name}: complete, not submitted", file=sys.stderr)
+            say("submit", f"{job.name}: complete, not submitted")
             continue
         if known is not None and not dry_run and set(job_states(known["id"])) & ACTIVE:
-            print(f"submit: {job.name}: job {known['id']} is still queued or running, kept", file=sys.stderr)
+            say("submit", f"{job.name}: job {known['id']} is still queued or running, kept")
             previous = known["id"]
             continue
         after = [previous] if previous else []
@@ -116,9 +117,7 @@ def submit(config: CampaignConfig, *, dry_run: bool = False, python: str | None 
         job_id = _slurm(*argv).strip().split(";")[0]
         record["jobs"][job.name] = {"id": job_id, "stage": job.stage, "script": str(path)}
         atomic_write_json(slurm_dir / JOBS, record)
-        print(
-            f"submit: {job.name}: job {job_id}" + (f" after {previous}" if previous else ""), file=sys.stderr
-        )
+        say("submit", f"{job.name}: job {job_id}" + (f" after {previous}" if previous else ""))
         previous = job_id
     if dry_run:
         print("# ---- sbatch lines, in order (each job waits for the one before it):")

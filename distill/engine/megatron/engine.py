@@ -26,6 +26,7 @@ from distill.engine.megatron.distributed_optimizer import MegatronDistributedOpt
 from distill.engine.megatron.forward import MegatronForward, frozen_model
 from distill.engine.megatron.optimizer import DistillOptimizer
 from distill.engine.megatron.weights import load_weights
+from distill.messages import say
 from distill.models.student import student_init_path
 from distill.models.weights import checkpoint_meta, find_weights
 from parallel.distributed import ParallelContext, init_parallel, shutdown
@@ -100,11 +101,11 @@ class MegatronEngine(WorldCollectives, MegatronForward):
         latest = latest_checkpoint(self.config.checkpoint.dir)
         if latest is not None:
             loaded = load_checkpoint(latest, model=self.module, optimizer=self.optimizer, ctx=self.ctx)
-            self._say(f"train: resumed from {latest} at step {loaded['training_state']['step']}")
+            say("train", f"resumed from {latest} at step {loaded['training_state']['step']}")
             return {**loaded["training_state"], "checkpoint": str(latest)}
         load_weights(self.module, self.weights, self.ctx)
         self.optimizer.reload_model_params()  # bf16: the fp32 masters were made before the weights came
-        self._say(f"train: starting from {self.weights.directory} ({self.description})")
+        say("train", f"starting from {self.weights.directory} ({self.description})")
         return None
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss: LossFn) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ from distill.engine.schedule import adamw_param_groups, lr_at
 from distill.engine.zero.checkpoint import load_zero_checkpoint, save_zero_checkpoint
 from distill.engine.zero.config import inference_config, training_config, zero_section
 from distill.errors import DataError
+from distill.messages import say
 from distill.models.student import student_init_path
 from distill.models.teacher import open_teacher
 from distill.models.weights import Weights, find_weights
@@ -177,9 +178,9 @@ class ZeroEngine(WorldCollectives, ZeroForward):
             self.ds, self.config.checkpoint.dir, rank=self.rank, dp_size=self.dp_size, stage=self.stage
         )
         if state is not None:
-            self._say(f"train: resumed from {state['checkpoint']} at step {state['step']}")
+            say("train", f"resumed from {state['checkpoint']} at step {state['step']}")
             return state
-        self._say(f"train: starting from {self.weights.directory} ({self.description})")
+        say("train", f"starting from {self.weights.directory} ({self.description})")
         return None
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss: LossFn) -> list[dict[str, Any]]:

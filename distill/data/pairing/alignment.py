@@ -1,6 +1,6 @@
 """Which teacher position each student position is compared with, when the two tokenizers differ.
 
-Inputs are a paired sequence's byte ends (`pairing.py`): `student_ends [S + 1]` and `teacher_ends [n]`
+Inputs are a paired sequence's byte ends (`pairs.py`): `student_ends [S + 1]` and `teacher_ends [n]`
 (the teacher's real tokens), non-decreasing offsets into the same text. Student position `i` predicts
 student token `i + 1`; teacher position `j` predicts teacher token `j + 1`. The result is, for each
 student position, the teacher position it is paired with, or -1.

@@ -15,10 +15,10 @@ from typing import Any
 
 from distill.atomic import read_json
 from distill.config.schema import DataConfig
-from distill.data.pairing import SUMMARY, TEACHER_DIR, Pairing
+from distill.data.pairing.pairs import SUMMARY, TEACHER_DIR, Pairing
 from distill.data.prepared import FORMAT, SPLITS, VERSION
-from distill.data.records import policy_of
-from distill.data.sources import ResolvedSource
+from distill.data.sources.records import policy_of
+from distill.data.sources.resolve import ResolvedSource
 from distill.data.token_store import token_dtype
 from distill.data.tokenizer import TokenizerInfo
 
@@ -49,7 +49,11 @@ def prepare_spec(
         "heldout_fraction": data.heldout_fraction,
         "domains": {
             name: [
-                {**s.describe(known), "max_documents": s.config.max_documents, "sample_by": s.config.sample_by}
+                {
+                    **s.describe(known),
+                    "max_documents": s.config.max_documents,
+                    "sample_by": s.config.sample_by,
+                }
                 for s in srcs
             ]
             for name, srcs in sources.items()

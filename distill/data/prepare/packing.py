@@ -4,17 +4,23 @@
 `data.heldout_sequences`, by the document's stable hash score against `data.heldout_fraction`) or to the
 train stream, and cuts each stream into sequences of `seq_len + 1` tokens, carrying the remainder to the
 next document. `DomainState` is what a resumed prepare needs of that: counts, carries, the source
-position; prepare commits it atomically after the token files are fsynced.
+position; prepare commits it atomically after the token files are fsynced. `finish_domain` closes a
+packed domain: the one-pass prepare and the pack of array-task units end every domain with it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from distill.atomic import atomic_write_json
 from distill.config.data import DataConfig
 from distill.data.token_store import TokenStoreWriter
+from distill.errors import DataError
+from distill.messages import say
 
 
 @dataclass
@@ -75,3 +81,48 @@ class Packer:
         self.train.append(buf[: n * t].reshape(n, t))
         s.train_sequences += n
         s.train_carry = buf[n * t :].tolist()
+
+
+def finish_domain(
+    name: str,
+    state: DomainState,
+    data: DataConfig,
+    train: TokenStoreWriter,
+    heldout: TokenStoreWriter,
+    work: Path,
+    final: Path,
+) -> None:
+    """Check the domain filled what the config asks, close both stores (their checksums go into the
+    summary), write `domain.json` and rename the work directory into place: the domain is finished."""
+    keys = f"data.domains.{name}"
+    if state.documents == 0:
+        raise DataError(f"{keys}: the sources yielded no non-empty document")
+    if state.train_sequences == 0:
+        raise DataError(
+            f"{keys}: {state.tokens:,} tokens in {state.documents} documents do not fill one training sequence of "
+            f"{data.seq_len + 1} tokens; add data or lower data.seq_len"
+        )
+    if data.heldout_sequences and state.heldout_sequences == 0:
+        raise DataError(
+            f"{keys}: no held-out sequence could be filled from {state.documents} documents; raise "
+            "data.heldout_fraction or set data.heldout_sequences: 0"
+        )
+    if state.heldout_sequences < data.heldout_sequences:
+        say(
+            "prepare",
+            f"warning: {keys} has only {state.heldout_sequences} of {data.heldout_sequences} held-out sequences",
+        )
+    checksums = {"train": train.close(), "heldout": heldout.close()}
+    summary = {
+        "documents": state.documents,
+        "heldout_documents": state.heldout_documents,
+        "document_tokens": state.tokens,
+        "train_sequences": state.train_sequences,
+        "heldout_sequences": state.heldout_sequences,
+        "dropped_tokens": len(state.train_carry) + len(state.heldout_carry) + state.heldout_dropped_tokens,
+        **{f"{split}_{kind}": value for split, sums in checksums.items() for kind, value in sums.items()},
+        "bad_records": state.sources_done,
+    }
+    atomic_write_json(work / "domain.json", summary)
+    (work / "state.json").unlink(missing_ok=True)  # the pack step keeps no state.json
+    os.replace(work, final)

@@ -40,12 +40,13 @@ from tqdm import tqdm
 from distill.atomic import atomic_write_json, read_json
 from distill.checkpoint import tokenizer_dir_of
 from distill.config.schema import CampaignConfig
-from distill.data.alignment import byte_offset_pairs
+from distill.data.pairing.alignment import byte_offset_pairs
 from distill.data.prepared import SPLITS
 from distill.data.token_store import TokenStore, TokenStoreWriter, token_dtype
 from distill.data.token_text import TokenText, token_text
 from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.errors import DataError
+from distill.messages import say
 
 TEACHER_DIR = "teacher"
 SUMMARY = "pairing.json"
@@ -280,11 +281,11 @@ def pair_domain(
     os.replace(work, final)
     train = result["splits"]["train"]
     share = train["byte_offset_aligned"] / max(1, train["student_positions"])
-    print(
-        f"prepare {name}: paired with the teacher's tokenizer: {train['teacher_tokens']:,} teacher tokens for "
+    say(
+        f"prepare {name}",
+        f"paired with the teacher's tokenizer: {train['teacher_tokens']:,} teacher tokens for "
         f"{train['student_positions']:,} student positions ({share:.1%} byte-aligned), "
         f"{train['truncated_sequences']:,} sequences cut at {pairing.seq_len + 1} teacher tokens",
-        file=sys.stderr,
     )
     return result
 

@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from distill.atomic import atomic_directory, atomic_write_json, read_json
 from distill.config.data import DEMO_DOMAINS
-from distill.data.corpus_text import load_document, split_text
+from distill.data.corpus.text import load_document, split_text
 from distill.errors import DataError, UserError
+from distill.messages import say
 from distill.stage import StageOutput, Status
 
 MANIFEST = "manifest.json"
@@ -140,7 +141,7 @@ def build_demo_corpus(
     out_dir, roots = Path(out_dir), roots or DemoRoots.system()
     output = StageOutput("demo corpus", out_dir, "corpus directory", spec.to_json(), record=MANIFEST)
     if output.check(overwrite=overwrite) is Status.COMPLETE:
-        print(f"corpus: {out_dir} is complete, nothing to do", file=sys.stderr)
+        say("corpus", f"{out_dir} is complete, nothing to do")
         return read_json(out_dir / MANIFEST)
     groff = _groff_path()
     seen: set[str] = set()  # sha256 of every document so far: deduplication spans the whole corpus

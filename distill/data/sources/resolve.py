@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill.config.schema import SourceConfig
-from distill.data.readers import DatasetDocuments, FileDocuments, ParquetDocuments
-from distill.data.records import RecordPolicy
+from distill.data.sources.readers import DatasetDocuments, FileDocuments, ParquetDocuments
+from distill.data.sources.records import RecordPolicy
 from distill.errors import DataError
 
 _FORMAT_BY_SUFFIX = {
@@ -111,25 +111,6 @@ def _format_of(files: list[str], key: str) -> str:
             f"{key}: files of several formats {sorted(formats)}; split them into one source per format"
         )
     return formats.pop()
-
-
-def open_stream(source: ResolvedSource, state: dict | None = None) -> Any:
-    """A `dataset:` source as a streaming `datasets.IterableDataset`, positioned at `state` if given."""
-    from datasets import load_dataset
-
-    c = source.config
-    kwargs: dict[str, Any] = {"split": c.split, "streaming": True}
-    kwargs.update(
-        {k: v for k, v in (("name", c.name), ("data_dir", c.data_dir), ("revision", c.revision)) if v}
-    )
-    try:
-        ds = load_dataset(source.builder, **kwargs)
-    except Exception as exc:  # datasets raises many types for a bad spec
-        reason = str(exc) or type(exc).__name__
-        raise DataError(f"{source.key}: load_dataset({source.builder!r}) failed: {reason}") from None
-    if state is not None:
-        ds.load_state_dict(state)
-    return ds
 
 
 def open_documents(source: ResolvedSource, policy: RecordPolicy, state: dict | None = None) -> Any:

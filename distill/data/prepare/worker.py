@@ -1,6 +1,6 @@
 """The tokenizer worker process of `prepare`: text batch -> token ids with EOS, doc lengths, routing scores.
 
-Kept apart from `prepare.py` so that spawning a worker imports only numpy and `tokenizers`. Each worker
+Kept apart from the rest of `prepare` so that spawning a worker imports only numpy and `tokenizers`. Each worker
 runs the Rust tokenizer single-threaded; parallelism comes from the processes, which also keeps the
 tokenizer's thread pool from being forked.
 """

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from distill.data.records import BadRecord, LineFile, RecordPolicy, Tally, checked_text, decode
+from distill.data.sources.records import BadRecord, LineFile, RecordPolicy, Tally, checked_text, decode
 from distill.errors import DataError
 
 
@@ -253,8 +253,6 @@ class DatasetDocuments:
     """Documents of a `datasets.load_dataset` stream (hub or local script); position = its state_dict."""
 
     def __init__(self, source: Any, policy: RecordPolicy, state: dict[str, Any] | None = None) -> None:
-        from distill.data.sources import open_stream
-
         st = state or {}
         self.key, self.field = source.key, source.config.text_field
         self.stream = open_stream(source, st.get("stream"))
@@ -280,3 +278,22 @@ class DatasetDocuments:
             except BadRecord as bad:
                 self.tally.bad_record(f"{self.key} record {self.tally.records}", bad.reason)
         self.tally.finish()
+
+
+def open_stream(source: Any, state: dict | None = None) -> Any:
+    """A `dataset:` source as a streaming `datasets.IterableDataset`, positioned at `state` if given."""
+    from datasets import load_dataset
+
+    c = source.config
+    kwargs: dict[str, Any] = {"split": c.split, "streaming": True}
+    kwargs.update(
+        {k: v for k, v in (("name", c.name), ("data_dir", c.data_dir), ("revision", c.revision)) if v}
+    )
+    try:
+        ds = load_dataset(source.builder, **kwargs)
+    except Exception as exc:  # datasets raises many types for a bad spec
+        reason = str(exc) or type(exc).__name__
+        raise DataError(f"{source.key}: load_dataset({source.builder!r}) failed: {reason}") from None
+    if state is not None:
+        ds.load_state_dict(state)
+    return ds

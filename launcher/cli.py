@@ -32,7 +32,7 @@ from launcher.commands import (
     tokenizer_cmd,
     train_cmd,
 )
-from launcher.local import RANK_REPORTS, LaunchFailed
+from launcher.local import AGENT_PID, RANK_REPORTS, LaunchFailed
 from parallel.errors import ParallelConfigError
 
 COMMANDS = (
@@ -109,13 +109,17 @@ def _rank_reports() -> Path | None:
 def _die_with_agent() -> None:
     """A launched rank ends when its agent does (Linux PR_SET_PDEATHSIG): the agent runs in its own
     session, so a SIGKILL of the job's process group at the end of Slurm's KillWait would otherwise
-    leave the ranks running."""
+    leave the ranks running. An agent killed while the rank was still starting, before this call, is
+    caught by the parent check after it (the rank was handed to init and would wait forever)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    agent = os.environ.get(AGENT_PID)
+    if agent is not None and os.getppid() != int(agent):
+        raise SystemExit(f"distillery: rank {os.environ.get('RANK')}: its launcher (pid {agent}) is gone")
 
 
 def _one_of_several() -> bool:

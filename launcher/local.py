@@ -38,6 +38,7 @@ from distill.messages import say
 from distill.stop import EXIT_STOPPED, STOP_FILE
 
 RANK_REPORTS = "DISTILLERY_RANK_REPORTS"  # env: where launched ranks write how they ended
+AGENT_PID = "DISTILLERY_AGENT_PID"  # env: the launching process, which a rank must not outlive
 
 
 class LaunchFailed(Exception):
@@ -73,6 +74,7 @@ def launch_local(
     threads = max(1, (os.cpu_count() or 1) // nproc)  # share the cores instead of oversubscribing them
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ[RANK_REPORTS] = str(reports)
+    os.environ[AGENT_PID] = str(os.getpid())
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -94,6 +96,7 @@ def launch_local(
     finally:
         agent_log.setLevel(level)
         os.environ.pop(RANK_REPORTS, None)
+        os.environ.pop(AGENT_PID, None)
         if relay is not None:
             signal.signal(signal.SIGTERM, relay)
             os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)

@@ -15,7 +15,8 @@ without CUDA each of those fails. This module maps them to the CPU:
   will release; a test's save hung that way once in a handful of full runs (`_write_buckets_here`).
 
 Everything is reversible (`restore()`), and `apply()` is a no-op on a CUDA machine, where megatron-core
-runs unmodified. `tests/test_cpu_compat.py` shows each piece failing without the layer and working with it.
+runs unmodified. `tests/unit/test_cpu_compat.py` shows each piece failing without the layer and working
+with it.
 
 `apply()` also silences the warnings megatron-core prints on every CPU run that say only "there is no
 GPU stack here" (`KNOWN_CPU_WARNINGS`: each its exact message and emitting module). It installs them

@@ -1,31 +1,27 @@
-"""Shared fixtures: a small trained tokenizer, a small multi-format corpus, config files on disk."""
+"""Shared fixtures: a small trained tokenizer, a small multi-format corpus, a tiny HF model, prepared data.
+
+Every test under distributed/ (gloo ranks) and e2e/ (whole campaigns, a Slurm cluster) is marked `slow`:
+`pytest -m "not slow"` runs the quick subset, the tests of unit/ that are not marked slow themselves.
+"""
 
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import pytest
-import yaml
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-REPO = Path(__file__).resolve().parents[1]
-# `student.arch` of the tiny sized students the distributed training tests start from
-TINY_STUDENT_ARCH = {
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "ffn_hidden_size": 64,
-    "max_position_embeddings": 64,
-}
+from tests.helpers import prepare_tree, stdlib_texts, tiny_llama, write_config
+
+HERE = Path(__file__).resolve().parent
+SLOW_DIRECTORIES = (HERE / "distributed", HERE / "e2e")
 
 
-def stdlib_texts(count: int, start: int = 0) -> list[str]:
-    """Real, varied text: whole Python standard library modules, in a fixed order."""
-    files = sorted(p for p in STDLIB.glob("*.py") if p.stat().st_size > 2000)
-    return [f.read_text(encoding="utf-8") for f in files[start : start + count]]
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.path.resolve().is_relative_to(directory) for directory in SLOW_DIRECTORIES):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -55,63 +51,6 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
             prose + f"\nThe end of document {i}.\n", encoding="utf-8"
         )
     return root
-
-
-def write_config(path: Path, tree: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def prepare_tree(run_dir: Path, corpus: Path, tokenizer: Path, **data: object) -> dict:
-    """A minimal campaign config tree over `small_corpus`; `data` overrides keys of the data section."""
-    section = {
-        "tokenizer": {"path": str(tokenizer)},
-        "seq_len": 64,
-        "heldout_sequences": 6,
-        "heldout_fraction": 0.2,
-        "dir": str(run_dir / "prepared"),
-        "workers": 2,
-        "batch_chars": 20000,
-        "checkpoint_seconds": 0,
-        "domains": {
-            "code": {"sources": [{"files": str(corpus / "code" / "*.jsonl")}]},
-            "prose": {"sources": [{"files": str(corpus / "prose" / "*.txt")}]},
-        },
-    }
-    section.update(data)
-    return {"run": {"name": "test", "dir": str(run_dir)}, "data": section}
-
-
-def tiny_llama(
-    out: Path,
-    tokenizer: Path,
-    vocab_size: int,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    max_positions: int = 64,
-) -> Path:
-    """A tiny random HF Llama (2 layers, tied embeddings) over `tokenizer`, saved at `out`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.tokenizer_files import copy_tokenizer_files
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    copy_tokenizer_files(tokenizer, out)
-    return out
 
 
 @pytest.fixture(scope="session")

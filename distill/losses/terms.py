@@ -11,7 +11,7 @@ gradient after a pre-pass over the whole micro-batch, so its entry only declares
 Adding a term: its math (`divergences.py`, or a module of its own), one entry here, and its weight in
 the config (`LossWeightsConfig`; the config layer imports nothing of `distill`, so it keeps its own lists:
 `CROSS_TOKENIZER_TERMS` for the terms that read an aligned teacher, and the sampled-cache rule of
-`CampaignConfig`; `tests/test_losses.py` holds those lists to this registry).
+`CampaignConfig`; `tests/unit/test_losses.py` holds those lists to this registry).
 """
 
 from __future__ import annotations

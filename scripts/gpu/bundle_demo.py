@@ -26,7 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/demo.yaml"
-# the shrunk campaign of the rehearsal: every stage, seconds each (tests/test_gpu_kit.py checks its hand-off)
+# the shrunk campaign of the rehearsal: every stage, seconds each (tests/e2e/test_gpu_kit.py checks its
+# hand-off)
 REHEARSAL_OVERRIDES = (
     "data.demo_corpus.max_bytes_per_domain=60000",
     "data.seq_len=64",

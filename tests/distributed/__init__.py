@@ -1,5 +1,6 @@
-"""Real multi-process runs: `run_ranks(script, nproc, ...)` starts `torchrun --standalone` on a script
-under tests/distributed/ and returns what each rank reported (JSON written with `report`).
+"""Tests on real gloo processes. `run_ranks(script, nproc, ...)` starts `torchrun --standalone` on a
+rank-side script of tests/distributed/ranks/ and returns what each rank reported (JSON written with
+`report`); other tests here start `distillery launch --nproc N`.
 
 Importing megatron-core costs seconds per process and the machine has 2 cores, so each script checks
 many things (layouts, models) in one launch; tests then assert on the reports.
@@ -14,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def run_ranks(script: str, nproc: int, out_dir: Path, *args: str, timeout: int = 600) -> list[dict[str, Any]]:
-    """Run tests/distributed/<script> on `nproc` gloo processes; returns each rank's report."""
+    """Run tests/distributed/ranks/<script> on `nproc` gloo processes; returns each rank's report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
@@ -26,7 +27,7 @@ def run_ranks(script: str, nproc: int, out_dir: Path, *args: str, timeout: int =
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        str(REPO / "tests" / "distributed" / script),
+        str(REPO / "tests" / "distributed" / "ranks" / script),
         str(out_dir),
         *args,
     ]

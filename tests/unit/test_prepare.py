@@ -21,7 +21,7 @@ from distill.config import load_config
 from distill.data.prepare.run import prepare
 from distill.data.prepared import PreparedData
 from distill.errors import ConfigError, DataError, OutputExistsError
-from tests.conftest import REPO, prepare_tree, write_config
+from tests.helpers import REPO, distillery, prepare_tree, tree_bytes, write_config
 
 
 def run_prepare(tmp_path: Path, corpus: Path, tokenizer: Path, name: str = "run", overrides=(), **data):
@@ -180,11 +180,7 @@ def test_foreign_output_directory_is_refused(tmp_path, small_corpus, tokenizer_d
 
 
 def store_bytes(out: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(out)): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "config.yaml"
-    }
+    return tree_bytes(out, skip=("config.yaml",))
 
 
 def kill_after_progress(command: list[str], out: Path) -> None:
@@ -214,7 +210,7 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, small_corpus, tokenizer
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no complete prepared data"):
         PreparedData(out)
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = distillery(*command[3:], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "prepare code: resuming after" in resumed.stderr  # it continued, it did not start over
     assert store_bytes(out) == store_bytes(reference)

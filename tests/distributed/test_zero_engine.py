@@ -1,4 +1,5 @@
-"""The DeepSpeed ZeRO engine (`engine: deepspeed`) on real gloo processes (tests/distributed/check_zero.py).
+"""The DeepSpeed ZeRO engine (`engine: deepspeed`) on real gloo processes
+(tests/distributed/ranks/check_zero.py):
 
 - ZeRO-2 and ZeRO-3 on 2 ranks train exactly like 1 rank on the same global batches (5 steps), with the
   cached top-k teacher and with the online teacher (itself a ZeRO-3 inference engine);
@@ -20,9 +21,9 @@ import pytest
 import torch
 
 from distill.checkpoint import latest_checkpoint, read_meta
-from tests.conftest import REPO, TINY_STUDENT_ARCH, write_config
 from tests.distributed import run_ranks
-from tests.test_training import final_loss, kill_when
+from tests.distributed.test_training import final_loss, kill_when
+from tests.helpers import REPO, TINY_STUDENT_ARCH, distillery, training_section, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +45,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
             "arch": {**TINY_STUDENT_ARCH, "tie_word_embeddings": False},
             "init_dir": str(work / "student_init"),
         },
-        training={
-            "steps": 5,
-            "global_batch": 4,
-            "micro_batch": 1,
-            "lr": 3e-3,
-            "log_interval": 1,
-            "eval_sequences": 2,
-        },
+        training=training_section(steps=5, micro_batch=1),
         checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
         logging={"metrics": "${run.dir}/metrics.jsonl"},
         teacher={"path": str(tiny_model_dir), "micro_batch": 4},
@@ -63,13 +57,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
     cached = copy.deepcopy(tree)
     cached["cache"] = {"dir": str(work / "cache"), "mode": "topk", "k": 640, "sequences_per_shard": 64}
     write_config(work / "cached.yaml", cached)
-    built = subprocess.run(
-        [sys.executable, "-m", "launcher", "cache", str(work / "cached.yaml")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    built = distillery("cache", work / "cached.yaml")
     assert built.returncode == 0, built.stderr[-3000:]
     return work
 
@@ -143,13 +131,7 @@ def test_zero3_export_loads_with_from_pretrained_and_gives_the_engines_logits(ru
     meta = read_meta(checkpoint)
     assert (meta["engine"], meta["zero_stage"], meta["layout"]["dp"]) == ("deepspeed", 3, 2)
     out = tmp_path / "export"
-    exported = subprocess.run(
-        [sys.executable, "-m", "launcher", "export", str(checkpoint), str(out), "--dtype", "float32"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    exported = distillery("export", checkpoint, out, "--dtype", "float32", timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "trained by: DeepSpeed ZeRO-3" in (out / "README.md").read_text()  # the same model card
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, prepare_tree, write_config
+from tests import helpers
+from tests.helpers import REPO, prepare_tree, training_section, tree_bytes, write_config
 
 pytestmark = pytest.mark.slow
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -69,9 +69,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def distillery(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    done = helpers.distillery(*args)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -93,14 +91,6 @@ def job_field(job_id: str, field: str) -> list[str]:
     return re.findall(rf"\b{field}=(\S+)", out)
 
 
-def tree_bytes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in skip
-    }
-
-
 # Enough steps (~0.06 s each here) that the preemption test's second stop, sent after the first requeue's
 # resumed run has logged 4 more steps, lands mid-training rather than racing the run's end.
 STEPS = 160
@@ -118,16 +108,9 @@ def campaign(tmp_path_factory, small_corpus, tokenizer_dir, tiny_model_dir) -> d
         cache={"dir": "${run.dir}/cache", "mode": "topk", "k": 8, "sequences_per_shard": 16},
         loss={"weights": {"ce": 0.5, "forward_kl": 1.0}},
         student={"init": str(tiny_model_dir)},
-        training={
-            "steps": STEPS,
-            "global_batch": 8,
-            "micro_batch": 4,
-            "lr": 3e-3,
-            "warmup_steps": 2,
-            "log_interval": 1,
-            "eval_interval": 0,
-            "eval_sequences": 2,
-        },  # fmt: skip
+        training=training_section(
+            steps=STEPS, global_batch=8, micro_batch=4, warmup_steps=2, eval_interval=0
+        ),
         checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
         logging={"metrics": "${run.dir}/metrics.jsonl", "samples": "${run.dir}/samples.jsonl"},
         export={"dir": "${run.dir}/student", "dtype": "float32"},

@@ -1,4 +1,5 @@
-"""The GPU kit (docs/gpu.md): the bundle that travels to a GPU machine, and the check rehearsed on CPU.
+"""The GPU kit (docs/gpu.md): the bundle that travels to a GPU machine, and the check rehearsed on CPU
+(the bundle checker's rules in one process: tests/unit/test_gpu_bundle.py).
 
 The rehearsal runs every step of `scripts/gpu_check.sh` tiny on this CPU; its bundle is made by running
 the default campaign shrunk (corpus -> prepare -> cache -> train -> baseline -> export -> eval -> report),
@@ -18,40 +19,13 @@ from pathlib import Path
 import pytest
 
 from distill.data.prepared import PreparedData
-from tests.conftest import REPO
+from tests.helpers import REPO, distillery
 
 sys.path.insert(0, str(REPO / "scripts" / "gpu"))
 from bundle_check import check_bundle, wheel_problem
 from bundle_demo import REHEARSAL_OVERRIDES
 
 has_translated_man_pages = any(Path("/usr/share/man").glob("de/man1/*"))
-
-
-def test_wheel_tags_are_checked_for_cpython_312_on_linux_x86_64():
-    assert (
-        wheel_problem("megatron_core-0.16.1-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl")
-        is None
-    )
-    assert wheel_problem("deepspeed-0.19.8-py3-none-any.whl") is None
-    assert (
-        wheel_problem("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl")
-        is None
-    )
-    assert "do not install" in wheel_problem("pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl")
-    assert "do not install" in wheel_problem("pydantic_core-2.50.5-cp312-cp312-macosx_11_0_arm64.whl")
-    assert "do not install" in wheel_problem("pydantic_core-2.50.5-cp312-cp312-manylinux_2_17_aarch64.whl")
-    assert "not a wheel" in wheel_problem("deepspeed-0.19.8.tar.gz")
-
-
-def test_a_bundle_with_two_versions_of_a_project_or_too_large_is_refused(tmp_path):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    (wheels / "hjson-3.1.0-py3-none-any.whl").write_bytes(b"x")
-    (wheels / "hjson-3.0.0-py3-none-any.whl").write_bytes(b"x")
-    (tmp_path / "demo.bin").write_bytes(b"\0" * (2 << 20))
-    _, problems = check_bundle(tmp_path, max_mib=1.0)
-    assert any("two versions of hjson" in p for p in problems)
-    assert any("over the 1 MiB" in p for p in problems)
 
 
 @pytest.mark.slow
@@ -170,19 +144,10 @@ def check_handoff(run: Path, log: str) -> None:
 
 
 def campaign(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "launcher",
-        "run",
-        "configs/demo.yaml",
-        "--quiet",
-        "--set",
-        f"run.dir={run_dir}",
-    ]
+    args = ["run", "configs/demo.yaml", "--quiet", "--set", f"run.dir={run_dir}"]
     for item in (*REHEARSAL_OVERRIDES, *extra):
-        command += ["--set", item]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        args += ["--set", item]
+    return distillery(*args)
 
 
 @pytest.fixture(scope="module")
@@ -220,16 +185,7 @@ def test_the_demo_campaign_hands_over_then_skips_every_stage_and_refuses_a_chang
     assert second.stderr.count("nothing to do") == 8  # the baseline's train and export too
     assert PreparedData(run / "prepared").fingerprint == data.fingerprint
 
-    changed = [
-        sys.executable,
-        "-m",
-        "launcher",
-        "train",
-        str(run / "config.yaml"),
-        "--set",
-        "student.arch.hidden_size=64",
-    ]
-    third = subprocess.run(changed, cwd=REPO, capture_output=True, text=True, timeout=300)
+    third = distillery("train", run / "config.yaml", "--set", "student.arch.hidden_size=64", timeout=300)
     message = " ".join(third.stderr.split())  # the CLI wraps its paragraph
     assert (
         third.returncode == 2

@@ -17,8 +17,8 @@ import pytest
 
 from distill.checkpoint import latest_checkpoint, read_meta
 from distill.training.sample_log import read_sample_log
-from tests.conftest import REPO, write_config
 from tests.distributed import run_ranks
+from tests.helpers import REPO, training_section, write_config
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -31,14 +31,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
     tree = copy.deepcopy(prepared_small)
     tree.update(
         student={"init": str(tiny_model_dir)},
-        training={
-            "steps": STEPS,
-            "global_batch": 8,
-            "micro_batch": 2,
-            "lr": 3e-3,
-            "warmup_steps": 2,
-            "log_interval": 1,
-        },
+        training=training_section(steps=STEPS, global_batch=8, warmup_steps=2, eval_sequences=None),
         checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
         logging={"metrics": "${run.dir}/metrics.jsonl"},
     )
@@ -199,7 +192,7 @@ def test_resume_refuses_a_checkpoint_whose_rng_file_would_run_code(work, uninter
     callable never runs (it would create `marker`)."""
     import torch
 
-    from tests.test_unpickling import Marker
+    from tests.unit.test_unpickling import Marker
 
     run_dir = work / "tampered"
     shutil.rmtree(run_dir, ignore_errors=True)

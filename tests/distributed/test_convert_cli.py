@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tests.conftest import REPO
+from tests.helpers import distillery
 
 pytestmark = pytest.mark.slow
-
-
-def distillery(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
 
 
 def test_import_at_tp2_then_export_round_trips(tmp_path, tokenizer_dir):

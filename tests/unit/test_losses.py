@@ -1,10 +1,11 @@
 """The fused, chunked, vocabulary-sharded losses against the dense references of loss_reference.py.
 
 Single-process unit tests (one process holds the whole vocabulary, group None) for each term, the
-chunking, the cached teacher signals and the no-grad path; then (slow) one 2-process gloo launch of
-tests/distributed/check_losses.py, which runs the same kind of cases with the vocabulary split over
-two ranks. Everything is compared in values AND gradients (hidden states and output weight) to
-float64 references, within TOLERANCE: the loss per token, the gradients of the summed loss.
+chunking, the cached teacher signals, the no-grad path, and every case of
+tests/distributed/ranks/check_losses.py; tests/distributed/test_losses_sharded.py runs those cases with
+the vocabulary split over two gloo ranks. Everything is compared in values AND gradients (hidden states
+and output weight) to float64 references, within TOLERANCE: the loss per token, the gradients of the
+summed loss.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from distill.losses.fused import Terms, fused_output_loss
 from distill.losses.signal import LiveSignal, SampledSignal, TopKSignal
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
-from tests.distributed import run_ranks
-from tests.distributed.check_losses import (
+from tests.distributed.ranks.check_losses import (
     CHUNK,
     KD_TERMS,
     TEACHER_VOCAB,
@@ -298,36 +298,12 @@ def test_no_grad_path_gives_the_same_value(data):
         assert float(sums_ng[name]) == float(sums[name])
 
 
-# --- every distributed case, first in one process, then at tp = 2 --------------------------------
+# --- every distributed case in one process (at tp = 2: tests/distributed/test_losses_sharded.py) -----
 
 
 @pytest.mark.parametrize("name", list(build_cases(make_data())))
 def test_distributed_case_in_one_process(data, name):
     assert_matches(run_case(build_cases(data)[name], data, WHOLE), name)
-
-
-@pytest.mark.slow
-def test_vocabulary_sharded_losses_match_dense_references_at_tp2(tmp_path):
-    reports = run_ranks("check_losses.py", 2, tmp_path)
-    assert [r["shard"] for r in reports] == [[0, V // 2], [V // 2, V // 2]]
-    names = set(build_cases(make_data()))
-    worst = (0.0, "", "", -1)
-    for rank, found in enumerate(reports):
-        assert set(found["results"]) == names
-        for name, result in found["results"].items():
-            for key in ERRORS:
-                worst = max(worst, (result[key], name, key, rank))
-                assert result[key] < TOLERANCE, (rank, name, key, result)
-            assert result["ref_grad_max"] > 0.05, (rank, name, result)
-            # every rank reports the same loss (reduced over the group)
-            assert result["loss_per_token"] == reports[0]["results"][name]["loss_per_token"], (rank, name)
-    print(f"worst error at tp=2: {worst[0]:.2e} ({worst[2]} of {worst[1]}, rank {worst[3]})")
-    coverage = reports[0]["coverage"]
-    assert coverage["topk_k10_T1"]["both"] > 0.5  # true top-k ids fall on both shards
-    assert coverage["topk_k10_one_shard_rows"]["one"] > 0.5  # and rows with all kept ids on one shard
-    assert coverage["topk_k10_one_shard_rows"]["both"] > 0.2
-    assert coverage["sampled"]["both"] > 0.5
-    assert 0.2 < coverage["labels"]["on_shard_0"] < 0.8
 
 
 def test_every_configurable_loss_term_has_one_registry_entry_and_the_config_lists_agree_with_it():

@@ -13,7 +13,7 @@ embeddings and 4 layers):
 - rank 0 also reports how far HF's own logits move when rms_norm_eps, rope_theta or the llama3
   scaling fall back to their defaults, so the logits tolerance is known to catch an unmapped field.
 
-Usage (through tests/distributed.run_ranks): torchrun --nproc-per-node=4 check_hf_equivalence.py OUT_DIR
+Usage (through tests.distributed.run_ranks): torchrun --nproc-per-node=4 check_hf_equivalence.py OUT_DIR
 Everything runs under `__main__`: megatron's dist_checkpointing starts a spawn-context manager process,
 which re-imports this file.
 """

@@ -1,7 +1,7 @@
 """Cross-tokenizer pieces in one process: byte-offset alignment, paired tokenization, ULD's truncation.
 
 The loss values and gradients against the dense reference (positional and hand-made alignment maps,
-live and cached teachers, hybrid, tp2 = tp1) are cases of tests/distributed/check_losses.py.
+live and cached teachers, hybrid, tp2 = tp1) are cases of tests/distributed/ranks/check_losses.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from distill.data.tokenizer import load_tokenizer, train_tokenizer
 from distill.losses.uld import TeacherTop, uld
 from parallel.vocab import VocabShard
 from tests import loss_reference as ref
-from tests.conftest import stdlib_texts
+from tests.helpers import stdlib_texts
 
 TEXTS = [
     "Hello  world,\tcafé naïve — 東京タワーは高い 🤖🚀 end.\n",
@@ -202,8 +202,7 @@ def test_paired_prepare_by_array_parts_equals_one_part(
     from distill.config import load_config
     from distill.data.prepare.parts import prepare_part
     from distill.data.prepare.run import prepare
-    from tests.conftest import prepare_tree, write_config
-    from tests.test_prepare_parts import tree_bytes
+    from tests.helpers import prepare_tree, tree_bytes, write_config
 
     tree = prepare_tree(tmp_path / "run", small_corpus, tokenizer_dir, seq_len=48, heldout_sequences=2)
     tree["teacher"] = {"path": str(tmp_path / "unused"), "tokenizer": str(teacher_tokenizer), "seq_len": 70}
@@ -211,13 +210,13 @@ def test_paired_prepare_by_array_parts_equals_one_part(
     config = write_config(tmp_path / "paired.yaml", tree)
     out = tmp_path / "run" / "prepared"
     prepare(load_config(config), progress=False)
-    reference = tree_bytes(out)
+    reference = tree_bytes(out, directories=True)
     assert any(name.endswith("teacher/offsets_train.bin") for name in reference)
     shutil.rmtree(out)
     for index in (1, 0):
         prepare_part(load_config(config), index, 2, progress=False)
     prepare(load_config(config), progress=False)  # the pack step, then the pairing
-    assert tree_bytes(out) == reference
+    assert tree_bytes(out, directories=True) == reference
 
 
 def test_spans_are_closed_groups_that_both_sides_predict():

@@ -26,15 +26,8 @@ from distill.data.prepare.stage import open_stage
 from distill.data.prepared import PreparedData
 from distill.errors import OutputExistsError
 from launcher.cli import main
-from tests.conftest import REPO, write_config
-from tests.test_bad_records import _messy_prepare_tree
-
-
-def tree_bytes(root: Path) -> dict[str, bytes | None]:
-    """Every path below `root` (directories as None, files as their bytes), dotfiles included."""
-    return {
-        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))
-    }
+from tests.helpers import REPO, distillery, tree_bytes, write_config
+from tests.unit.test_bad_records import _messy_prepare_tree
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def campaign(tmp_path_factory, small_corpus, tokenizer_dir):
     manifest = prepare(load_config(config), progress=False)
     code = manifest["domains"]["code"]["bad_records"]["data.domains.code.sources[1]"]
     assert code["records"] == 8 and sum(code["bad"].values()) == 3 and len(code["examples"]) == 3
-    reference = tree_bytes(out)
+    reference = tree_bytes(out, directories=True)
     shutil.rmtree(out)
     return SimpleNamespace(tree=tree, path=config, out=out, reference=reference)
 
@@ -90,17 +83,17 @@ def test_two_parts_then_pack_is_byte_identical(case):
     assert part(case, 0, 2)["encoded"] == 15
     assert len(unit_dirs(case.out)) == 30 and not (case.out / "manifest.json").exists()
     prepare(load_config(case.path), progress=False)
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference
     # a part of a complete prepare has nothing to do and writes nothing
     assert part(case, 0, 2)["encoded"] == 0
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference
 
 
 def test_pack_alone_encodes_missing_units_and_chunks_whole_documents(case, monkeypatch):
     part(case, 0, 3)
     monkeypatch.setattr(prepare_pack, "CHUNK_TOKENS", 50)  # most documents are longer: one per chunk
     prepare(load_config(case.path), progress=False)
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference
 
 
 def test_interrupted_unit_is_redone_and_finished_units_are_kept(case):
@@ -120,7 +113,7 @@ def test_interrupted_unit_is_redone_and_finished_units_are_kept(case):
     } == stamps
     part(case, 1, 2)
     prepare(load_config(case.path), progress=False)
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference
 
 
 @pytest.mark.slow
@@ -140,12 +133,12 @@ def test_killed_part_resumes_and_the_result_is_byte_identical(case):
     proc.wait()
     finished = len(unit_dirs(case.out))
     assert 0 < finished < 15
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = distillery(*command[3:], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{finished} of 15 units already encoded, encoding {15 - finished}" in resumed.stderr
     assert main(["prepare", str(case.path), "--part", "0/2", "--quiet"]) == 0
     assert main(["prepare", str(case.path), "--quiet"]) == 0
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference
 
 
 def test_units_of_another_config_are_refused_or_replaced(case):
@@ -202,7 +195,7 @@ def test_pack_interrupted_after_a_domain_resumes(case, monkeypatch):
     assert (case.out / "code" / "domain.json").is_file() and (case.out / ".parts").is_dir()
     monkeypatch.setattr(prepare_pack, "_pack_domain", real)
     prepare(load_config(case.path), progress=False)
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference
 
 
 @pytest.mark.slow
@@ -215,4 +208,4 @@ def test_parts_started_together_do_not_race(case):
         assert run.wait(timeout=300) == 0, run.stderr.read()
     assert len(unit_dirs(case.out)) == 30
     assert main(["prepare", str(case.path), "--quiet"]) == 0
-    assert tree_bytes(case.out) == case.reference
+    assert tree_bytes(case.out, directories=True) == case.reference

@@ -1,17 +1,11 @@
 import subprocess
 import sys
 
-from tests.conftest import REPO, write_config
-
-
-def distillery(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+from tests.helpers import REPO, distillery, write_config
 
 
 def test_help_lists_the_existing_subcommands():
-    result = distillery("--help")
+    result = distillery("--help", timeout=120)
     assert result.returncode == 0
     for command in (
         "run",
@@ -26,7 +20,7 @@ def test_help_lists_the_existing_subcommands():
         "launch",
     ):
         assert f"    {command}" in result.stdout
-    cache = distillery("cache", "--help")
+    cache = distillery("cache", "--help", timeout=120)
     assert (
         cache.returncode == 0
         and "distillery cache verify" in cache.stdout
@@ -35,19 +29,19 @@ def test_help_lists_the_existing_subcommands():
 
 
 def test_validate_and_show_the_demo_config():
-    assert distillery("config", "validate", "configs/demo.yaml").returncode == 0
-    shown = distillery("config", "show", "configs/demo.yaml", "--set", "data.seq_len=32")
+    assert distillery("config", "validate", "configs/demo.yaml", timeout=120).returncode == 0
+    shown = distillery("config", "show", "configs/demo.yaml", "--set", "data.seq_len=32", timeout=120)
     assert shown.returncode == 0 and "seq_len: 32" in shown.stdout
     assert str(REPO / "runs" / "demo" / "corpus") in shown.stdout  # references resolved, paths absolute
 
 
 def test_user_error_exits_2_with_a_paragraph_and_no_traceback(tmp_path):
     path = write_config(tmp_path / "bad.yaml", {"run": {"name": "x", "dir": "r", "colour": "red"}})
-    result = distillery("config", "validate", str(path))
+    result = distillery("config", "validate", str(path), timeout=120)
     assert result.returncode == 2
     assert "run.colour: unknown key" in result.stderr and "data: required key is missing" in result.stderr
     assert "Traceback" not in result.stderr
-    debug = distillery("--debug", "config", "validate", str(path))
+    debug = distillery("--debug", "config", "validate", str(path), timeout=120)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
@@ -61,12 +55,12 @@ def test_missing_tokenizer_directory_is_a_user_error(tmp_path):
             "domains": {"a": {"sources": [{"files": str(tmp_path / "*.jsonl")}]}},
         },
     }
-    result = distillery("prepare", str(write_config(tmp_path / "c.yaml", tree)))
+    result = distillery("prepare", str(write_config(tmp_path / "c.yaml", tree)), timeout=120)
     assert result.returncode == 2 and "no-tokenizer does not exist" in result.stderr
 
 
 def test_launched_ranks_failing_on_user_input_print_one_message_and_exit_2():
-    result = distillery("launch", "--nproc", "2", "--", "train", "/no/such/config.yaml")
+    result = distillery("launch", "--nproc", "2", "--", "train", "/no/such/config.yaml", timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("config file /no/such/config.yaml does not exist") == 1
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
@@ -93,3 +87,32 @@ def test_launch_failure_reports(tmp_path):
         str(crash)
         == "the job failed: rank 0 was killed by SIGKILL; rank 1 exited with code 1 (tracebacks above)"
     )
+
+
+def test_a_rank_whose_launcher_died_while_it_started_ends_instead_of_running(tmp_path):
+    """The launcher (agent) starts a rank and is gone before the rank could ask to die with it: the rank,
+    now a child of init, must end at once rather than run (or wait for peers) forever."""
+    import json
+    import textwrap
+    import time
+
+    log = tmp_path / "rank.err"
+    rank_code = (
+        "import sys, time; time.sleep(1); from launcher.cli import main; "
+        "sys.exit(main(['config', 'validate', 'configs/demo.yaml']))"
+    )
+    agent = textwrap.dedent(
+        f"""
+        import os, subprocess, sys
+        env = {{**os.environ, "DISTILLERY_RANK_REPORTS": {str(tmp_path)!r}, "RANK": "0",
+               "DISTILLERY_AGENT_PID": str(os.getpid())}}
+        subprocess.Popen([sys.executable, "-c", {json.dumps(rank_code)}], env=env, stdout=subprocess.DEVNULL,
+                         stderr=open({str(log)!r}, "w"))
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", agent], cwd=REPO, timeout=60).returncode == 0
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert "rank 0: its launcher (pid " in log.read_text() and "is gone" in log.read_text(), log.read_text()

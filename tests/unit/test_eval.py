@@ -1,10 +1,9 @@
 """`distillery eval`: rolling windows, bytes per token, scores against direct transformers math, bad input,
-models with another tokenizer than the data's (scored on the text re-encoded)."""
+models with another tokenizer than the data's (scored on the text re-encoded). A tensor-parallel
+checkpoint scored on gloo ranks: tests/distributed/test_eval_tp.py."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ from distill.eval.score import find_data_tokenizer, reencode, score_documents
 from distill.eval.text import Document, heldout_documents, packed_label_bytes, token_bytes
 from distill.eval.windows import rolling_windows
 from distill.eval_table import format_table
-from tests import conftest
-from tests.conftest import REPO, stdlib_texts
+from tests import helpers
+from tests.helpers import REPO, distillery, stdlib_texts
 
 DEMO_TOKENIZER = REPO / "assets" / "demo-teacher"
 
@@ -105,23 +104,13 @@ def test_scores_equal_direct_transformers_math(tiny_model_dir):
     assert math.isclose(summary["ppl"], math.exp(expected / 32), rel_tol=1e-9)
 
 
-def run_cli(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
     tmp_path, prepared_small, tiny_model_dir, caplog
 ):
     from distill.atomic import read_json
 
     data = prepared_small["data"]["dir"]
-    first = run_cli(
+    first = distillery(
         "eval",
         "--data",
         data,
@@ -131,6 +120,7 @@ def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
         "--out",
         tmp_path / "a",
         "--quiet",
+        timeout=300,
     )
     assert first.returncode == 0, first.stderr
     record = read_json(tmp_path / "a" / "eval.json")
@@ -152,15 +142,25 @@ def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
     assert len(task.test_docs()) > 0
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
 
-    again = run_cli(
-        "eval", "--data", data, "--teacher", tiny_model_dir, f"copy={tiny_model_dir}", "--out", tmp_path / "a"
+    again = distillery(
+        "eval",
+        "--data",
+        data,
+        "--teacher",
+        tiny_model_dir,
+        f"copy={tiny_model_dir}",
+        "--out",
+        tmp_path / "a",
+        timeout=300,
     )
     assert again.returncode == 0 and "nothing to do" in again.stderr
-    other = run_cli("eval", "--data", data, "--teacher", tiny_model_dir, "--out", tmp_path / "b", "--quiet")
+    other = distillery(
+        "eval", "--data", data, "--teacher", tiny_model_dir, "--out", tmp_path / "b", "--quiet", timeout=300
+    )
     assert other.returncode == 0 and "teacher: reusing" in other.stderr
     assert read_json(tmp_path / "b" / "eval.json")["models"]["teacher"]["domains"] == teacher["domains"]
 
-    not_a_model = run_cli("eval", "--data", data, tmp_path / "a", "--out", tmp_path / "c")
+    not_a_model = distillery("eval", "--data", data, tmp_path / "a", "--out", tmp_path / "c", timeout=300)
     message = " ".join(not_a_model.stderr.split())
     assert not_a_model.returncode == 2 and "Traceback" not in not_a_model.stderr
     assert f"{tmp_path / 'a'} is neither a Hugging Face model directory" in message
@@ -168,38 +168,14 @@ def test_eval_cli_writes_eval_json_reuses_the_teacher_and_refuses_bad_input(
 
 def test_report_without_metrics_is_a_named_error(tmp_path):
     (tmp_path / "run").mkdir()
-    result = run_cli("report", tmp_path / "run")
+    result = distillery("report", tmp_path / "run", timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "metrics.jsonl: no metrics file" in " ".join(result.stderr.split())
 
 
-def test_a_tensor_parallel_checkpoint_scores_like_its_hf_model(tmp_path, prepared_small, tiny_model_dir):
-    from distill.atomic import read_json
-
-    imported = run_cli(
-        "launch", "--nproc", "2", "--", "import", tiny_model_dir, tmp_path / "ckpt", "--tp", "2"
-    )
-    assert imported.returncode == 0, imported.stderr
-    data = prepared_small["data"]["dir"]
-    result = run_cli(
-        "eval",
-        "--data",
-        data,
-        f"hf={tiny_model_dir}",
-        f"tp2={tmp_path / 'ckpt'}",
-        "--out",
-        tmp_path / "e",
-        "--quiet",
-    )
-    assert result.returncode == 0, result.stderr
-    models = read_json(tmp_path / "e" / "eval.json")["models"]
-    for domain, scores in models["hf"]["domains"].items():
-        assert math.isclose(models["tp2"]["domains"][domain]["ce"], scores["ce"], rel_tol=1e-5)
-
-
 def tiny_llama(out: Path, tokenizer: Path, vocab_size: int) -> Path:
     """A tiny random HF Llama over `tokenizer` (as `tiny_model_dir`, another vocabulary)."""
-    return conftest.tiny_llama(out, tokenizer, vocab_size, seed=1)
+    return helpers.tiny_llama(out, tokenizer, vocab_size, seed=1)
 
 
 @pytest.fixture(scope="module")

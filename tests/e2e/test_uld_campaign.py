@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,11 +24,19 @@ from distill.errors import DataError
 from distill.losses.uld import VocabMatch
 from distill.teacher.aligned import usable_match, vocab_match
 from parallel.vocab import VocabShard
-from tests.conftest import REPO, TINY_STUDENT_ARCH, prepare_tree, stdlib_texts, tiny_llama, write_config
+from tests.helpers import (
+    TINY_STUDENT_ARCH,
+    distillery,
+    prepare_tree,
+    stdlib_texts,
+    tiny_llama,
+    training_section,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 TEACHER_VOCAB = 960
-CACHE_TOLERANCE = 2e-3  # quantized cached log-probs (see tests/test_distill.py)
+CACHE_TOLERANCE = 2e-3  # quantized cached log-probs (see tests/distributed/test_distill.py)
 SPAN_TOLERANCE = 5e-3  # float16 target log-probs (~5e-4 relative each), summed over a span's teacher tokens
 
 
@@ -49,14 +55,7 @@ def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_
             "arch": TINY_STUDENT_ARCH,
             "init_dir": str(run / "student_init"),
         },
-        training={
-            "steps": 3,
-            "global_batch": 4,
-            "micro_batch": 2,
-            "lr": 3e-3,
-            "log_interval": 1,
-            "eval_sequences": 2,
-        },
+        training=training_section(),
         checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
         logging={"metrics": "${run.dir}/metrics.jsonl"},
         teacher={"path": str(teacher), "micro_batch": 4, "seq_len": 48, **teacher_keys},
@@ -64,12 +63,6 @@ def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_
         loss={"weights": {"ce": 1.0, "uld": 1.5, "span": 1.0}, "uld": {"top_m": 1024}},
     )
     return tree
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
 
 
 def step_records(run: Path) -> list[dict]:
@@ -94,7 +87,7 @@ def work(tmp_path_factory, small_corpus, tokenizer_dir, teacher_dir) -> Path:
         ("train", "cached.yaml"),
         ("train", "online.yaml"),
     ):
-        done = cli(args[0], str(work / args[1]))
+        done = distillery(args[0], str(work / args[1]))
         assert done.returncode == 0, (args, done.stderr[-4000:])
     return work
 
@@ -132,7 +125,7 @@ def test_uld_with_a_same_tokenizer_teacher_says_plain_kd_applies(work, prepared_
     uld = campaign(work / "same", Path("/unused"), Path("/unused"), tiny_model_dir)
     tree.update({k: v for k, v in uld.items() if k not in ("run", "data", "cache")})
     tree["teacher"]["mode"] = "online"
-    done = cli("train", str(write_config(work / "same.yaml", tree)))
+    done = distillery("train", str(write_config(work / "same.yaml", tree)))
     assert done.returncode != 0
     said = " ".join(done.stderr.split())  # messages are wrapped
     assert "plain KD applies" in said and "loss.weights.uld" in said
@@ -142,8 +135,8 @@ def test_a_cache_built_over_another_pairing_is_refused(work, small_corpus, token
     tree = campaign(work / "other", small_corpus, tokenizer_dir, teacher_dir, seq_len=40)
     tree["cache"]["dir"] = str(work / "run" / "cache")  # built over teacher sequences of 48 tokens
     path = write_config(work / "other.yaml", tree)
-    assert cli("prepare", str(path)).returncode == 0
-    done = cli("train", str(path))
+    assert distillery("prepare", str(path)).returncode == 0
+    done = distillery("train", str(path))
     assert done.returncode != 0
     said = " ".join(done.stderr.split())  # messages are wrapped
     assert "built over another pairing" in said and "teacher_seq_len 40" in said

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import distributed
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SOURCES = [
     p for package in ("distill", "parallel", "launcher") for p in sorted((REPO / package).rglob("*.py"))

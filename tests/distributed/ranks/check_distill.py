@@ -2,8 +2,8 @@
 
 argv: OUT_DIR WORK_DIR. WORK_DIR holds `online.yaml` (teacher.mode online), `cached.yaml` (top-k cache
 with k = V), `sampled.yaml` (RS-KD cache), all over the same data, student and teacher; the caches are
-built by `tests/test_distill.py` before the launch. Every run trains a few steps from the same initial
-student; the report has the per-step losses, term means and TAID's tau.
+built by `tests/distributed/test_distill.py` before the launch. Every run trains a few steps from the
+same initial student; the report has the per-step losses, term means and TAID's tau.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from distill.data.tokenizer import (
     load_tokenizer,
 )
 from distill.errors import ConfigError, DataError, OutputExistsError
-from tests.conftest import prepare_tree, stdlib_texts, write_config
+from tests.helpers import prepare_tree, stdlib_texts, write_config
 
 
 def test_trained_tokenizer_loads_with_autotokenizer_and_round_trips(tokenizer_dir):

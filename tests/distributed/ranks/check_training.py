@@ -2,8 +2,9 @@
 
 argv: OUT_DIR WORK_DIR LAYOUTS... where a layout is `tp,pp` (dp follows from the world size) or
 `resume:tp,pp>tp,pp` (train to the end at the first layout with a checkpoint half-way, then resume
-from that checkpoint at the second layout), optionally with `@bf16` for bf16 weights. The shared fixtures (tokenizer, prepared data, tiny HF
-Llama) are built by `tests/test_training.py` before the launch.
+from that checkpoint at the second layout), optionally with `@bf16` for bf16 weights. The shared
+fixtures (tokenizer, prepared data, tiny HF Llama) are built by `tests/distributed/test_training.py`
+before the launch.
 """
 
 from __future__ import annotations

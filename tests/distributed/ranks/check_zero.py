@@ -1,4 +1,4 @@
-"""The DeepSpeed ZeRO engine on real gloo processes (see tests/test_zero_engine.py).
+"""The DeepSpeed ZeRO engine on real gloo processes (see tests/distributed/test_zero_engine.py).
 
 argv: OUT_DIR WORK_DIR. WORK_DIR holds `cached.yaml` (top-k cache with k = V) and `online.yaml` over the
 same data, student initialisation and teacher. Launched once with 1 rank and once with 2: each launch

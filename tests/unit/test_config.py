@@ -6,7 +6,7 @@ import yaml
 
 from distill.config import CampaignConfig, config_to_yaml, load_config
 from distill.errors import ConfigError, DataError
-from tests.conftest import REPO, write_config
+from tests.helpers import REPO, training_section, write_config
 
 ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -118,7 +118,7 @@ def training_tree(tmp_path: Path) -> dict:
     tree = minimal(tmp_path)
     tree.update(
         student={"init": str(tmp_path / "student")},
-        training={"steps": 10, "global_batch": 4, "micro_batch": 2, "lr": 1e-3},
+        training=training_section(steps=10, lr=1e-3, log_interval=None, eval_sequences=None),
         checkpoint={"dir": "${run.dir}/ckpt"},
         logging={"metrics": "${run.dir}/m.jsonl"},
     )

@@ -18,7 +18,7 @@ from distill.stop import StopRequest
 from launcher.cli import main
 from launcher.slurm.jobs import campaign_jobs
 from launcher.slurm.render import render_job
-from tests.conftest import REPO, write_config
+from tests.helpers import REPO, write_config
 
 CLUSTER = REPO / "configs" / "cluster_8b_to_1b.yaml"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from distill.config.schema import SourceConfig
 from distill.data.sources.records import RecordPolicy
 from distill.data.sources.resolve import open_documents, resolve_source
 from distill.errors import DataError
-from tests.conftest import REPO, stdlib_texts, write_config
-from tests.test_prepare import kill_after_progress, run_prepare, store_bytes
+from tests.helpers import distillery, stdlib_texts, write_config
+from tests.unit.test_prepare import kill_after_progress, run_prepare, store_bytes
 
 GOOD = [t[:3000] for t in stdlib_texts(6, start=10)]
 LIMIT = 4096
@@ -171,7 +170,7 @@ def test_relative_names_identify_moved_files(tmp_path):
 
 
 def _messy_prepare_tree(tmp_path: Path, corpus: Path, tokenizer: Path, **data) -> dict:
-    from tests.conftest import prepare_tree
+    from tests.helpers import prepare_tree
 
     messy = _messy(tmp_path / "messy", PREPARE_LIMIT)
     tree = prepare_tree(
@@ -194,9 +193,7 @@ def test_prepare_error_mode_exits_2_naming_the_line_and_leaves_nothing_that_look
     tree = _messy_prepare_tree(tmp_path, small_corpus, tokenizer_dir)
     tree["data"]["on_bad_record"] = "error"
     path = write_config(tmp_path / "error.yaml", tree)
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher", "prepare", str(path)], cwd=REPO, capture_output=True, text=True
-    )
+    result = distillery("prepare", path, timeout=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "messy/a.jsonl:2: not JSON" in " ".join(result.stderr.split())
     assert not (tmp_path / "run" / "prepared" / "manifest.json").exists()
@@ -210,12 +207,7 @@ def test_skip_mode_prepare_counts_in_the_manifest_and_a_kill_resumes_byte_identi
     reference = write_config(
         tmp_path / "reference.yaml", {**tree, "data": {**tree["data"], "dir": str(tmp_path / "ref")}}
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher", "prepare", str(reference)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    result = distillery("prepare", reference, timeout=None)
     assert result.returncode == 0, result.stderr
     assert "data.domains.code.sources[1]: skipped 3 of 8 records" in result.stderr
     manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
@@ -229,7 +221,7 @@ def test_skip_mode_prepare_counts_in_the_manifest_and_a_kill_resumes_byte_identi
     out = tmp_path / "run" / "prepared"
     command = [sys.executable, "-m", "launcher", "prepare", str(path)]
     kill_after_progress(command, out)
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = distillery(*command[3:], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after" in resumed.stderr
     assert store_bytes(out) == store_bytes(tmp_path / "ref")

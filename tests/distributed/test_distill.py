@@ -1,4 +1,4 @@
-"""Distillation training end to end on real gloo processes (see tests/distributed/check_distill.py).
+"""Distillation training end to end on real gloo processes (see tests/distributed/ranks/check_distill.py).
 
 - online forward KL equals cached top-k with k = V (same teacher, same data), within the cache's
   quantization; both are the same at tp1, tp2 and pp2;
@@ -10,14 +10,12 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_STUDENT_ARCH, write_config
 from tests.distributed import run_ranks
+from tests.helpers import TINY_STUDENT_ARCH, distillery, training_section, write_config
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -35,14 +33,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
             "arch": TINY_STUDENT_ARCH,
             "init_dir": str(work / "student_init"),
         },
-        training={
-            "steps": STEPS,
-            "global_batch": 4,
-            "micro_batch": 2,
-            "lr": 3e-3,
-            "log_interval": 1,
-            "eval_sequences": 2,
-        },
+        training=training_section(steps=STEPS),
         checkpoint={"dir": "${run.dir}/checkpoints", "interval": 100},
         logging={"metrics": "${run.dir}/metrics.jsonl"},
         teacher={"path": str(tiny_model_dir), "micro_batch": 4},
@@ -57,13 +48,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
         cached = copy.deepcopy(tree)
         cached["cache"] = {"dir": str(work / f"cache_{name}"), "sequences_per_shard": 64, **cache}
         write_config(work / f"{name}.yaml", cached)
-        built = subprocess.run(
-            [sys.executable, "-m", "launcher", "cache", str(work / f"{name}.yaml")],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        built = distillery("cache", work / f"{name}.yaml")
         assert built.returncode == 0, built.stderr[-3000:]
     return work
 

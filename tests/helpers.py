@@ -1,0 +1,133 @@
+"""What the tests share besides fixtures (those are in conftest.py): paths, real text, config trees,
+a tiny HF model, the `distillery` CLI in a subprocess, a directory's bytes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import yaml
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+REPO = Path(__file__).resolve().parents[1]
+# `student.arch` of the tiny sized students the distributed training tests start from
+TINY_STUDENT_ARCH = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "ffn_hidden_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
+def stdlib_texts(count: int, start: int = 0) -> list[str]:
+    """Real, varied text: whole Python standard library modules, in a fixed order."""
+    files = sorted(p for p in STDLIB.glob("*.py") if p.stat().st_size > 2000)
+    return [f.read_text(encoding="utf-8") for f in files[start : start + count]]
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def prepare_tree(run_dir: Path, corpus: Path, tokenizer: Path, **data: object) -> dict:
+    """A minimal campaign config tree over `small_corpus`; `data` overrides keys of the data section."""
+    section = {
+        "tokenizer": {"path": str(tokenizer)},
+        "seq_len": 64,
+        "heldout_sequences": 6,
+        "heldout_fraction": 0.2,
+        "dir": str(run_dir / "prepared"),
+        "workers": 2,
+        "batch_chars": 20000,
+        "checkpoint_seconds": 0,
+        "domains": {
+            "code": {"sources": [{"files": str(corpus / "code" / "*.jsonl")}]},
+            "prose": {"sources": [{"files": str(corpus / "prose" / "*.txt")}]},
+        },
+    }
+    section.update(data)
+    return {"run": {"name": "test", "dir": str(run_dir)}, "data": section}
+
+
+def training_section(**overrides: object) -> dict:
+    """The `training` section of the tests' tiny runs: 3 steps of 4 sequences in micro-batches of 2 at
+    lr 3e-3, a metrics record every step, 2 held-out sequences per domain in each evaluation.
+    `overrides` set keys (a new one goes last); a key set to None is left out (its default applies)."""
+    section = {
+        "steps": 3,
+        "global_batch": 4,
+        "micro_batch": 2,
+        "lr": 3e-3,
+        "log_interval": 1,
+        "eval_sequences": 2,
+    }
+    section.update(overrides)
+    return {key: value for key, value in section.items() if value is not None}
+
+
+def tiny_llama(
+    out: Path,
+    tokenizer: Path,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    max_positions: int = 64,
+) -> Path:
+    """A tiny random HF Llama (2 layers, tied embeddings) over `tokenizer`, saved at `out`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.tokenizer_files import copy_tokenizer_files
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    copy_tokenizer_files(tokenizer, out)
+    return out
+
+
+def distillery(
+    *args: str | Path, cwd: Path = REPO, timeout: float | None = 600, **kwargs: object
+) -> subprocess.CompletedProcess:
+    """`distillery ARGS...` (`python -m launcher`) in a subprocess, its stdout and stderr captured as
+    text; `kwargs` go to `subprocess.run` (`env=...`). timeout=None waits for as long as it takes."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def tree_bytes(
+    root: Path, *, skip: tuple[str, ...] = (), directories: bool = False
+) -> dict[str, bytes | None]:
+    """Every file below `root`, dotfiles included, as its bytes by path relative to `root`; with
+    `directories`, every other path too (a directory) as None. Paths whose name is in `skip` are left out."""
+    found: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        if path.name in skip:
+            continue
+        if path.is_file():
+            found[str(path.relative_to(root))] = path.read_bytes()
+        elif directories:
+            found[str(path.relative_to(root))] = None
+    return found

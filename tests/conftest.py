@@ -14,14 +14,24 @@ import pytest
 from tests.helpers import prepare_tree, stdlib_texts, tiny_llama, write_config
 
 HERE = Path(__file__).resolve().parent
-SLOW_DIRECTORIES = (HERE / "distributed", HERE / "e2e")
+SLOW_DIRECTORIES = (HERE / "e2e", HERE / "distributed")  # in the order they run
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the distributed and end-to-end tests slow, and run them first: with two workers
+    (`-n 2 --dist loadscope`, each module on one worker) the long modules then start at once instead of
+    one of them starting when the other worker has nearly finished."""
     for item in items:
         if any(item.path.resolve().is_relative_to(directory) for directory in SLOW_DIRECTORIES):
             item.add_marker(pytest.mark.slow)
+    order = {directory: rank for rank, directory in enumerate(SLOW_DIRECTORIES)}
+
+    def rank(item: pytest.Item) -> int:
+        path = item.path.resolve()
+        return next((r for d, r in order.items() if path.is_relative_to(d)), len(order))
+
+    items.sort(key=rank)  # stable: the collection order within each directory
 
 
 @pytest.fixture(scope="session")

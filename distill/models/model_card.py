@@ -11,6 +11,7 @@ it again with the held-out bits per byte of the student, its teacher and the CE-
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ def named(reference: str | None, sha256: str | None) -> str:
         return f"`{reference.removeprefix('hf://')}`"
     digest = f" (sha256 {sha256[:16]})" if sha256 else ""
     return f"`{Path(reference).name}`{digest}"
+
+
+def _without_paths(text: str) -> str:
+    """`text` with each absolute path cut to its last two components (`cache /scratch/alice/run/cache
+    (sampled)` -> `cache run/cache (sampled)`): a card shows no path of the machine that trained it."""
+    return re.sub(r"(?<![\w.])/[^\s(),]+", lambda m: "/".join(Path(m.group(0)).parts[-2:]), text)
 
 
 def _weights_text(weights: dict[str, float]) -> str:
@@ -149,7 +156,7 @@ def render_model_card(
             f"- model: {named(teacher['path'], teacher.get('sha256'))}",
             f"- parameters: {teacher['parameters']:,}",
             f"- fingerprint (sha256 of config and weights): {teacher.get('sha256', 'not recorded')}",
-            f"- signal: {teacher.get('signal', teacher.get('mode'))}",
+            f"- signal: {_without_paths(str(teacher.get('signal', teacher.get('mode'))))}",
         ]
     else:
         lines.append("- none: this model was trained on next-token cross-entropy only")

@@ -166,9 +166,15 @@ def test_model_card_names_models_by_hub_id_or_name_and_hash_never_by_path():
         "provenance": {
             "config": {"data": {"tokenizer": {"path": "/home/me/tok"}}, "export": {"hub_id": "me/student"}},
             "data": {"tokenizer_sha256": "f" * 64},
-            "teacher": {"path": "/home/me/teacher", "parameters": 10, "sha256": "e" * 64, "signal": "top-k"},
+            "teacher": {
+                "path": "/home/me/teacher",
+                "parameters": 10,
+                "sha256": "e" * 64,
+                "signal": "cache /home/me/run/cache (top-k)",
+            },
         }
     }
     card = render_model_card(arch, state, name="s", location="me/student")
     assert "/home/me" not in card and "`teacher` (sha256 eeeeeeeeeeeeeeee)" in card
+    assert "- signal: cache run/cache (top-k)" in card
     assert "`tok` (sha256 ffffffffffffffff)" in card and 'from_pretrained("me/student")' in card

@@ -144,8 +144,13 @@ def load_checkpoint(
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     layout = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}
-    rng = _read_rng_file(Path(path) / "rng" / f"rank_{ctx.rank:05d}")
-    if meta["layout"] == layout and rng is not None:
+    if meta["layout"] == layout:  # every save writes each rank's RNG state: a missing one is damage
+        rng = _read_rng_file(Path(path) / "rng" / f"rank_{ctx.rank:05d}")
+        if rng is None:
+            raise DataError(
+                f"checkpoint {path} has no RNG state for rank {ctx.rank} (rng/rank_{ctx.rank:05d}.safetensors): "
+                "it is damaged; resume from an earlier checkpoint, or start from its weights (student.init)"
+            )
         _set_rng_state(rng)
     state_file = Path(path) / TRAINING_STATE
     training_state = read_json(state_file) if state_file.is_file() else {}

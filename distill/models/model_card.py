@@ -46,9 +46,9 @@ def _front_matter(config: dict[str, Any]) -> str:
 
 
 def named(reference: str | None, sha256: str | None) -> str:
-    """How the card names a model or tokenizer: a hub id as it is (`org/name`, from `hf://org/name@rev`);
-    a local directory by its name and content hash only, since a card pushed to a hub must not show
-    strangers a path on the machine that trained it."""
+    """How the card names a model or tokenizer: a hub id as written after `hf://` (`org/name`, or
+    `org/name@rev` with its revision); a local directory by its name and content hash only, since a card
+    pushed to a hub must not show strangers a path on the machine that trained it."""
     if not reference:
         return "not recorded"
     if reference.startswith("hf://"):

@@ -18,6 +18,10 @@ Everything is reversible (`restore()`), and `apply()` is a no-op on a CUDA machi
 runs unmodified. `tests/unit/test_cpu_compat.py` shows each piece failing without the layer and working
 with it.
 
+`apply()` also imports megatron-core with `torch.compile` standing in as the identity decorator: at import
+megatron-core wraps its fused kernels in `torch.compile` (`megatron.core.jit.jit_fuser`), which loads
+TorchInductor (~2 s per process here) for kernels a CPU run never calls; they stay plain eager functions.
+
 `apply()` also silences the warnings megatron-core prints on every CPU run that say only "there is no
 GPU stack here" (`KNOWN_CPU_WARNINGS`: each its exact message and emitting module). It installs them
 before it first imports megatron-core, because several are printed at import time. They stay installed
@@ -131,6 +135,7 @@ def apply() -> None:
     quiet_known_warnings()
     if applied():
         return
+    _import_megatron_without_compile()
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -156,6 +161,25 @@ def apply() -> None:
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_here)  # type: ignore[method-assign]
     _mode = _CudaDeviceToCpu()
     _mode.__enter__()
+
+
+def _eager(model: Any = None, **_options: Any) -> Any:
+    """`torch.compile`'s two call forms, compiling nothing: `compile(fn)` and `compile(**options)(fn)`."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def _import_megatron_without_compile() -> None:
+    """Import megatron-core with `torch.compile` as `_eager` (its jit fuser keeps the identity for good)."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = _eager  # type: ignore[assignment]
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_  # type: ignore[assignment]
 
 
 def restore() -> None:

@@ -29,7 +29,8 @@ CONFIG = "configs/demo.yaml"
 # the shrunk campaign of the rehearsal: every stage, seconds each (tests/e2e/test_gpu_kit.py checks its
 # hand-off)
 REHEARSAL_OVERRIDES = (
-    "data.demo_corpus.max_bytes_per_domain=60000",
+    "data.demo_corpus.max_bytes_per_domain=24000",
+    "data.demo_corpus.max_doc_chars=4000",
     "data.seq_len=64",
     "training.steps=4",
     "training.warmup_steps=1",

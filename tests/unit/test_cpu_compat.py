@@ -199,3 +199,29 @@ def test_checkpoint_writes_fork_no_process_with_the_layer(tmp_path, monkeypatch)
         assert not forked and torch.equal(loaded["w"], weight)
     finally:
         dist.destroy_process_group()
+
+
+def test_megatron_is_imported_without_loading_torch_inductor():
+    """megatron-core wraps its fused kernels in `torch.compile` at import; a fresh process that imports it
+    plainly loads TorchInductor, one that imports it through `apply()` does not, and gets `torch.compile`
+    back unchanged."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "compile_ = torch.compile\n"
+        "{how}\n"
+        "import megatron.core.jit as jit\n"
+        "print('torch._inductor.compile_fx' in sys.modules, jit.jit_fuser is compile_, torch.compile is compile_)\n"
+    )
+
+    def run(how: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", probe.format(how=how)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert run("import megatron.core") == ["True", "True", "True"]
+    assert run("from parallel import cpu_compat; cpu_compat.apply()") == ["False", "False", "True"]

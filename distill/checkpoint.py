@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from distill.atomic import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from distill.errors import DataError
+from distill.hub import HubModel, ModelLocation, local_dir
 from distill.tokenizer_files import copy_tokenizer_files
 
 LATEST = "latest"
@@ -128,9 +129,11 @@ def commit_save(
     return final
 
 
-def tokenizer_dir_of(path: Path) -> Path:
-    """Where the tokenizer of the model at `path` is: an HF directory itself; a checkpoint's copy
-    (`tokenizer/`; a DeepSpeed engine's checkpoint: the HF directory it holds, `hf/`)."""
+def tokenizer_dir_of(path: ModelLocation) -> Path:
+    """Where the tokenizer of the model at `path` is: an HF directory itself (a hub id: its snapshot); a
+    checkpoint's copy (`tokenizer/`; a DeepSpeed engine's checkpoint: the HF directory it holds, `hf/`)."""
+    if isinstance(path, HubModel):
+        return local_dir(path, weights=False)
     path = Path(path)
     if (path / "config.json").is_file():
         return path

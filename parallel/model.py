@@ -1,9 +1,10 @@
 """megatron-core `GPTModel` for the Llama family, described by a Hugging Face config.
 
 `ModelArch` is the architecture in the terms both sides share (hidden size, heads, key/value groups,
-RoPE theta, tied embeddings, qkv bias ...), read from an HF `config.json` of type llama, mistral or
-qwen2, or written directly for a student defined by size. `build_gpt` turns it into this rank's slice
-of a megatron-core GPTModel (local layer spec: RMSNorm, SwiGLU, RoPE, grouped-query attention), with
+RoPE theta, tied embeddings, qkv bias ...), read from an HF `config.json` of type llama, mistral,
+qwen2 or qwen3, or written directly for a student defined by size. `build_gpt` turns it into this rank's slice
+of a megatron-core GPTModel (local layer spec: RMSNorm, SwiGLU, RoPE, grouped-query attention, and Qwen3's per-head RMSNorm
+of queries and keys), with
 the layers of this pipeline stage only and the vocabulary split over tensor-parallel ranks.
 """
 
@@ -17,7 +18,7 @@ import torch
 from parallel.dims import ParallelDims
 from parallel.errors import ParallelConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -37,6 +38,7 @@ class ModelArch:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3's q_norm / k_norm)
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
@@ -51,7 +53,13 @@ class ModelArch:
                 f"hidden_act {config['hidden_act']!r}: only SwiGLU (silu) models are supported"
             )
         if config.get("mlp_bias") or config.get("attention_bias") and model_type != "qwen2":
-            raise ParallelConfigError("attention_bias / mlp_bias on a llama-type model are not supported")
+            raise ParallelConfigError(
+                f"attention_bias / mlp_bias on a {model_type} model are not supported (no released one has them)"
+            )
+        if config.get("use_sliding_window"):
+            raise ParallelConfigError(
+                "use_sliding_window: true is not supported (sliding-window attention is not mapped)"
+            )
         heads = config["num_attention_heads"]
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
@@ -78,6 +86,7 @@ class ModelArch:
             rms_norm_eps=config.get("rms_norm_eps", 1e-5),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
         )
 
     def to_hf_config(self, **extra: Any) -> dict[str, Any]:
@@ -86,6 +95,7 @@ class ModelArch:
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
         }
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_llama3_factor is not None:
@@ -108,6 +118,8 @@ class ModelArch:
         }
         if self.model_type == "llama":
             config.update(attention_bias=False, mlp_bias=False)
+        if self.model_type == "qwen3":
+            config.update(attention_bias=False, use_sliding_window=False)
         return {**config, **extra}
 
     def to_json(self) -> dict[str, Any]:
@@ -123,8 +135,11 @@ class ModelArch:
             self.hidden_size * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
         )
         mlp = 3 * self.hidden_size * self.ffn_hidden_size
+        qk_norms = 2 * self.head_dim if self.qk_norm else 0
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embeddings + self.hidden_size
+        return (
+            self.num_layers * (attn + mlp + qk_norms + 2 * self.hidden_size) + embeddings + self.hidden_size
+        )
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -153,6 +168,7 @@ def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) 
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,  # also makes finalize_model_grads sum their grads over tp
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=dims.tp,
@@ -189,7 +205,7 @@ def build_gpt(
     )
     model = GPTModel(
         config=transformer_config(arch, dims, dtype),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pp_rank == 0,

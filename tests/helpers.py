@@ -21,6 +21,8 @@ TINY_STUDENT_ARCH = {
     "ffn_hidden_size": 64,
     "max_position_embeddings": 64,
 }
+# a Qwen3-style student: per-head q/k norms and a head_dim that is not hidden_size / heads (8)
+TINY_QWEN3_STUDENT_ARCH = {**TINY_STUDENT_ARCH, "model_type": "qwen3", "head_dim": 16}
 
 
 def stdlib_texts(count: int, start: int = 0) -> list[str]:
@@ -98,6 +100,37 @@ def tiny_llama(
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(out)
+    copy_tokenizer_files(tokenizer, out)
+    return out
+
+
+def tiny_qwen3(out: Path, tokenizer: Path, vocab_size: int, *, seed: int = 0) -> Path:
+    """A tiny random HF Qwen3 (2 layers, tied embeddings, head_dim 32 over hidden size 64) over
+    `tokenizer`, saved at `out`; its q/k norm weights are perturbed from their init of 1, so a model
+    that dropped them would compute something else."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from distill.tokenizer_files import copy_tokenizer_files
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    model.save_pretrained(out)
     copy_tokenizer_files(tokenizer, out)
     return out
 

@@ -47,6 +47,7 @@ from distill.config import CampaignConfig
 from distill.data.prepared import SPLITS, PreparedData
 from distill.engine import TeacherJob, teacher_job
 from distill.errors import DataError
+from distill.hub import hub_record
 from distill.messages import say
 from distill.models.teacher import open_teacher
 from distill.models.weights import directory_sha256
@@ -280,7 +281,11 @@ class CacheWriter:
             "version": VERSION,
             "spec": self.spec,
             "layout": layout,
-            "teacher": {"path": str(self.config.teacher.path), "arch": self.arch.to_json()},
+            "teacher": {
+                "path": str(self.config.teacher.path),
+                **({"hub": hub} if (hub := hub_record(self.config.teacher.path)) else {}),
+                "arch": self.arch.to_json(),
+            },
             "prepared": {"dir": str(self.data.directory)},
             "positions": positions,
             "bytes": total_bytes,

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.config.base import AbsPath, Section
+from distill.config.base import AbsPath, ModelPath, Section
+from distill.config.hub_id import HubModel
 
 # The demo corpus's domains (built by distill/data/corpus/build.py); defined here so that the config package
 # imports nothing else of `distill`.
@@ -60,11 +61,22 @@ class TokenizerTrainConfig(Section):
 
 
 class TokenizerConfig(Section):
-    path: AbsPath = Field(description="A Hugging Face tokenizer directory (AutoTokenizer.from_pretrained).")
+    path: ModelPath = Field(
+        description="A Hugging Face tokenizer directory (AutoTokenizer.from_pretrained), or a hub id "
+        "(hf://org/name[@revision]) whose tokenizer files are read."
+    )
     train: TokenizerTrainConfig | None = Field(
         default=None,
         description="If set, the tokenizer stage trains one into `path`; otherwise `path` must exist.",
     )
+
+    @model_validator(mode="after")
+    def _trains_into_a_directory(self) -> TokenizerConfig:
+        if self.train is not None and isinstance(self.path, HubModel):
+            raise ValueError(
+                f"`train` writes a tokenizer into `path`, which must be a directory, not {self.path}"
+            )
+        return self
 
 
 class SourceConfig(Section):

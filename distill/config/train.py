@@ -7,17 +7,23 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distill.config.base import AbsPath, Section
+from distill.config.base import AbsPath, ModelPath, Section
 
 
 class StudentArchConfig(Section):
-    """A student defined by size (Llama-family); the vocabulary comes from the campaign's tokenizer."""
+    """A student defined by size (Llama family or Qwen3); the vocabulary comes from the campaign's tokenizer."""
 
-    model_type: Literal["llama", "qwen2", "mistral"] = "llama"
+    model_type: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
     hidden_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
     num_attention_heads: int = Field(gt=0)
     num_key_value_heads: int | None = Field(default=None, gt=0)
+    head_dim: int | None = Field(
+        default=None,
+        gt=0,
+        description="Channels per attention head (default hidden_size / num_attention_heads; Qwen3 sets "
+        "it explicitly, e.g. 128).",
+    )
     ffn_hidden_size: int = Field(gt=0)
     max_position_embeddings: int = Field(default=4096, gt=0)
     rope_theta: float = Field(default=10000.0, gt=0)
@@ -27,9 +33,10 @@ class StudentArchConfig(Section):
     @model_validator(mode="after")
     def _heads_divide(self) -> StudentArchConfig:
         kv = self.num_key_value_heads or self.num_attention_heads
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads} "
+                "(or set head_dim)"
             )
         if self.num_attention_heads % kv:
             raise ValueError(
@@ -41,8 +48,9 @@ class StudentArchConfig(Section):
 class StudentConfig(Section):
     """Where the student starts: an HF checkpoint (`init`), or random weights of `arch` (seeded)."""
 
-    init: AbsPath | None = Field(
-        default=None, description="HF model directory or distillery checkpoint to start from."
+    init: ModelPath | None = Field(
+        default=None,
+        description="HF model directory, hub id (hf://org/name[@revision]) or distillery checkpoint to start from.",
     )
     arch: StudentArchConfig | None = None
     init_dir: AbsPath | None = Field(
@@ -158,14 +166,15 @@ class ExportConfig(Section):
 
 
 class TeacherConfig(Section):
-    """The teacher: an HF directory (Llama/Mistral/Qwen2) or a distillery checkpoint.
+    """The teacher: an HF directory or hub id (`hf://org/name[@revision]`; Llama, Mistral, Qwen2, Qwen3),
+    or a distillery checkpoint.
 
     `mode: cached` (default): `distillery cache` runs it once, at its own `parallel` layout, and training
     reads the cache. `mode: online`: it runs live inside the training job, sharded with the student's
     tp/pp (each pipeline stage holds its slice of both), without gradients.
     """
 
-    path: AbsPath
+    path: ModelPath
     mode: Literal["cached", "online"] = "cached"
     parallel: ParallelConfig | None = Field(
         default=None,
@@ -178,9 +187,9 @@ class TeacherConfig(Section):
     )
     micro_batch: int = Field(default=8, gt=0, description="Sequences per teacher forward pass.")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    tokenizer: AbsPath | None = Field(
+    tokenizer: ModelPath | None = Field(
         default=None,
-        description="The teacher's tokenizer directory (default: the one in teacher.path). When it is not the "
+        description="The teacher's tokenizer directory or hub id (default: the one in teacher.path). When it is not the "
         "data's, prepare also stores each sequence in the teacher's tokens (for ULD).",
     )
     seq_len: int | None = Field(

@@ -25,6 +25,7 @@ from distill.config.schema import DataConfig
 from distill.data.sources.records import policy_of
 from distill.data.sources.resolve import iter_documents, resolve_source
 from distill.errors import DataError
+from distill.hub import ModelLocation, local_dir
 from distill.messages import say
 from distill.stage import StageOutput, Status
 
@@ -54,11 +55,12 @@ class TokenizerInfo:
     sha256: str
 
 
-def load_tokenizer(path: Path) -> TokenizerInfo:
-    """Load a local HF tokenizer directory; fail with the reason if it is unusable for packing."""
+def load_tokenizer(path: ModelLocation) -> TokenizerInfo:
+    """Load an HF tokenizer directory (a hub id: its snapshot's tokenizer files); fail with the reason if
+    it is unusable for packing."""
     from transformers import AutoTokenizer  # heavy import, only where needed
 
-    path = Path(path)
+    path = local_dir(path, weights=False)
     if not path.is_dir():
         raise DataError(f"tokenizer directory {path} does not exist")
     try:

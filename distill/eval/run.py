@@ -29,6 +29,7 @@ from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.eval.score import find_data_tokenizer, model_weights, score_model
 from distill.eval.text import heldout_documents
 from distill.eval_table import format_table
+from distill.hub import ModelLocation
 from distill.messages import say
 from distill.models.weights import directory_sha256
 from distill.stage import StageOutput, Status
@@ -48,7 +49,7 @@ LM_EVAL_METRICS = (
 @dataclass(frozen=True)
 class ModelToEval:
     name: str  # the column in the table ("teacher", "student", ...)
-    path: Path
+    path: ModelLocation  # a directory, checkpoint or hub id
     reused: bool = False  # a teacher: its numbers are kept beside the prepared data
 
 

@@ -35,6 +35,7 @@ from distill.data.tokenizer import TokenizerInfo, load_tokenizer
 from distill.errors import DataError
 from distill.eval.text import Document, heldout_documents
 from distill.eval.windows import Window, rolling_windows
+from distill.hub import HubModel, ModelLocation
 from distill.messages import say
 from distill.models.weights import Weights, find_weights
 
@@ -69,8 +70,11 @@ class Tally:
         }
 
 
-def model_weights(path: Path) -> Weights:
-    """The weights at `path`, or an error saying what a model path must be."""
+def model_weights(path: ModelLocation) -> Weights:
+    """The weights at `path` (a directory, checkpoint or hub id), or an error saying what a model path must
+    be."""
+    if isinstance(path, HubModel):
+        return find_weights(path)
     path = Path(path)
     if not path.exists():
         raise DataError(f"model {path} does not exist")
@@ -184,7 +188,7 @@ def score_documents(
 
 
 def score_model(
-    path: Path,
+    path: ModelLocation,
     data: PreparedData,
     *,
     sequences: int,
@@ -200,7 +204,7 @@ def score_model(
     what warnings and the progress bar call the model."""
     from distill.engine.megatron.convert import load_as_hf
 
-    name = name or Path(path).name
+    name = name or Path(str(path)).name
     info = load_tokenizer(model_weights(path).tokenizer_dir)  # before loading a large model
     own = info.sha256 != data.tokenizer_sha256
     if data_tokenizer is None:

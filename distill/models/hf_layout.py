@@ -5,6 +5,8 @@ A plain map plus two layout changes:
   each rank a contiguous range of groups, so a rank's rows come from contiguous row ranges of
   `q_proj`, `k_proj` and `v_proj` (likewise the qwen2 biases);
 - `linear_fc1` is `[gate; up]` per tensor-parallel rank (SwiGLU), `linear_fc2` is `down_proj`.
+Qwen3's per-head query/key norms (`q_norm`, `k_norm`, `[head_dim]`) are megatron-core's `q_layernorm` /
+`k_layernorm`, whole on every tp rank.
 Column-parallel weights (qkv, fc1, vocabulary) split rows across tp ranks, row-parallel weights
 (proj, fc2) split columns. Layer numbers are local to a pipeline stage on the megatron side.
 `hf_sources` says, for one local megatron parameter, which HF tensors and which slices of them it is
@@ -25,6 +27,10 @@ from parallel.model import ModelArch
 Reader = Callable[[str, slice, slice], torch.Tensor]  # (hf name, row slice, column slice) -> tensor
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _FULL = slice(None)
+_QK_NORMS = {  # megatron-core name -> HF name, within a layer
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ def hf_sources(name: str, shard: Shard) -> Callable[[Reader], torch.Tensor]:
         return lambda read: read(prefix + "input_layernorm.weight", _FULL, _FULL)
     if rest == "pre_mlp_layernorm.weight":
         return lambda read: read(prefix + "post_attention_layernorm.weight", _FULL, _FULL)
+    if rest in _QK_NORMS:
+        return lambda read: read(prefix + _QK_NORMS[rest], _FULL, _FULL)
     if rest == "self_attention.linear_proj.weight":
         cols = shard.rows(arch.num_attention_heads * arch.head_dim)
         return lambda read: read(prefix + "self_attn.o_proj.weight", _FULL, cols)
@@ -116,6 +124,9 @@ def to_hf_state_dict(full: dict[str, torch.Tensor], arch: ModelArch) -> dict[str
         out[dst + "post_attention_layernorm.weight"] = full[src + "pre_mlp_layernorm.weight"]
         out[dst + "self_attn.o_proj.weight"] = full[src + "self_attention.linear_proj.weight"]
         out[dst + "mlp.down_proj.weight"] = full[src + "mlp.linear_fc2.weight"]
+        if arch.qk_norm:
+            for ours, theirs in _QK_NORMS.items():
+                out[dst + theirs] = full[src + ours]
         gate, up = full[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
         for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):

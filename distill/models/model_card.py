@@ -45,14 +45,16 @@ def _front_matter(config: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(matter, sort_keys=False) + "---\n"
 
 
-def named(reference: str | None, sha256: str | None) -> str:
+def named(reference: str | None, sha256: str | None, hub: dict[str, Any] | None = None) -> str:
     """How the card names a model or tokenizer: a hub id as written after `hf://` (`org/name`, or
-    `org/name@rev` with its revision); a local directory by its name and content hash only, since a card
-    pushed to a hub must not show strangers a path on the machine that trained it."""
+    `org/name@rev` with its revision) and the commit it resolved to (`hub`, when recorded); a local
+    directory by its name and content hash only, since a card pushed to a hub must not show strangers a
+    path on the machine that trained it."""
     if not reference:
         return "not recorded"
     if reference.startswith("hf://"):
-        return f"`{reference.removeprefix('hf://')}`"
+        commit = f" (commit {hub['commit']})" if hub and hub.get("commit") else ""
+        return f"`{reference.removeprefix('hf://')}`{commit}"
     digest = f" (sha256 {sha256[:16]})" if sha256 else ""
     return f"`{Path(reference).name}`{digest}"
 
@@ -121,7 +123,7 @@ def render_model_card(
     if teacher:
         lines.append(
             f"A {arch.num_parameters() / 1e6:.1f}M-parameter {arch.model_type} student distilled from "
-            f"{named(teacher['path'], teacher.get('sha256'))} by distillery (pretraining distillation)."
+            f"{named(teacher['path'], teacher.get('sha256'), teacher.get('hub'))} by distillery (pretraining distillation)."
         )
     else:
         lines.append(
@@ -153,7 +155,7 @@ def render_model_card(
     lines += ["", "## Teacher", ""]
     if teacher:
         lines += [
-            f"- model: {named(teacher['path'], teacher.get('sha256'))}",
+            f"- model: {named(teacher['path'], teacher.get('sha256'), teacher.get('hub'))}",
             f"- parameters: {teacher['parameters']:,}",
             f"- fingerprint (sha256 of config and weights): {teacher.get('sha256', 'not recorded')}",
             f"- signal: {_without_paths(str(teacher.get('signal', teacher.get('mode'))))}",

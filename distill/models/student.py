@@ -17,6 +17,7 @@ import torch
 from distill.config import CampaignConfig
 from distill.data.tokenizer import load_tokenizer
 from distill.errors import OutputExistsError
+from distill.hub import local_dir
 from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
 from parallel.model import ModelArch
 
@@ -34,12 +35,13 @@ def configured_arch(config: CampaignConfig) -> ModelArch:
         num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
         ffn_hidden_size=arch.ffn_hidden_size,
-        head_dim=arch.hidden_size // arch.num_attention_heads,
+        head_dim=arch.head_dim or arch.hidden_size // arch.num_attention_heads,
         max_position_embeddings=arch.max_position_embeddings,
         rope_theta=arch.rope_theta,
         rms_norm_eps=arch.rms_norm_eps,
         tie_word_embeddings=arch.tie_word_embeddings,
         qkv_bias=arch.model_type == "qwen2",
+        qk_norm=arch.model_type == "qwen3",
     )
 
 
@@ -50,14 +52,17 @@ def student_init_path(
     student = config.student
     assert student is not None
     if student.init is not None:
-        return student.init
+        return local_dir(student.init, key="student.init")
     assert student.init_dir is not None
     problem = None
     if is_main:
         wanted = configured_arch(config)
         if not (student.init_dir / "config.json").is_file():
             write_random_student(
-                wanted, student.init_dir, tokenizer_dir=config.data.tokenizer.path, seed=config.training.seed
+                wanted,
+                student.init_dir,
+                tokenizer_dir=local_dir(config.data.tokenizer.path, weights=False),
+                seed=config.training.seed,
             )
         elif (found := HFCheckpoint(student.init_dir).arch) != wanted:
             diff = [

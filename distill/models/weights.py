@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distill.checkpoint import TOKENIZER, read_meta, resolve_checkpoint
+from distill.hub import ModelLocation, local_dir
 from distill.models.hf_io import HFCheckpoint
 from parallel.model import ModelArch
 
@@ -31,9 +32,10 @@ class Weights:
         return self.directory / TOKENIZER if self.kind == "checkpoint" else self.directory
 
 
-def find_weights(path: Path) -> Weights:
-    """The weights at `path`: an HF directory or a checkpoint (step directory or root)."""
-    path = Path(path)
+def find_weights(path: ModelLocation) -> Weights:
+    """The weights at `path`: an HF directory or hub id (its snapshot), or a checkpoint (step directory or
+    root)."""
+    path = local_dir(path)
     if (path / "config.json").is_file():
         return Weights(HFCheckpoint(path).arch, path, "hf")
     ckpt = resolve_checkpoint(path)

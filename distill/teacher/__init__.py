@@ -9,6 +9,7 @@ from distill.config import CampaignConfig
 from distill.data.prepared import PreparedData
 from distill.engine.base import Engine
 from distill.errors import DataError
+from distill.hub import ModelLocation
 from distill.teacher.aligned import check_pairing, open_aligned_cache
 from distill.teacher.aligned_cached import AlignedCachedSource
 from distill.teacher.aligned_online import AlignedOnlineSource
@@ -74,7 +75,7 @@ def open_teacher_source(
     return CachedSource(reader, active=engine.loss_rank, device=engine.device)
 
 
-def _tokenizer_dir(config: CampaignConfig, data: PreparedData) -> Path:
+def _tokenizer_dir(config: CampaignConfig, data: PreparedData) -> ModelLocation:
     """The teacher's tokenizer directory: `teacher.tokenizer`, else the one the data was paired with."""
     assert config.teacher is not None
     return config.teacher.tokenizer or Path(data.manifest["teacher_tokenizer"]["path"])

@@ -8,14 +8,15 @@ from distill.cache.reader import read_cache_manifest
 from distill.config import CampaignConfig
 from distill.engine import build_engine
 from distill.errors import DataError
+from distill.hub import hub_record
 from distill.models.weights import directory_sha256, find_weights
 from distill.stop import NEVER, StopRequest
 from distill.training.loop import DistillLoop, StepResult
 
 
 def teacher_facts(config: CampaignConfig) -> dict[str, Any] | None:
-    """The teacher as the model card names it: path, mode, parameters, content hash (from the cache's
-    manifest when cached; hashed here when online)."""
+    """The teacher as the model card names it: path (a hub id with its commit), mode, parameters, content
+    hash (from the cache's manifest when cached; hashed here when online)."""
     teacher = config.teacher
     if teacher is None:
         return None
@@ -25,6 +26,8 @@ def teacher_facts(config: CampaignConfig) -> dict[str, Any] | None:
         "mode": teacher.mode,
         "parameters": weights.arch.num_parameters(),
     }
+    if (hub := hub_record(teacher.path)) is not None:
+        facts["hub"] = hub
     if teacher.mode == "cached" and config.cache is not None:
         spec = read_cache_manifest(config.cache.dir)["spec"]
         facts["sha256"] = spec["teacher_sha256"]

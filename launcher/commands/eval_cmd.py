@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.hub import parse_location
 from distill.messages import say
 from launcher.commands.common import add_quiet_argument
 
@@ -25,9 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, type=Path, help="a prepared data directory (data.dir)")
     parser.add_argument(
         "--teacher",
-        type=Path,
+        type=parse_location,
         default=None,
-        help="the teacher: scored once per prepared data, kept beside it and reused",
+        help="the teacher (a directory, checkpoint or hf://org/name[@revision]): scored once per prepared "
+        "data, kept beside it and reused",
     )
     parser.add_argument("--out", type=Path, default=Path("eval"), help="output directory (default: ./eval)")
     parser.add_argument(
@@ -50,7 +52,10 @@ def _models(args: argparse.Namespace) -> list:
             name, path = Path(spec).name or spec, spec
         if not name or not path:
             raise UserError(f"model {spec!r}: expected PATH or NAME=PATH")
-        models.append(ModelToEval(name, Path(path)))
+        try:
+            models.append(ModelToEval(name, parse_location(path)))
+        except ValueError as exc:
+            raise UserError(f"model {spec!r}: {exc}") from None
     if not models:
         raise UserError("nothing to evaluate: name a model (PATH or NAME=PATH) or --teacher")
     names = [m.name for m in models]

@@ -28,7 +28,7 @@ def cache_work(tmp_path_factory, small_corpus, tokenizer_dir, tiny_model_dir) ->
     """A few documents per domain prepared at seq_len 32 (a few hundred sequences), teacher + cache sections."""
     from distill.config import load_config
     from distill.data.prepare.run import prepare
-    from tests.helpers import prepare_tree
+    from tests.helpers import prepare_tree, tiny_qwen3
 
     work = tmp_path_factory.mktemp("cache")
     domains = {
@@ -50,15 +50,18 @@ def cache_work(tmp_path_factory, small_corpus, tokenizer_dir, tiny_model_dir) ->
         cache={"dir": str(work / "cache"), "mode": "topk", "k": 16, "sequences_per_shard": 8, "samples": 50},
     )
     write_config(work / "config.yaml", tree)
+    tiny_qwen3(work / "qwen3", tokenizer_dir, 640, seed=3)  # a Qwen3 teacher: check_cache.py's third signal
     return work
 
 
 @pytest.mark.slow
 def test_cache_is_the_same_at_every_teacher_layout(cache_work, tmp_path):
     results = run_ranks("check_cache.py", 2, tmp_path, str(cache_work), "1,1", "2,1", "1,2")[0]["results"]
+    assert {name.split("_")[0] for name in results} == {"topk", "sampled", "qwen3"}
+    assert len(results) == 9
     for name, found in results.items():
         assert found["max_target_diff"] <= 0.01, name  # one float16 step of log p(target)
-        if name.startswith("topk"):
+        if name.startswith(("topk", "qwen3")):
             assert (
                 found["id_mismatch"] < 1e-3
                 and found["max_logprob_diff"] <= 0.01

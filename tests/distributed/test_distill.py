@@ -1,4 +1,5 @@
-"""Distillation training end to end on real gloo processes (see tests/distributed/ranks/check_distill.py).
+"""Distillation training end to end on real gloo processes (see tests/distributed/ranks/check_distill.py),
+of a Qwen3-style student (per-head q/k norms, explicit head_dim):
 
 - online forward KL equals cached top-k with k = V (same teacher, same data), within the cache's
   quantization; both are the same at tp1, tp2 and pp2;
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_ranks
-from tests.helpers import TINY_STUDENT_ARCH, distillery, training_section, write_config
+from tests.helpers import TINY_QWEN3_STUDENT_ARCH, distillery, training_section, write_config
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -30,7 +31,7 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
     tree = copy.deepcopy(prepared_small)
     tree.update(
         student={
-            "arch": TINY_STUDENT_ARCH,
+            "arch": TINY_QWEN3_STUDENT_ARCH,  # q/k norms: their grads are summed over tp
             "init_dir": str(work / "student_init"),
         },
         training=training_section(steps=STEPS),

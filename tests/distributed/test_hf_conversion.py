@@ -1,5 +1,5 @@
 """Hugging Face <-> megatron-core, real equivalence: the tests share one 4-process launch of
-tests/distributed/ranks/check_hf_equivalence.py (tiny random llama / qwen2 / tied-llama models at
+tests/distributed/ranks/check_hf_equivalence.py (tiny random llama / qwen2 / tied-llama / qwen3 models at
 tp1pp1, tp2pp1, tp1pp2, tp2pp2, a checkpoint round trip and an export read back by `from_pretrained`).
 The architecture mapping and the name map in one process: tests/unit/test_hf_mapping.py.
 """
@@ -11,7 +11,7 @@ import pytest
 from tests.distributed import run_ranks
 
 LOGITS_TOLERANCE = 1e-5
-MODELS = ("llama", "qwen2", "llama_tied")
+MODELS = ("llama", "qwen2", "llama_tied", "qwen3")
 LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
 WORLD = 4
 
@@ -58,9 +58,11 @@ def test_checkpoint_round_trip_gives_back_the_hf_tensors_exactly(reports):
     for model, entry in main.items():
         assert entry["unequal_to_original"] == [], (model, entry)
     # HF's state_dict() has a tied lm_head.weight that its safetensors file (and our export) leaves out
-    assert main["llama_tied"]["original_extra"] == ["lm_head.weight"]
+    assert main["llama_tied"]["original_extra"] == main["qwen3"]["original_extra"] == ["lm_head.weight"]
     assert main["llama"]["original_extra"] == [] and main["qwen2"]["original_extra"] == []
     assert main["qwen2"]["num_tensors"] == main["llama"]["num_tensors"] + 2 * 3  # q/k/v biases x 2 layers
+    # tied (no lm_head), q_norm and k_norm x 2 layers
+    assert main["qwen3"]["num_tensors"] == main["llama"]["num_tensors"] - 1 + 2 * 2
 
 
 @pytest.mark.slow
@@ -72,7 +74,7 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(reports):
         assert entry["max_abs_diff"] <= LOGITS_TOLERANCE, (model, entry)
         assert entry["rms_norm_eps"] == entry["original_rms_norm_eps"], model
         assert entry["rope_parameters"] == entry["original_rope_parameters"], model
-        assert entry["tie_word_embeddings"] == (model == "llama_tied")
+        assert entry["tie_word_embeddings"] == (model in ("llama_tied", "qwen3"))
         # no tokenizer was given: the directory is still complete for from_pretrained
         assert entry["files"] == ["config.json", "generation_config.json", "model.safetensors"]
     assert all(r["export"] == {} for r in reports[1:])

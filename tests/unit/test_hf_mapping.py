@@ -52,6 +52,37 @@ def test_from_hf_config_reads_the_fields():
     assert ModelArch.from_hf_config(arch.to_hf_config()) == arch
 
 
+def test_qwen3_maps_its_query_key_norms_and_explicit_head_dim():
+    arch = ModelArch.from_hf_config(llama_config(model_type="qwen3", head_dim=32, tie_word_embeddings=True))
+    assert arch.qk_norm and not arch.qkv_bias and arch.head_dim == 32  # not hidden_size / heads (16)
+    assert not ModelArch.from_hf_config(llama_config()).qk_norm
+    written = arch.to_hf_config()
+    assert written["architectures"] == ["Qwen3ForCausalLM"] and written["use_sliding_window"] is False
+    assert ModelArch.from_hf_config(written) == arch
+    # per layer: q/k/v/o, gate/up/down, two norms and the two [head_dim] q/k norms; tied embeddings once
+    per_layer = 64 * 32 * (4 * 2 + 2 * 2) + 3 * 64 * 96 + 2 * 64 + 2 * 32
+    assert arch.num_parameters() == 2 * per_layer + 256 * 64 + 64
+    shard = Shard(arch, ParallelDims(tp=2, pp=1, dp=1), tp_rank=1, pp_rank=0)
+    tensors = {"model.layers.1.self_attn.q_norm.weight": torch.arange(32.0)}
+    read = lambda name, rows, cols: tensors[name][rows]  # noqa: E731
+    # whole on every tp rank (it normalises each head, and each rank holds whole heads)
+    assert torch.equal(
+        hf_sources("decoder.layers.1.self_attention.q_layernorm.weight", shard)(read), torch.arange(32.0)
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attention_bias": True}, "attention_bias / mlp_bias on a qwen3 model"),
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window: true is not supported"),
+    ],
+)
+def test_qwen3_features_that_are_not_mapped_are_refused(change, message):
+    with pytest.raises(ParallelConfigError, match=message):
+        ModelArch.from_hf_config(llama_config(model_type="qwen3", **change))
+
+
 def test_llama3_rope_scaling_with_the_default_factors_is_accepted():
     arch = ModelArch.from_hf_config(llama_config(rope_parameters={**LLAMA3, "rope_theta": 500000.0}))
     assert (arch.rope_llama3_factor, arch.rope_theta) == (8.0, 500000.0)
@@ -83,7 +114,7 @@ def test_unsupported_model_type_is_refused_naming_the_supported_ones():
         ModelArch.from_hf_config(llama_config(model_type="gpt2"))
     message = str(error.value)
     assert "'gpt2'" in message
-    assert all(name in message for name in ("llama", "mistral", "qwen2"))
+    assert all(name in message for name in ("llama", "mistral", "qwen2", "qwen3"))
 
 
 def test_activation_other_than_silu_is_refused():

@@ -1,7 +1,7 @@
 """Write the teacher cache at several teacher layouts and compare what they decode to.
 
-argv: OUT_DIR WORK_DIR LAYOUTS... (`tp,pp`; dp follows from the world size). For each mode (top-k,
-sampled) and layout a cache is written under WORK_DIR; rank 0 reports, per layout, the differences
+argv: OUT_DIR WORK_DIR LAYOUTS... (`tp,pp`; dp follows from the world size). For each signal (top-k,
+sampled, and top-k of the Qwen3 teacher at WORK_DIR/qwen3) and layout a cache is written under WORK_DIR; rank 0 reports, per layout, the differences
 to the first layout's cache (ids, log-probs, tails, draws).
 """
 
@@ -26,23 +26,33 @@ from tests.distributed import report
 def main() -> None:
     out, work, *layouts = sys.argv[1:]
     results: dict[str, dict[str, float]] = {}
-    for mode in ("topk", "sampled"):
+    qwen3 = [f"teacher.path={Path(work) / 'qwen3'}"]  # a top-k cache of a Qwen3 teacher (q/k norms)
+    for signal_name, mode, teacher in (
+        ("topk", "topk", []),
+        ("sampled", "sampled", []),
+        ("qwen3", "topk", qwen3),
+    ):
         dirs = []
         for layout in layouts:
             tp, pp = map(int, layout.split(","))
-            cache_dir = Path(work) / f"cache_{mode}_{tp}{pp}"
+            cache_dir = Path(work) / f"cache_{signal_name}_{tp}{pp}"
             overrides = [
                 f"cache.dir={cache_dir}",
                 f"cache.mode={mode}",
                 f"teacher.parallel.tp={tp}",
                 f"teacher.parallel.pp={pp}",
+                *teacher,
             ]
             config = load_config(Path(work) / "config.yaml", overrides)
             ctx = init_parallel(tp, pp, seed=0)
             CacheWriter(config, teacher_job(config, ctx), overwrite=False).run()
             dist.barrier()
             dirs.append(
-                (f"{mode}_tp{tp}pp{pp}dp{int(os.environ['WORLD_SIZE']) // (tp * pp)}", cache_dir, config)
+                (
+                    f"{signal_name}_tp{tp}pp{pp}dp{int(os.environ['WORLD_SIZE']) // (tp * pp)}",
+                    cache_dir,
+                    config,
+                )
             )
         if dist.get_rank() == 0:
             data = PreparedData(dirs[0][2].data.dir)

@@ -1,7 +1,8 @@
 """Our megatron-core GPTModel against Hugging Face, on tiny random models, in one 4-process launch.
 
 For each model (llama untied with llama3 RoPE scaling, qwen2 with qkv biases, llama with tied
-embeddings and 4 layers):
+embeddings and 4 layers, qwen3 with per-head q/k norms, tied embeddings and a head_dim that is not
+hidden_size / heads):
 - every layout (tp, pp) in (1,1), (2,1), (1,2), (2,2): build our model, `load_into` it from the HF
   directory, run a forward-only pass over 2 micro-batches through `parallel.schedule.forward_only`, gather the full
   vocabulary on the last stage and report the max abs difference to the HF model's fp32 logits;
@@ -68,6 +69,16 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "rms_norm_eps": 2e-6,
             "tie_word_embeddings": True,
             "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
+        },
+    ),
+    "qwen3": (
+        "Qwen3ForCausalLM",
+        {
+            "num_hidden_layers": 2,
+            "head_dim": 32,  # 4 heads x 32 = 128 channels of attention over a hidden size of 64
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
         },
     ),
 }

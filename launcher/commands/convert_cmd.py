@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distill.hub import parse_location
 from distill.messages import say
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     imp = subparsers.add_parser(
         "import",
-        help="convert a HF Llama/Mistral/Qwen2 directory into a sharded training checkpoint "
+        help="convert a HF Llama/Mistral/Qwen2/Qwen3 directory or hub id (hf://org/name[@revision]) into a "
+        "sharded training checkpoint "
         "(run with tp x pp processes: `distillery launch --nproc 4 -- import ... --tp 2 --pp 2`)",
     )
-    imp.add_argument("hf_dir", metavar="HF_DIR", type=Path)
+    imp.add_argument("hf_dir", metavar="HF_DIR", type=parse_location)
     imp.add_argument(
         "out", metavar="OUT", type=Path, help="checkpoint root (gets step_00000000 and `latest`)"
     )

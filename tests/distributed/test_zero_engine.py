@@ -3,7 +3,8 @@
 
 - ZeRO-2 and ZeRO-3 on 2 ranks train exactly like 1 rank on the same global batches (5 steps), with the
   cached top-k teacher and with the online teacher (itself a ZeRO-3 inference engine);
-- the megatron engine and the DeepSpeed engine started from the same HF weights give the same losses;
+- the megatron engine and the DeepSpeed engine started from the same HF weights give the same losses
+  (a Qwen3-style student: transformers' Qwen3 against our megatron-core mapping of it);
 - a ZeRO-3 checkpoint exports to an HF directory whose `from_pretrained` logits are the engine's;
 - SIGKILL between checkpoints, then resume: the final loss of an uninterrupted run;
 - bad input: resuming with another number of ranks, or with the other engine, is refused by name.
@@ -23,7 +24,7 @@ import torch
 from distill.checkpoint import latest_checkpoint, read_meta
 from tests.distributed import run_ranks
 from tests.distributed.test_training import final_loss, kill_when
-from tests.helpers import REPO, TINY_STUDENT_ARCH, distillery, training_section, write_config
+from tests.helpers import REPO, TINY_QWEN3_STUDENT_ARCH, distillery, training_section, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,9 @@ def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
     tree = copy.deepcopy(prepared_small)
     tree.update(
         student={
+            # Qwen3-style (q/k norms, explicit head_dim: HF's Qwen3 against our megatron-core mapping);
             # untied: the output weight ZeRO-3 must gather is not the embedding's
-            "arch": {**TINY_STUDENT_ARCH, "tie_word_embeddings": False},
+            "arch": {**TINY_QWEN3_STUDENT_ARCH, "tie_word_embeddings": False},
             "init_dir": str(work / "student_init"),
         },
         training=training_section(steps=5, micro_batch=1),

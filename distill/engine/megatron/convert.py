@@ -18,6 +18,7 @@ from distill.checkpoint import TOKENIZER, resolve_checkpoint
 from distill.engine.megatron.checkpoint import save_checkpoint
 from distill.engine.megatron.weights import load_weights
 from distill.errors import DataError
+from distill.hub import ModelLocation, local_dir
 from distill.models.hf_io import EXPORT_RECORD, HFCheckpoint, generation_config, write_hf_directory
 from distill.models.hf_layout import to_hf_state_dict
 from distill.models.model_card import CARD, model_card_of
@@ -28,8 +29,10 @@ from parallel.model import ModelArch, build_gpt
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def import_hf(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
-    """Collective over tp x pp ranks: write HF weights as a step-0 sharded checkpoint under `out`."""
+def import_hf(source: ModelLocation, out: Path, *, tp: int, pp: int) -> Path:
+    """Collective over tp x pp ranks: write HF weights (a directory or hub id) as a step-0 sharded
+    checkpoint under `out`."""
+    hf_dir = local_dir(source)
     hf = HFCheckpoint(hf_dir)
     ctx = init_parallel(tp, pp, seed=0)
     try:
@@ -45,7 +48,7 @@ def import_hf(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
             model=model,
             optimizer=None,
             training_state={},
-            meta=checkpoint_meta(hf.arch, str(hf_dir)),
+            meta=checkpoint_meta(hf.arch, str(source)),
             ctx=ctx,
             tokenizer_dir=hf_dir,
         )
@@ -97,7 +100,7 @@ def export_hf(
         shutdown()
 
 
-def load_as_hf(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Path]:
+def load_as_hf(path: ModelLocation, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Path]:
     """Any model path (HF directory, checkpoint step or root, any layout) as one unsharded
     `transformers` causal LM in this process, with the directory holding its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -23,8 +23,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from distill.atomic import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from distill.errors import DataError
 from distill.hub import HubModel, ModelLocation, local_dir
@@ -94,7 +92,7 @@ def begin_save(root: Path, step: int, *, is_main: bool) -> tuple[Path, Path]:
     if is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)  # dist_checkpointing wants it empty
-    dist.barrier()
+    _barrier()
     return partial, final
 
 
@@ -111,7 +109,7 @@ def commit_save(
     """Collective, once every rank has written its files into `partial`: the main rank adds the
     training state, the tokenizer and `distillery.json` (last), renames the directory to `final` and
     moves `latest`. Before the rename nothing is a checkpoint; after it, a complete one."""
-    dist.barrier()
+    _barrier()
     if is_main:
         atomic_write_json(partial / TRAINING_STATE, training_state)
         if tokenizer_dir is not None:
@@ -125,8 +123,16 @@ def commit_save(
         atomic_write_text(final.parent / LATEST, final.name + "\n")
         if keep_last:
             _prune(final.parent, keep_last)
-    dist.barrier()
+    _barrier()
     return final
+
+
+def _barrier() -> None:
+    """torch.distributed's barrier, imported here: reading checkpoints (commands that never save, such as
+    `prepare`, `submit` or `status`) needs no torch."""
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def tokenizer_dir_of(path: ModelLocation) -> Path:

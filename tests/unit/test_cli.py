@@ -116,3 +116,12 @@ def test_a_rank_whose_launcher_died_while_it_started_ends_instead_of_running(tmp
         time.sleep(0.2)
     time.sleep(0.5)
     assert "rank 0: its launcher (pid " in log.read_text() and "is gone" in log.read_text(), log.read_text()
+
+
+def test_the_cli_starts_without_importing_torch():
+    """Commands a login node runs (`submit`, `status`, `config`, `prepare`) start in a fraction of a second:
+    torch, megatron-core and transformers are imported only by the commands that use them."""
+    probe = "import sys, launcher.cli; print(sorted({'torch', 'megatron', 'transformers', 'deepspeed'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

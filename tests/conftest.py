@@ -79,3 +79,28 @@ def prepared_small(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path,
     tree = prepare_tree(work / "data", small_corpus, tokenizer_dir, seq_len=32, heldout_sequences=2)
     prepare(load_config(write_config(work / "prepare.yaml", tree)), progress=False)
     return tree
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, tokenizer_dir: Path) -> dict:
+    """A few documents of `small_corpus` prepared at seq_len 32 (a few hundred sequences, 2 held-out per
+    domain): for the tests that cache a teacher over every sequence at k = V, yet train a few steps."""
+    from distill.config import load_config
+    from distill.data.prepare.run import prepare
+
+    work = tmp_path_factory.mktemp("prepared_tiny")
+    domains = {
+        "code": {"sources": [{"files": str(small_corpus / "code" / "*.jsonl"), "max_documents": 2}]},
+        "prose": {"sources": [{"files": str(small_corpus / "prose" / "*.txt"), "max_documents": 3}]},
+    }
+    tree = prepare_tree(
+        work / "data",
+        small_corpus,
+        tokenizer_dir,
+        seq_len=32,
+        heldout_sequences=2,
+        heldout_fraction=0.5,
+        domains=domains,
+    )
+    prepare(load_config(write_config(work / "prepare.yaml", tree)), progress=False)
+    return tree

@@ -26,9 +26,9 @@ CACHE_TOLERANCE = 2e-3
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
+def work(tmp_path_factory, prepared_tiny, tiny_model_dir) -> Path:
     work = tmp_path_factory.mktemp("distill")
-    tree = copy.deepcopy(prepared_small)
+    tree = copy.deepcopy(prepared_tiny)
     tree.update(
         student={
             "arch": TINY_QWEN3_STUDENT_ARCH,  # q/k norms: their grads are summed over tp

@@ -37,9 +37,9 @@ STAGES = 1e-6
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, prepared_small, tiny_model_dir) -> Path:
+def work(tmp_path_factory, prepared_tiny, tiny_model_dir) -> Path:
     work = tmp_path_factory.mktemp("zero")
-    tree = copy.deepcopy(prepared_small)
+    tree = copy.deepcopy(prepared_tiny)
     tree.update(
         student={
             # Qwen3-style (q/k norms, explicit head_dim: HF's Qwen3 against our megatron-core mapping);

@@ -49,7 +49,13 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_keys: object) -> dict:
-    tree = prepare_tree(run, corpus, tokenizer, seq_len=32, heldout_sequences=2)
+    domains = {  # a few hundred sequences: the cache keeps every one at k = the teacher's vocabulary
+        "code": {"sources": [{"files": str(corpus / "code" / "*.jsonl"), "max_documents": 2}]},
+        "prose": {"sources": [{"files": str(corpus / "prose" / "*.txt"), "max_documents": 3}]},
+    }
+    tree = prepare_tree(
+        run, corpus, tokenizer, seq_len=32, heldout_sequences=2, heldout_fraction=0.5, domains=domains
+    )
     tree.update(
         student={
             "arch": TINY_STUDENT_ARCH,

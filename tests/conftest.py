@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import prepare_tree, stdlib_texts, tiny_llama, write_config
+from tests.helpers import few_documents, prepare_tree, stdlib_texts, tiny_llama, write_config
 
 HERE = Path(__file__).resolve().parent
 SLOW_DIRECTORIES = (HERE / "e2e", HERE / "distributed")  # in the order they run
@@ -89,10 +89,7 @@ def prepared_tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, 
     from distill.data.prepare.run import prepare
 
     work = tmp_path_factory.mktemp("prepared_tiny")
-    domains = {
-        "code": {"sources": [{"files": str(small_corpus / "code" / "*.jsonl"), "max_documents": 2}]},
-        "prose": {"sources": [{"files": str(small_corpus / "prose" / "*.txt"), "max_documents": 3}]},
-    }
+    domains = few_documents(small_corpus)
     tree = prepare_tree(
         work / "data",
         small_corpus,

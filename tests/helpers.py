@@ -57,6 +57,15 @@ def prepare_tree(run_dir: Path, corpus: Path, tokenizer: Path, **data: object) -
     return {"run": {"name": "test", "dir": str(run_dir)}, "data": section}
 
 
+def few_documents(corpus: Path) -> dict:
+    """The `data.domains` of a few documents of `small_corpus` (code 2, prose 3): a few hundred sequences
+    at seq_len 32, for tests that cache a teacher over every sequence yet train a few steps."""
+    return {
+        "code": {"sources": [{"files": str(corpus / "code" / "*.jsonl"), "max_documents": 2}]},
+        "prose": {"sources": [{"files": str(corpus / "prose" / "*.txt"), "max_documents": 3}]},
+    }
+
+
 def training_section(**overrides: object) -> dict:
     """The `training` section of the tests' tiny runs: 3 steps of 4 sequences in micro-batches of 2 at
     lr 3e-3, a metrics record every step, 2 held-out sequences per domain in each evaluation.

@@ -28,13 +28,10 @@ def cache_work(tmp_path_factory, small_corpus, tokenizer_dir, tiny_model_dir) ->
     """A few documents per domain prepared at seq_len 32 (a few hundred sequences), teacher + cache sections."""
     from distill.config import load_config
     from distill.data.prepare.run import prepare
-    from tests.helpers import prepare_tree, tiny_qwen3
+    from tests.helpers import few_documents, prepare_tree, tiny_qwen3
 
     work = tmp_path_factory.mktemp("cache")
-    domains = {
-        "code": {"sources": [{"files": str(small_corpus / "code" / "*.jsonl"), "max_documents": 2}]},
-        "prose": {"sources": [{"files": str(small_corpus / "prose" / "*.txt"), "max_documents": 3}]},
-    }
+    domains = few_documents(small_corpus)
     tree = prepare_tree(
         work / "data",
         small_corpus,

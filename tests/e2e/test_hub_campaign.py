@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.helpers import distillery, prepare_tree, training_section, write_config
+from tests.helpers import distillery, few_documents, prepare_tree, training_section, write_config
 from tests.unit.test_hub import COMMIT, lay_out_hub_cache
 
 pytestmark = pytest.mark.slow
@@ -22,10 +22,7 @@ def test_a_campaign_of_hub_ids_runs_offline_and_records_the_commit(tmp_path, sma
     hf_home = tmp_path / "hf"
     lay_out_hub_cache(hf_home, tokenizer_dir)
     run = tmp_path / "run"
-    domains = {  # a few hundred sequences
-        "code": {"sources": [{"files": str(small_corpus / "code" / "*.jsonl"), "max_documents": 2}]},
-        "prose": {"sources": [{"files": str(small_corpus / "prose" / "*.txt"), "max_documents": 3}]},
-    }
+    domains = few_documents(small_corpus)
     tree = prepare_tree(
         run,
         small_corpus,

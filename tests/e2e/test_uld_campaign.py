@@ -27,6 +27,7 @@ from parallel.vocab import VocabShard
 from tests.helpers import (
     TINY_STUDENT_ARCH,
     distillery,
+    few_documents,
     prepare_tree,
     stdlib_texts,
     tiny_llama,
@@ -49,10 +50,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_keys: object) -> dict:
-    domains = {  # a few hundred sequences: the cache keeps every one at k = the teacher's vocabulary
-        "code": {"sources": [{"files": str(corpus / "code" / "*.jsonl"), "max_documents": 2}]},
-        "prose": {"sources": [{"files": str(corpus / "prose" / "*.txt"), "max_documents": 3}]},
-    }
+    domains = few_documents(corpus)
     tree = prepare_tree(
         run, corpus, tokenizer, seq_len=32, heldout_sequences=2, heldout_fraction=0.5, domains=domains
     )

@@ -144,6 +144,52 @@ def tiny_qwen3(out: Path, tokenizer: Path, vocab_size: int, *, seed: int = 0) ->
     return out
 
 
+def tiny_hf_only(out: Path, tokenizer: Path, kind: str, vocab_size: int, *, seed: int = 0) -> Path:
+    """A tiny random HF model of an architecture megatron-core has no mapping for here, over `tokenizer`
+    (its ids a subset of `vocab_size`), saved at `out`. `gemma3`: embeddings scaled by sqrt(h), norms
+    before and after each block, q/k norms, 3 sliding-window layers (window 8) and a global one;
+    `olmo2`: norms after each block and over whole q/k projections; `granite`: logits divided by a
+    scale after the output layer (what the HF path must refuse). Norm weights are perturbed from their
+    init, so a model that skipped one would compute something else."""
+    import torch
+    import transformers
+
+    from distill.tokenizer_files import copy_tokenizer_files
+
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4 if kind == "gemma3" else 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
+    if kind == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            tie_word_embeddings=True,
+        )
+        model = transformers.Gemma3ForCausalLM(config)
+    elif kind == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common, tie_word_embeddings=False))
+    elif kind == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=8.0))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    model.save_pretrained(out)
+    copy_tokenizer_files(tokenizer, out)
+    return out
+
+
 def distillery(
     *args: str | Path, cwd: Path = REPO, timeout: float | None = 600, **kwargs: object
 ) -> subprocess.CompletedProcess:

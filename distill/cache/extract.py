@@ -18,14 +18,42 @@ import torch.distributed as dist
 CHUNK_TOKENS = 1024
 
 
+class ChunkedLogits:
+    """Logits `[N, V/tp]` computed chunk by chunk from hidden states `[N, h]` and the output weight slice
+    `[V/tp, h]` when the extraction asks for rows (`x[lo:hi]`): only `CHUNK_TOKENS` rows of logits exist
+    at a time, whatever the vocabulary (262k for Gemma 3) and the micro-batch."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        self.hidden, self.weight = hidden, weight
+        self.shape = (hidden.shape[0], weight.shape[0])
+        self.device = hidden.device
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return torch.matmul(self.hidden[rows], self.weight.t())
+
+
+def _all_reduce(x: torch.Tensor, group: Any, op: Any = dist.ReduceOp.SUM) -> None:
+    """All-reduce over the tp `group`; None: one process holds the whole vocabulary, nothing to do."""
+    if group is not None:
+        dist.all_reduce(x, op=op, group=group)
+
+
+def _all_gather(x: torch.Tensor, group: Any) -> list[torch.Tensor]:
+    if group is None:
+        return [x]
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return parts
+
+
 def _normalize(z: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global softmax pieces over the sharded last dimension: `exp(z - max)` `[n, V/tp]`, the global
     max `[n]` and log-normaliser `[n]` (one exp per element; two all-reduces of a scalar per token)."""
     m = z.max(dim=-1).values
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    _all_reduce(m, group, dist.ReduceOp.MAX)
     e = (z - m.unsqueeze(-1)).exp_()
     s = e.sum(dim=-1)
-    dist.all_reduce(s, group=group)
+    _all_reduce(s, group)
     return e, m, m + s.log()
 
 
@@ -34,7 +62,7 @@ def _picked(z: torch.Tensor, target: torch.Tensor, vocab_start: int, group: Any)
     local = target - vocab_start
     mine = (local >= 0) & (local < z.shape[-1])
     picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * mine
-    dist.all_reduce(picked, group=group)
+    _all_reduce(picked, group)
     return picked
 
 
@@ -43,7 +71,6 @@ def topk_with_tail(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global top-k of softmax(logits / T): ids `[N, k]` (descending), log-probs `[N, k]`, tail mass `[N]`,
     and log p(target) at T = 1 `[N]`."""
-    tp = dist.get_world_size(group)
     n = logits.shape[0]
     ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
@@ -57,10 +84,8 @@ def topk_with_tail(
             _picked(raw, target[lo : lo + CHUNK_TOKENS], vocab_start, group) - lse_1
         )
         values, index = z.topk(min(k, z.shape[-1]), dim=-1)  # this rank's candidates [c, k]
-        candidates = [torch.empty_like(values) for _ in range(tp)]
-        candidate_ids = [torch.empty_like(index) for _ in range(tp)]
-        dist.all_gather(candidates, values, group=group)
-        dist.all_gather(candidate_ids, index + vocab_start, group=group)
+        candidates = _all_gather(values, group)
+        candidate_ids = _all_gather(index + vocab_start, group)
         best, where = torch.cat(candidates, dim=-1).topk(k, dim=-1)
         ids[lo : lo + CHUNK_TOKENS] = torch.cat(candidate_ids, dim=-1).gather(-1, where)
         logprobs[lo : lo + CHUNK_TOKENS] = best - lse.unsqueeze(-1)
@@ -85,7 +110,7 @@ def sample_ids(
     except with probability ~1e-16 per draw. The exponentials are float32 (a transient float64 copy is
     made only to sum the blocks) and the cumulative sum is over `[c, V/tp / 64]` block sums, not over
     the whole chunk: half the cost of the float64 CDF this replaced."""
-    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    tp, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
     out = torch.empty(uniforms.shape, dtype=torch.int64, device=logits.device)
     target_lp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     vocab_local = logits.shape[-1]
@@ -94,7 +119,7 @@ def sample_ids(
         z = logits[lo : lo + CHUNK_TOKENS].float()  # [c, V/tp]
         c = z.shape[0]
         m = z.max(dim=-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        _all_reduce(m, group, dist.ReduceOp.MAX)
         picked = _picked(z, target[lo : lo + CHUNK_TOKENS], vocab_start, group)
         e = (z - m.unsqueeze(-1)).exp_()  # unnormalised weights [c, V/tp]
         # float64 block sums: an ulp of difference in one small weight (teacher logits at another tp
@@ -103,9 +128,7 @@ def sample_ids(
         blocks = e.double().view(c, -1, block).sum(dim=-1)  # [c, V/tp / block]
         block_cdf = torch.cumsum(blocks, dim=-1)
         mass = block_cdf[:, -1].contiguous()  # this rank's share [c]
-        masses = [torch.empty_like(mass) for _ in range(tp)]
-        dist.all_gather(masses, mass, group=group)
-        stacked = torch.stack(masses)  # [tp, c]
+        stacked = torch.stack(_all_gather(mass, group))  # [tp, c]
         total = stacked.sum(dim=0)
         target_lp[lo : lo + CHUNK_TOKENS] = (picked - m - total.log()).float()
         start = (torch.cumsum(stacked, dim=0) - stacked)[rank].unsqueeze(-1)  # [c, 1]
@@ -122,7 +145,7 @@ def sample_ids(
         ).squeeze(-1)
         local = which * block + within.clamp(max=block - 1)
         drawn = torch.where(mine, local + vocab_start, torch.zeros_like(local))
-        dist.all_reduce(drawn, group=group)
+        _all_reduce(drawn, group)
         out[lo : lo + CHUNK_TOKENS] = drawn
     return out, target_lp
 

@@ -23,11 +23,19 @@ from distill.data.prepared import PreparedData
 def _dense_teacher_logprobs(
     manifest: dict[str, Any], data: PreparedData, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Teacher log-probs `[b, s, V]` in one process (a teacher job of one rank, fp32)."""
+    """Teacher log-probs `[b, s, V]` in one process (a teacher job of one rank, fp32): megatron-core if the
+    cache was written by it, else the teacher's HF module as `transformers` runs it."""
     from distill.config.train import ParallelConfig
-    from distill.engine.megatron.teacher import MegatronTeacherJob
 
-    job = MegatronTeacherJob(ParallelConfig(tp=1, pp=1))
+    job: Any
+    if manifest["teacher"].get("engine", "megatron") == "megatron":
+        from distill.engine.megatron.teacher import MegatronTeacherJob
+
+        job = MegatronTeacherJob(ParallelConfig(tp=1, pp=1))
+    else:
+        from distill.engine.hf.teacher import TransformersTeacherJob
+
+        job = TransformersTeacherJob(ParallelConfig(tp=1, pp=1))
     try:
         model = job.frozen_model(
             Path(manifest["teacher"]["path"]),

@@ -211,8 +211,7 @@ class CacheWriter:
         def extract_signal(
             index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         ) -> None:
-            logits = torch.matmul(hidden, weight.t())  # [mb, s, h] x [V/tp, h]: the output layer, as its own
-            records = self._records(logits, labels, work, first[index])  # logits [mb, s, V/tp]
+            records = self._records(hidden, weight, labels, work, first[index])  # [mb, s, h], [V/tp, h]
             if sink is not None:
                 sink.add(records)
 
@@ -222,13 +221,15 @@ class CacheWriter:
             sink.finish(path, self.out / f"{work.stem}.json", work)
 
     def _records(
-        self, logits: torch.Tensor, labels: torch.Tensor, work: ShardWork, start: int
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, work: ShardWork, start: int
     ) -> list[bytes]:
-        """One record blob per sequence of this micro-batch (collective over the teacher's tp group)."""
+        """One record blob per sequence of this micro-batch (collective over the teacher's tp group). The
+        output layer is applied here, a chunk of positions at a time (`extract.ChunkedLogits`)."""
         cfg = self.cfg
         assert self.model is not None
-        b, s, _ = logits.shape  # [b, s, V/tp]
-        flat, targets = logits.reshape(b * s, -1), labels.reshape(-1)
+        b, s, _ = hidden.shape  # [b, s, h]
+        flat = extract.ChunkedLogits(hidden.reshape(b * s, -1), weight)  # [b * s, V/tp], lazily
+        targets = labels.reshape(-1)
         vocab_start, group = self.model.shard.start, self.model.shard.group
         if cfg.mode == "topk":
             ids, lps, tail, target = extract.topk_with_tail(
@@ -284,6 +285,7 @@ class CacheWriter:
             "teacher": {
                 "path": str(self.config.teacher.path),
                 **({"hub": hub} if (hub := hub_record(self.config.teacher.path)) else {}),
+                "engine": self.job.engine,
                 "arch": self.arch.to_json(),
             },
             "prepared": {"dir": str(self.data.directory)},

@@ -193,6 +193,17 @@ class CampaignConfig(Section):
             raise ValueError("`cache` needs a `teacher` section: the cache stage runs the teacher")
         if teacher is None:
             return
+        layout = teacher.layout
+        if teacher.engine == "transformers" and layout.pp != 1:
+            raise ValueError(
+                f"teacher.parallel.pp is {layout.pp}: teacher.engine transformers shards the teacher by tensor "
+                "parallelism only (pp 1); raise teacher.parallel.tp, or use teacher.engine megatron for pp"
+            )
+        if teacher.engine == "deepspeed" and (layout.tp, layout.pp) != (1, 1):
+            raise ValueError(
+                f"teacher.parallel (tp {layout.tp}, pp {layout.pp}): teacher.engine deepspeed partitions the "
+                "teacher by ZeRO-3 over every rank (tp 1, pp 1); use teacher.engine transformers for tp"
+            )
         if teacher.mode == "cached" and cache is None:
             raise ValueError(
                 "teacher.mode is 'cached' (the default), which needs a `cache` section; "

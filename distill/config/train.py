@@ -166,8 +166,8 @@ class ExportConfig(Section):
 
 
 class TeacherConfig(Section):
-    """The teacher: an HF directory or hub id (`hf://org/name[@revision]`; Llama, Mistral, Qwen2, Qwen3),
-    or a distillery checkpoint.
+    """The teacher: an HF directory or hub id (`hf://org/name[@revision]`) of any causal LM transformers
+    knows (Llama, Mistral, Qwen2 and Qwen3 also run under megatron-core), or a distillery checkpoint.
 
     `mode: cached` (default): `distillery cache` runs it once, at its own `parallel` layout, and training
     reads the cache. `mode: online`: it runs live inside the training job, sharded with the student's
@@ -180,10 +180,13 @@ class TeacherConfig(Section):
         default=None,
         description="The cache job's tp/pp (default tp 1, pp 1); online teachers use the student's.",
     )
-    engine: Literal["megatron"] = Field(
-        default="megatron",
-        description="What runs the teacher in the cache stage, beside the student's top-level `engine` "
-        "(megatron-core, at teacher.parallel); an online teacher runs in the student's engine.",
+    engine: Literal["auto", "megatron", "transformers", "deepspeed"] = Field(
+        default="auto",
+        description="What runs the teacher in the cache stage: megatron (megatron-core at teacher.parallel tp x "
+        "pp; llama, mistral, qwen2, qwen3), transformers (the HF module under transformers' tensor parallelism "
+        "at teacher.parallel.tp, pp 1; any causal LM with a tp plan) or deepspeed (the HF module under "
+        "ZeRO-3, tp and pp 1); auto: megatron when the model maps to it, else transformers. An online "
+        "teacher runs in the student's engine.",
     )
     micro_batch: int = Field(default=8, gt=0, description="Sequences per teacher forward pass.")
     precision: Literal["auto", "fp32", "bf16"] = "auto"

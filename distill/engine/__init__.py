@@ -7,7 +7,16 @@ from typing import Any
 from distill.config import CampaignConfig
 from distill.engine.base import Engine, ForwardModel, LossFn, OutputFn, TeacherJob
 
-__all__ = ["Engine", "ForwardModel", "LossFn", "OutputFn", "TeacherJob", "build_engine", "teacher_job"]
+__all__ = [
+    "Engine",
+    "ForwardModel",
+    "LossFn",
+    "OutputFn",
+    "TeacherJob",
+    "build_engine",
+    "teacher_engine",
+    "teacher_job",
+]
 
 
 def build_engine(config: CampaignConfig, ctx: Any = None) -> Engine:
@@ -22,12 +31,30 @@ def build_engine(config: CampaignConfig, ctx: Any = None) -> Engine:
     return MegatronEngine(config, ctx)
 
 
-def teacher_job(config: CampaignConfig, ctx: Any = None) -> TeacherJob:
-    """The teacher of `config` on its own layout (`teacher.parallel`) under `teacher.engine`, for the
-    cache stage; joins the world unless `ctx` (a built megatron parallel context) is given."""
+def teacher_engine(config: CampaignConfig) -> str:
+    """What runs the cache stage's teacher: `teacher.engine`, where `auto` is megatron-core for a model it
+    has a mapping for (llama, mistral, qwen2, qwen3, distillery checkpoints) and transformers otherwise."""
     assert config.teacher is not None
-    if config.teacher.engine == "megatron":  # the one the schema accepts so far
-        from distill.engine.megatron.teacher import MegatronTeacherJob
+    if config.teacher.engine != "auto":
+        return config.teacher.engine
+    from distill.models.weights import find_weights
 
-        return MegatronTeacherJob(config.teacher.layout, ctx)
-    raise ValueError(f"teacher.engine {config.teacher.engine!r} has no teacher job")
+    return "megatron" if find_weights(config.teacher.path).megatron_ready else "transformers"
+
+
+def teacher_job(config: CampaignConfig, ctx: Any = None) -> TeacherJob:
+    """The teacher of `config` on its own layout (`teacher.parallel`) under `teacher_engine(config)`, for
+    the cache stage; joins the world unless `ctx` (a built megatron parallel context) is given."""
+    assert config.teacher is not None
+    engine = teacher_engine(config)
+    if engine == "transformers":
+        from distill.engine.hf.teacher import TransformersTeacherJob
+
+        return TransformersTeacherJob(config.teacher.layout)
+    if engine == "deepspeed":
+        from distill.engine.zero.teacher import ZeroTeacherJob
+
+        return ZeroTeacherJob(config)
+    from distill.engine.megatron.teacher import MegatronTeacherJob
+
+    return MegatronTeacherJob(config.teacher.layout, ctx)

@@ -15,7 +15,9 @@ loss applies. Two engines fit this seam:
 
 A teacher comes from the same seam: `Engine.frozen_model` inside a training job (the online teacher,
 sharded like the student) and `TeacherJob.frozen_model` on the teacher's own layout (the cache stage);
-`distill.engine.teacher_job` builds the latter for `teacher.engine`.
+`distill.engine.teacher_job` builds the latter for `teacher.engine`: megatron-core, or the teacher as a
+Hugging Face module (`distill/engine/hf/`: any causal LM transformers knows) under transformers' tensor
+parallelism or DeepSpeed ZeRO-3.
 
 Callbacks see one micro-batch at a time, on the ranks that compute the loss (megatron: the last
 pipeline stage, every tp rank), as `fn(index, hidden [b, s, h], weight [V/tp, h], labels [b, s])`.
@@ -37,6 +39,7 @@ import torch
 from parallel.vocab import VocabShard
 
 if TYPE_CHECKING:  # an annotation: the loop stays free of model-building code
+    from distill.models.hf_arch import HFArch
     from parallel.model import ModelArch
 
 # (index of the micro-batch, hidden [b, s, h], output weight [V/tp, h], labels [b, s]) -> result
@@ -50,7 +53,7 @@ LossFn = Callable[
 class ForwardModel(Protocol):
     """A sharded model run forward-only (the student in evaluation, a frozen online teacher)."""
 
-    arch: ModelArch  # what it computes (model FLOPs per token for MFU)
+    arch: ModelArch | HFArch  # what it computes (model FLOPs per token for MFU)
     vocab_size: int
     num_parameters: int
     shard: VocabShard  # the slice of its output vocabulary each callback's weight holds, and its group
@@ -115,6 +118,7 @@ class TeacherJob(Protocol):
     """A teacher on its own layout (`teacher.parallel`), as the cache stage runs it: the world's facts
     and the factory of the frozen model. Built by `distill.engine.teacher_job`."""
 
+    engine: str  # what runs the teacher (`teacher.engine`, resolved): megatron, transformers, deepspeed
     device: torch.device
     dp_rank: int
     dp_size: int

@@ -19,13 +19,14 @@ import torch
 
 from distill.checkpoint import latest_checkpoint
 from distill.config import CampaignConfig
-from distill.engine.base import LossFn
+from distill.engine.base import ForwardModel, LossFn
 from distill.engine.collectives import WorldCollectives
 from distill.engine.megatron.checkpoint import load_checkpoint, save_checkpoint
 from distill.engine.megatron.distributed_optimizer import MegatronDistributedOptimizer
 from distill.engine.megatron.forward import MegatronForward, frozen_model
 from distill.engine.megatron.optimizer import DistillOptimizer
 from distill.engine.megatron.weights import load_weights
+from distill.errors import DataError
 from distill.messages import say
 from distill.models.student import student_init_path
 from distill.models.weights import checkpoint_meta, find_weights
@@ -63,7 +64,7 @@ class MegatronEngine(WorldCollectives, MegatronForward):
         self.weights = find_weights(
             student_init_path(config, is_main=ctx.is_main, broadcast_from_main=self.broadcast_from_main)
         )
-        arch = self.weights.arch
+        arch = self.weights.megatron_arch("student.init")
         self.arch, self.tokenizer_dir = arch, self.weights.tokenizer_dir
         model = build_gpt(
             arch, ctx.dims, pp_rank=ctx.pp_rank, dtype=precision_dtype(config.training.precision)
@@ -134,9 +135,29 @@ class MegatronEngine(WorldCollectives, MegatronForward):
 
     def frozen_model(
         self, path: Path, *, precision: str, tokenizer_sha256: str, data_dir: Path
-    ) -> MegatronForward:
-        return frozen_model(
-            path, self.ctx, precision=precision, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir
+    ) -> ForwardModel:
+        """The online teacher over the student's layout: megatron-core when it maps the teacher's type;
+        else the HF module under transformers' tensor parallelism over the student's tp groups (which
+        split its vocabulary as the student's), at pp 1."""
+        if find_weights(path).megatron_ready:
+            return frozen_model(
+                path, self.ctx, precision=precision, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir
+            )
+        if self.ctx.dims.pp > 1:
+            raise DataError(
+                f"teacher.path {path}: an online teacher that megatron-core does not map runs as a Hugging "
+                f"Face module with tensor parallelism only, and parallel.pp is {self.ctx.dims.pp}: train at pp 1, "
+                "or cache the teacher (teacher.mode: cached)"
+            )
+        from distill.engine.hf.teacher import tensor_parallel_teacher
+
+        return tensor_parallel_teacher(
+            path,
+            tp=self.ctx.dims.tp,
+            precision=precision,
+            tokenizer_sha256=tokenizer_sha256,
+            data_dir=data_dir,
+            device=self.device,
         )
 
     def close(self) -> None:

@@ -47,5 +47,6 @@ def frozen_model(
     weights = open_teacher(path, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir)
     model = load_teacher(weights, ctx, precision)
     emit_hidden_states(model)
-    shard = VocabShard.of(weights.arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)
-    return MegatronForward(model, model, weights.arch, shard)
+    arch = weights.megatron_arch("teacher.path")
+    shard = VocabShard.of(arch.vocab_size, ctx.tp_rank, ctx.dims.tp, ctx.tp_group)
+    return MegatronForward(model, model, arch, shard)

@@ -17,6 +17,8 @@ from parallel.distributed import ParallelContext, init_parallel, shutdown
 
 
 class MegatronTeacherJob(WorldCollectives):
+    engine = "megatron"  # teacher.engine
+
     def __init__(self, layout: ParallelConfig, ctx: ParallelContext | None = None) -> None:
         self.joined = ctx is None  # this job joined the world (and leaves it on close)
         self.ctx = ctx or init_parallel(layout.tp, layout.pp, seed=0)

@@ -24,7 +24,7 @@ def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext)
     """Collective: fill this rank's shard of `model` (built for `weights.arch` at `ctx`'s layout)."""
     if weights.kind == "hf":
         HFCheckpoint(weights.directory).load_into(
-            model, Shard(weights.arch, ctx.dims, ctx.tp_rank, ctx.pp_rank)
+            model, Shard(weights.megatron_arch("model"), ctx.dims, ctx.tp_rank, ctx.pp_rank)
         )
     else:
         load_checkpoint(weights.directory, model=model, optimizer=None, ctx=ctx)
@@ -32,6 +32,7 @@ def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext)
 
 def load_teacher(weights: Weights, ctx: ParallelContext, precision: str) -> Any:
     """This rank's shard of the teacher (layers of its pipeline stage, vocabulary slice), eval mode."""
-    model = build_gpt(weights.arch, ctx.dims, pp_rank=ctx.pp_rank, dtype=precision_dtype(precision))
+    arch = weights.megatron_arch("teacher.path")
+    model = build_gpt(arch, ctx.dims, pp_rank=ctx.pp_rank, dtype=precision_dtype(precision))
     load_weights(model, weights, ctx)
     return model.eval()

@@ -37,11 +37,13 @@ import torch.distributed as dist
 from distill.config import CampaignConfig
 from distill.engine.base import LossFn, OutputFn
 from distill.engine.collectives import WorldCollectives
+from distill.engine.hf.forward import check_output_layer
 from distill.engine.schedule import adamw_param_groups, lr_at
 from distill.engine.zero.checkpoint import load_zero_checkpoint, save_zero_checkpoint
 from distill.engine.zero.config import inference_config, training_config, zero_section
 from distill.errors import DataError
 from distill.messages import say
+from distill.models.hf_arch import HFArch
 from distill.models.student import student_init_path
 from distill.models.teacher import open_teacher
 from distill.models.weights import Weights, find_weights
@@ -109,7 +111,11 @@ class ZeroForward:
     """Forward-only passes of a DeepSpeed-wrapped causal LM (evaluation, the frozen online teacher)."""
 
     def __init__(
-        self, engine: Any, wrapper: _OutputLayerToLoss, arch: ModelArch, device: torch.device
+        self,
+        engine: Any,
+        wrapper: _OutputLayerToLoss,
+        arch: ModelArch | HFArch,
+        device: torch.device,
     ) -> None:
         self.ds, self.wrapper, self.arch, self.device = engine, wrapper, arch, device
         self.num_parameters, self.vocab_size = arch.num_parameters(), arch.vocab_size
@@ -139,15 +145,8 @@ class ZeroEngine(WorldCollectives, ZeroForward):
             raise
 
     def _build(self, config: CampaignConfig, device: torch.device) -> None:
-        os.environ.setdefault("DS_ACCELERATOR", device.type)  # said, not guessed (and not warned about)
-        import deepspeed
-
         assert config.training is not None
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # DeepSpeed 0.19.8 calls torch's deprecated collective aliases; nothing a user can act on
-        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
-        with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully"
-            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        start_deepspeed(device)
         torch.manual_seed(config.training.seed)
         self.rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.world_size = self.dp_size
@@ -155,7 +154,7 @@ class ZeroEngine(WorldCollectives, ZeroForward):
         self.weights = find_weights(
             student_init_path(config, is_main=self.is_main, broadcast_from_main=self.broadcast_from_main)
         )
-        arch = self.weights.arch
+        arch = self.weights.megatron_arch("student.init")  # a student's checkpoints record its ModelArch
         self.tokenizer_dir = self.weights.tokenizer_dir
         self.dtype = precision_dtype(config.training.precision)
         self.ds_config = training_config(config, self.dp_size, self.dtype)
@@ -225,25 +224,66 @@ class ZeroEngine(WorldCollectives, ZeroForward):
     def frozen_model(
         self, path: Path, *, precision: str, tokenizer_sha256: str, data_dir: Path
     ) -> ZeroForward:
-        import deepspeed
-
         assert self.config.training is not None
-        weights = open_teacher(path, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir)
-        dtype = precision_dtype(precision)
-        ds_config = inference_config(self.config, self.config.training.micro_batch, dtype)
-        model = _load_hf(_hf_weights(weights, "teacher.path"), ds_config, dtype).eval()
-        model.requires_grad_(False)
-        wrapper = _OutputLayerToLoss(model)
-        weight = model.get_output_embeddings().weight
-        with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):
-            wrapper.weight = weight.detach().clone()  # [V, h]: kept whole, read after each forward
-        return ZeroForward(_initialize(wrapper, ds_config), wrapper, weights.arch, self.device)
+        return frozen_zero_model(
+            self.config,
+            path,
+            micro_batch=self.config.training.micro_batch,
+            precision=precision,
+            tokenizer_sha256=tokenizer_sha256,
+            data_dir=data_dir,
+            device=self.device,
+        )
 
     def close(self) -> None:
-        """Leave the world through DeepSpeed when it was joined, so its cached groups go too."""
-        if "deepspeed" in sys.modules and dist.is_initialized():
-            import deepspeed.comm
+        leave_deepspeed()
 
-            deepspeed.comm.destroy_process_group()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def start_deepspeed(device: torch.device) -> None:
+    """DeepSpeed's view of the world this process joined (quietly: its notices are not the user's)."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # said, not guessed (and not warned about)
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19.8 calls torch's deprecated collective aliases; nothing a user can act on
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+
+
+def leave_deepspeed() -> None:
+    """Leave the world through DeepSpeed when it was joined, so its cached groups go too."""
+    if "deepspeed" in sys.modules and dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def frozen_zero_model(
+    config: CampaignConfig,
+    path: Path,
+    *,
+    micro_batch: int,
+    precision: str,
+    tokenizer_sha256: str,
+    data_dir: Path,
+    device: torch.device,
+) -> ZeroForward:
+    """The teacher at `path` (any HF causal LM) partitioned by ZeRO-3 over the world, forward-only: the
+    online teacher of a ZeRO student, and the cache stage's under teacher.engine deepspeed."""
+    import deepspeed
+
+    weights = open_teacher(path, tokenizer_sha256=tokenizer_sha256, data_dir=data_dir)
+    dtype = precision_dtype(precision)
+    ds_config = inference_config(config, micro_batch, dtype)
+    model = _load_hf(_hf_weights(weights, "teacher.path"), ds_config, dtype).eval()
+    model.requires_grad_(False)
+    wrapper = _OutputLayerToLoss(model)
+    weight = model.get_output_embeddings().weight
+    with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):
+        wrapper.weight = weight.detach().clone()  # [V, h]: kept whole, read after each forward
+    forward = ZeroForward(_initialize(wrapper, ds_config), wrapper, weights.arch, device)
+    check_output_layer(model, wrapper.weight, forward.shard, weights.arch.model_type, device)
+    return forward

@@ -1,0 +1,1 @@
+"""Hugging Face modules as they are, run by `transformers` (tensor parallelism) for any causal LM."""

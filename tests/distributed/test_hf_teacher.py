@@ -165,3 +165,19 @@ def test_262k_vocabulary_fused_loss_at_tp2_equals_tp1(hf_runs):
 def test_a_model_that_scales_its_logits_is_refused(hf_runs):
     refused = hf_runs["one"]["refused"]
     assert refused is not None and "'granite'" in refused and "output weight" in refused
+
+
+@pytest.mark.slow
+def test_cache_inspect_compares_with_the_hf_teacher(hf_runs):
+    """`cache inspect` rebuilds the dense teacher the way the cache was written (the HF module here) and
+    measures the top-k reconstruction against it: keeping 16 of 640 ids of a near-uniform random model
+    keeps little mass, and the tail spread over the rest is close to what was dropped."""
+    import json
+
+    from tests.helpers import distillery
+
+    done = distillery("cache", "inspect", hf_runs["work"] / "one_tp1" / "gemma3_topk", "--sequences", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert 0.0 < report["mean_kept_mass"] < 0.5
+    assert 0.0 <= report["kl_dense_to_reconstruction"]["mean"] < 0.01

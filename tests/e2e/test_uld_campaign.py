@@ -1,8 +1,9 @@
 """Cross-tokenizer distillation end to end through the CLI: paired prepare, a top-k cache over the teacher
 sequences, ULD training against the cache and against the live teacher, and the bad inputs.
 
-The teacher is a tiny random Llama with its own byte-level BPE (900 ids, trained on other text than the
-student's 600-id one). With a cache that keeps the teacher's whole distribution (k = its vocabulary) and
+The teacher is a tiny random Gemma-3-style model (scaled embeddings, sandwich norms, sliding-window
+layers: megatron-core has no mapping for it, so it runs as a Hugging Face module, cached and live) with
+its own byte-level BPE (900 ids, trained on other text than the student's 600-id one). With a cache that keeps the teacher's whole distribution (k = its vocabulary) and
 `top_m` above both vocabularies, the cached and the live teacher define the same ULD loss: the first
 step's ULD matches within the cache's quantization error.
 """
@@ -30,7 +31,7 @@ from tests.helpers import (
     few_documents,
     prepare_tree,
     stdlib_texts,
-    tiny_llama,
+    tiny_hf_only,
     training_section,
     write_config,
 )
@@ -45,7 +46,7 @@ SPAN_TOLERANCE = 5e-3  # float16 target log-probs (~5e-4 relative each), summed 
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("uld-teacher")
     train_tokenizer(stdlib_texts(20, start=5), root / "tokenizer", algorithm="byte_level_bpe", vocab_size=900)
-    tiny_llama(root / "hf", root / "tokenizer", TEACHER_VOCAB, seed=1, hidden_size=48, max_positions=128)
+    tiny_hf_only(root / "hf", root / "tokenizer", "gemma3", TEACHER_VOCAB, seed=1)
     return root / "hf"
 
 
@@ -122,6 +123,29 @@ def test_cached_and_online_uld_and_span_train_and_agree(work):
     assert all(r["loss/span"] > 0 for r in cached + online)
     assert abs(cached[0]["loss/span"] - online[0]["loss/span"]) < SPAN_TOLERANCE
     assert cached[-1]["loss"] < cached[0]["loss"]
+
+
+def test_the_gemma3_teacher_is_evaluated_on_its_own_tokens(work, teacher_dir):
+    """Held-out teacher CE of an HF-module teacher with its own tokenizer: `distillery eval` re-encodes the
+    held-out text with it; a random model of 960 entries is near the uniform ln(960) nats per token."""
+    import math
+
+    from distill.atomic import read_json
+
+    done = distillery(
+        "eval",
+        "--data",
+        work / "run" / "prepared",
+        "--teacher",
+        teacher_dir,
+        "--out",
+        work / "eval",
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = read_json(work / "eval" / "eval.json")["models"]["teacher"]
+    for domain, found in teacher["domains"].items():
+        assert found["tokens"] > 0 and abs(found["ce"] - math.log(TEACHER_VOCAB)) < 0.5, (domain, found)
 
 
 def test_uld_with_a_same_tokenizer_teacher_says_plain_kd_applies(work, prepared_small, tiny_model_dir):

@@ -180,6 +180,21 @@ def training_tree(tmp_path: Path) -> dict:
             "loss.weights.taid: Input should be greater than or equal to 0",
         ),
         ({"loss": {"chunk_tokens": 0}}, "loss: chunk_tokens must be positive or 'auto'"),
+        (
+            {
+                "teacher": {"path": "t", "engine": "transformers", "parallel": {"tp": 2, "pp": 2}},
+                "cache": {"dir": "c"},
+            },
+            "teacher.parallel.pp is 2: teacher.engine transformers shards the teacher by tensor parallelism",
+        ),
+        (
+            {"teacher": {"path": "t", "engine": "deepspeed", "parallel": {"tp": 2}}, "cache": {"dir": "c"}},
+            "teacher.parallel (tp 2, pp 1): teacher.engine deepspeed partitions the teacher by ZeRO-3",
+        ),
+        (
+            {"teacher": {"path": "t", "engine": "vllm"}, "cache": {"dir": "c"}},
+            "teacher.engine: Input should be 'auto', 'megatron', 'transformers' or 'deepspeed'",
+        ),
     ],
 )
 def test_loss_and_teacher_errors_name_the_keys(tmp_path, change, expected):

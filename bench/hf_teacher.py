@@ -49,11 +49,13 @@ def write_model(out: Path) -> None:
         sliding_window=128,
         max_position_embeddings=2048,
     )
-    transformers.Gemma3ForCausalLM(config).save_pretrained(out)
     from distill.data.tokenizer import train_tokenizer
+    from distill.tokenizer_files import copy_tokenizer_files
     from tests.helpers import stdlib_texts
 
-    train_tokenizer(stdlib_texts(10), out, algorithm="byte_level_bpe", vocab_size=2000)  # ids a subset
+    train_tokenizer(stdlib_texts(10), out.parent / "tokenizer", algorithm="byte_level_bpe", vocab_size=2000)
+    transformers.Gemma3ForCausalLM(config).save_pretrained(out)
+    copy_tokenizer_files(out.parent / "tokenizer", out)  # its ids a subset of the model's
 
 
 def worker(model: Path, variant: str, sequences: int, seq_len: int, out: Path) -> None:
@@ -73,6 +75,7 @@ def worker(model: Path, variant: str, sequences: int, seq_len: int, out: Path) -
             "data": {
                 "dir": str(out / "data"),
                 "tokenizer": {"path": str(model)},
+                "seq_len": 256,
                 "domains": {"text": {"sources": [{"files": str(out / "none.txt")}]}},
             },
             "teacher": {"path": str(model), "micro_batch": 4, "engine": engine, "parallel": {"tp": tp}},
@@ -141,10 +144,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "gemma3"
         write_model(model)
+        (Path(tmp) / "out").mkdir()
         results = {}
         for variant in VARIANTS:
             env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-            subprocess.run(
+            done = subprocess.run(
                 [
                     sys.executable,
                     "-m",
@@ -160,11 +164,13 @@ def main() -> None:
                     str(args.sequences),
                     str(Path(tmp) / "out"),
                 ],
-                check=True,
                 env=env,
                 cwd=REPO,
                 capture_output=True,
+                text=True,
             )
+            if done.returncode != 0:
+                raise SystemExit(f"{variant} failed:\n{done.stderr[-5000:]}")
             ranks = [
                 json.loads((Path(tmp) / "out" / f"{variant}_rank{r}.json").read_text()) for r in range(2)
             ]

@@ -26,8 +26,11 @@ CACHE_TOLERANCE = 2e-3
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, prepared_tiny, tiny_model_dir) -> Path:
+def work(tmp_path_factory, prepared_tiny, tiny_model_dir, tokenizer_dir) -> Path:
+    from tests.helpers import tiny_hf_only
+
     work = tmp_path_factory.mktemp("distill")
+    tiny_hf_only(work / "gemma3", tokenizer_dir, "gemma3", 640, seed=6)  # an online HF-module teacher
     tree = copy.deepcopy(prepared_tiny)
     tree.update(
         student={
@@ -64,6 +67,17 @@ def test_online_teacher_is_the_same_at_every_layout(runs):
     assert len(reference) == STEPS
     for layout in ("online_tp2pp1", "online_tp1pp2"):
         assert runs[layout]["loss"] == pytest.approx(reference, abs=1e-5), layout
+
+
+def test_an_online_hf_module_teacher_is_the_same_at_tp2(runs):
+    """Gemma 3 as the live teacher of a megatron student: transformers' tensor parallelism over the
+    student's tp groups splits its vocabulary as the student's; tp2 trains as tp1 does."""
+    one, two = runs["gemma_online_tp1pp1"], runs["gemma_online_tp2pp1"]
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    for step_one, step_two in zip(one["terms"], two["terms"], strict=True):
+        assert step_two["forward_kl"] == pytest.approx(step_one["forward_kl"], abs=1e-5)
+    llama = runs["online_tp1pp1"]["terms"][0]["forward_kl"]
+    assert abs(one["terms"][0]["forward_kl"] - llama) > 1e-3  # another teacher: another signal
 
 
 def test_online_forward_kl_equals_cached_topk_with_k_equal_v(runs):

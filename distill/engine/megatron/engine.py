@@ -151,7 +151,7 @@ class MegatronEngine(WorldCollectives, MegatronForward):
             )
         from distill.engine.hf.teacher import tensor_parallel_teacher
 
-        return tensor_parallel_teacher(
+        teacher = tensor_parallel_teacher(
             path,
             tp=self.ctx.dims.tp,
             precision=precision,
@@ -159,6 +159,13 @@ class MegatronEngine(WorldCollectives, MegatronForward):
             data_dir=data_dir,
             device=self.device,
         )
+        split = VocabShard.of(teacher.vocab_size, self.ctx.tp_rank, self.ctx.dims.tp, self.ctx.tp_group)
+        if (teacher.shard.start, teacher.shard.size) != (split.start, split.size):
+            raise DataError(
+                f"teacher.path {path}: its vocabulary of {teacher.vocab_size} does not split evenly over "
+                f"parallel.tp {self.ctx.dims.tp} as the losses split it; choose a tp that divides it"
+            )
+        return teacher
 
     def close(self) -> None:
         shutdown()

@@ -76,6 +76,10 @@ def main() -> None:
         ("cached_tp1pp2", "cached.yaml", 1, 2),
     ):
         found[name] = summary(trainer(work, config, name, tp, pp, *fkl).run())
+    # a teacher megatron-core does not map (Gemma 3), live as the HF module under transformers' tp
+    gemma = [f"teacher.path={work / 'gemma3'}", *fkl]
+    for name, tp in (("gemma_online_tp1pp1", 1), ("gemma_online_tp2pp1", 2)):
+        found[name] = summary(trainer(work, "online.yaml", name, tp, 1, *gemma).run())
     found["sampled_tp2pp1"] = summary(
         trainer(work, "sampled.yaml", "sampled", 2, 1, "loss.weights.forward_kl=1.0").run()
     )

@@ -29,14 +29,13 @@ from distill.models.hf_arch import HFArch
 from parallel.model import ModelArch
 from parallel.vocab import VocabShard
 
-_NO_POSITION = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that keeps none: no `[b, s, V]` logits
-
 
 def final_hidden(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The final (normed) hidden states `[b, s, h]` of an HF causal LM over `inputs` `[b, s]`."""
     keep = {}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
-        keep = {"logits_to_keep": _NO_POSITION.to(inputs.device)}
+        # keep no position: no `[b, s, V]` logits are computed
+        keep = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=inputs.device)}
     out = model(input_ids=inputs, output_hidden_states=True, use_cache=False, **keep)
     return out.hidden_states[-1]
 
@@ -54,15 +53,15 @@ def output_weight_shard(model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
     return weight.to_local().detach(), mesh.get_group("tp")
 
 
-def vocab_shard(rows: int, group: Any, vocab_size: int) -> VocabShard:
+def vocab_shard(rows: int, group: Any, vocab_size: int, device: torch.device) -> VocabShard:
     """The slice of the vocabulary `rows` local rows are, given slices follow the rank order of `group`
     (Shard(0) of a DTensor); checked to cover the vocabulary exactly."""
     if group is None:
         if rows != vocab_size:
             raise DataError(f"the output layer has {rows} rows for a vocabulary of {vocab_size}")
         return VocabShard(0, rows, None)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.int64), group=group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
     counts = [int(s.item()) for s in sizes]
     if sum(counts) != vocab_size:
         raise DataError(f"the output layer's shards hold {sum(counts)} rows for a vocabulary of {vocab_size}")
@@ -106,7 +105,7 @@ class HFForward:
         self.model, self.arch, self.device = model.eval(), arch, device
         self.num_parameters, self.vocab_size = arch.num_parameters(), arch.vocab_size
         self.weight, group = output_weight_shard(model)  # [V/tp, h]
-        self.shard = vocab_shard(self.weight.shape[0], group, arch.vocab_size)
+        self.shard = vocab_shard(self.weight.shape[0], group, arch.vocab_size, device)
         if check:
             check_output_layer(model, self.weight, self.shard, arch.model_type, device)
 

@@ -210,6 +210,12 @@ class CampaignConfig(Section):
                 "set teacher.mode: online to run the teacher live during training"
             )
         if teacher.mode == "online":
+            if teacher.engine != "auto":
+                raise ValueError(
+                    f"teacher.engine {teacher.engine!r} chooses what runs the cache stage's teacher; an online "
+                    "teacher runs in the student's engine (megatron-core when it maps the teacher, else the "
+                    "Hugging Face module): remove teacher.engine"
+                )
             if cache is not None:
                 raise ValueError(
                     "teacher.mode 'online' trains against the live teacher: remove the `cache` section "

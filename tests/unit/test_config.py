@@ -192,6 +192,10 @@ def training_tree(tmp_path: Path) -> dict:
             "teacher.parallel (tp 2, pp 1): teacher.engine deepspeed partitions the teacher by ZeRO-3",
         ),
         (
+            {"teacher": {"path": "t", "mode": "online", "engine": "deepspeed"}},
+            "teacher.engine 'deepspeed' chooses what runs the cache stage's teacher; an online teacher runs",
+        ),
+        (
             {"teacher": {"path": "t", "engine": "vllm"}, "cache": {"dir": "c"}},
             "teacher.engine: Input should be 'auto', 'megatron', 'transformers' or 'deepspeed'",
         ),

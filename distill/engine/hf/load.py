@@ -41,10 +41,10 @@ def load_tensor_parallel(
             warnings.simplefilter("ignore", FutureWarning)  # transformers' notices about its own API moves
             model = AutoModelForCausalLM.from_pretrained(str(directory), **options)
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
-        if tp > 1 and "plan" in str(exc).lower():
+        if tp > 1 and "plan" in str(exc).lower():  # no tp (or fsdp) plan for this model class
             raise DataError(
-                f"{key}: tp {tp}, but {directory} (its model_type) has no tensor-parallel plan in transformers: "
-                f"use tp 1 or teacher.engine deepspeed (ZeRO-3) ({exc})"
+                f"{key}: tp {tp}, but transformers cannot shard {directory} with its parallel plans ({exc}); "
+                "use tp 1, or teacher.engine deepspeed (ZeRO-3)"
             ) from None
         raise DataError(f"{directory} does not load with AutoModelForCausalLM: {exc}") from None
     model.requires_grad_(False)

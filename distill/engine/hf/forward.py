@@ -16,6 +16,7 @@ with its model_type.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -30,10 +31,16 @@ from parallel.model import ModelArch
 from parallel.vocab import VocabShard
 
 
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether a model class's forward accepts `logits_to_keep` (asked once per class, not per pass)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def final_hidden(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The final (normed) hidden states `[b, s, h]` of an HF causal LM over `inputs` `[b, s]`."""
     keep = {}
-    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+    if _takes_logits_to_keep(type(model)):
         # keep no position: no `[b, s, V]` logits are computed
         keep = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=inputs.device)}
     out = model(input_ids=inputs, output_hidden_states=True, use_cache=False, **keep)

@@ -37,7 +37,7 @@ def corpus(config: CampaignConfig, options: RunOptions) -> None:
 
 def cache(config: CampaignConfig, options: RunOptions) -> None:
     assert config.cache is not None and config.teacher is not None
-    nproc = options.nproc or config.teacher.layout.tp * config.teacher.layout.pp
+    nproc = options.nproc or config.stage_ranks("cache")
     launch_local(nproc, ["cache", str(config.run.dir / "config.yaml")])
 
 

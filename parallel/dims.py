@@ -17,25 +17,38 @@ class ParallelDims:
     tp: int
     pp: int
     dp: int
+    ep: int = 1  # expert parallelism: each MoE layer's experts split over ep ranks carved out of dp
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
     @classmethod
-    def from_world(cls, world_size: int, tp: int, pp: int) -> ParallelDims:
+    def from_world(cls, world_size: int, tp: int, pp: int, ep: int = 1) -> ParallelDims:
         """Derive dp from the world size; refuse layouts that do not tile it."""
-        if tp < 1 or pp < 1:
-            raise ParallelConfigError(f"parallel.tp ({tp}) and parallel.pp ({pp}) must be >= 1")
+        if tp < 1 or pp < 1 or ep < 1:
+            raise ParallelConfigError(f"parallel.tp ({tp}), parallel.pp ({pp}) and ep ({ep}) must be >= 1")
         if world_size % (tp * pp):
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by tp x pp = {tp} x {pp} = {tp * pp}; "
                 f"launch a multiple of {tp * pp} processes or change parallel.tp / parallel.pp"
             )
-        return cls(tp=tp, pp=pp, dp=world_size // (tp * pp))
+        dp = world_size // (tp * pp)
+        if dp % ep:
+            raise ParallelConfigError(
+                f"ep {ep} does not divide the data-parallel ranks: world size {world_size} / (tp {tp} x pp {pp}) "
+                f"= dp {dp}; expert parallelism is carved out of data parallelism"
+            )
+        return cls(tp=tp, pp=pp, dp=dp, ep=ep)
 
     def check_model(
-        self, *, num_layers: int, num_attention_heads: int, num_query_groups: int, vocab_size: int
+        self,
+        *,
+        num_layers: int,
+        num_attention_heads: int,
+        num_query_groups: int,
+        vocab_size: int,
+        num_experts: int = 0,
     ) -> None:
         """Refuse a model that cannot be split this way, naming each dimension that does not divide."""
         problems = []
@@ -47,9 +60,14 @@ class ParallelDims:
             problems.append(f"vocabulary {vocab_size} % tp {self.tp} != 0")
         if num_layers % self.pp:
             problems.append(f"layers {num_layers} % pp {self.pp} != 0")
+        if num_experts and num_experts % self.ep:
+            problems.append(f"experts {num_experts} % ep {self.ep} != 0")
+        if self.ep > 1 and not num_experts:
+            problems.append(f"ep {self.ep} on a dense model (no experts)")
         if problems:
             raise ParallelConfigError(
-                f"the model does not split over tp={self.tp}, pp={self.pp}: " + "; ".join(problems)
+                f"the model does not split over tp={self.tp}, pp={self.pp}, ep={self.ep}: "
+                + "; ".join(problems)
             )
 
     def global_batch_split(self, global_batch: int, micro_batch: int) -> int:
@@ -62,4 +80,4 @@ class ParallelDims:
         return global_batch // (micro_batch * self.dp)
 
     def __str__(self) -> str:
-        return f"tp{self.tp} pp{self.pp} dp{self.dp}"
+        return f"tp{self.tp} pp{self.pp} dp{self.dp}" + (f" ep{self.ep}" if self.ep > 1 else "")

@@ -31,6 +31,7 @@ class ParallelContext:
     dp_group: dist.ProcessGroup
     mp_group: dist.ProcessGroup  # tp x pp: everything one model replica spans
     device: torch.device
+    ep_rank: int = 0  # this rank's slice of each MoE layer's experts
 
     @property
     def is_first_stage(self) -> bool:
@@ -70,17 +71,19 @@ def join_world() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
-def init_parallel(tp: int, pp: int, seed: int) -> ParallelContext:
+def init_parallel(tp: int, pp: int, seed: int, ep: int = 1) -> ParallelContext:
     """Join the world (torchrun env or a world of one), build the tp/pp/dp groups, seed every RNG."""
     if not torch.cuda.is_available():
         cpu_compat.apply()  # before megatron-core's first import: it quiets warnings printed at import
     from megatron.core import parallel_state, tensor_parallel
 
     device = join_world()
-    dims = ParallelDims.from_world(dist.get_world_size(), tp, pp)
+    dims = ParallelDims.from_world(dist.get_world_size(), tp, pp, ep)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()  # a new layout in the same world (tests, resharding)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelContext(
@@ -94,6 +97,7 @@ def init_parallel(tp: int, pp: int, seed: int) -> ParallelContext:
         dp_group=parallel_state.get_data_parallel_group(),
         mp_group=parallel_state.get_model_parallel_group(),
         device=device,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 

@@ -18,7 +18,8 @@ import torch
 from parallel.dims import ParallelDims
 from parallel.errors import ParallelConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -39,6 +40,14 @@ class ModelArch:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3's q_norm / k_norm)
+    num_experts: int = (
+        0  # > 0: every layer's MLP is a mixture of this many SwiGLU experts (Mixtral, Qwen3-MoE)
+    )
+    moe_topk: int = 0  # experts per token
+    moe_ffn_hidden_size: int = 0  # one expert's intermediate size
+    moe_renormalize: bool = (
+        True  # top-k probabilities renormalised to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    )
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
@@ -60,6 +69,7 @@ class ModelArch:
             raise ParallelConfigError(
                 "use_sliding_window: true is not supported (sliding-window attention is not mapped)"
             )
+        moe = _moe_fields(model_type, config)
         heads = config["num_attention_heads"]
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
@@ -86,7 +96,8 @@ class ModelArch:
             rms_norm_eps=config.get("rms_norm_eps", 1e-5),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **moe,
         )
 
     def to_hf_config(self, **extra: Any) -> dict[str, Any]:
@@ -96,6 +107,8 @@ class ModelArch:
             "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
+            "mixtral": "MixtralForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
         }
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_llama3_factor is not None:
@@ -120,6 +133,19 @@ class ModelArch:
             config.update(attention_bias=False, mlp_bias=False)
         if self.model_type == "qwen3":
             config.update(attention_bias=False, use_sliding_window=False)
+        if self.model_type == "mixtral":
+            config.update(num_local_experts=self.num_experts, num_experts_per_tok=self.moe_topk)
+            config["intermediate_size"] = self.moe_ffn_hidden_size
+        if self.model_type == "qwen3_moe":
+            config.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.moe_topk,
+                moe_intermediate_size=self.moe_ffn_hidden_size,
+                norm_topk_prob=self.moe_renormalize,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                attention_bias=False,
+            )
         return {**config, **extra}
 
     def to_json(self) -> dict[str, Any]:
@@ -135,11 +161,38 @@ class ModelArch:
             self.hidden_size * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
         )
         mlp = 3 * self.hidden_size * self.ffn_hidden_size
+        if self.num_experts:
+            mlp = self.num_experts * (3 * self.hidden_size * self.moe_ffn_hidden_size + self.hidden_size)
         qk_norms = 2 * self.head_dim if self.qk_norm else 0
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return (
             self.num_layers * (attn + mlp + qk_norms + 2 * self.hidden_size) + embeddings + self.hidden_size
         )
+
+
+def _moe_fields(model_type: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config (empty for a dense model)."""
+    if model_type == "mixtral":
+        return {
+            "num_experts": config["num_local_experts"],
+            "moe_topk": config["num_experts_per_tok"],
+            "moe_ffn_hidden_size": config["intermediate_size"],
+            "moe_renormalize": True,
+        }
+    if model_type == "qwen3_moe":
+        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+            raise ParallelConfigError(
+                "qwen3_moe with dense layers between the sparse ones (decoder_sparse_step != 1 or "
+                "mlp_only_layers) is not supported: no released Qwen3-MoE has them"
+            )
+        return {
+            # transformers 5 writes `num_local_experts`, released checkpoints `num_experts`
+            "num_experts": config.get("num_experts") or config["num_local_experts"],
+            "moe_topk": config["num_experts_per_tok"],
+            "moe_ffn_hidden_size": config["moe_intermediate_size"],
+            "moe_renormalize": bool(config.get("norm_topk_prob", False)),
+        }
+    return {}
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -187,7 +240,28 @@ def transformer_config(arch: ModelArch, dims: ParallelDims, dtype: torch.dtype) 
         gradient_accumulation_fusion=False,
         init_method_std=0.02,
         cuda_graph_scope=[],  # no CUDA graphs; megatron-core's default ("full") warns that it is deprecated
+        **_moe_config(arch, dims),
     )
+
+
+def _moe_config(arch: ModelArch, dims: ParallelDims) -> dict[str, Any]:
+    """megatron-core's MoE settings for `arch`: its router (top-k, softmax after the top-k when the
+    probabilities are renormalised, before it when not), SequentialMLP experts, and the all-gather token
+    dispatcher (all-gather / reduce-scatter over the expert group: the one gloo runs; all-to-all needs
+    NCCL). A frozen teacher: no auxiliary load-balancing loss."""
+    if not arch.num_experts:
+        return {}
+    return {
+        "num_moe_experts": arch.num_experts,
+        "moe_router_topk": arch.moe_topk,
+        "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
+        "moe_router_pre_softmax": not arch.moe_renormalize,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": False,
+        "moe_aux_loss_coeff": 0.0,
+        "moe_router_load_balancing_type": "none",
+        "expert_model_parallel_size": dims.ep,
+    }
 
 
 def build_gpt(
@@ -202,10 +276,21 @@ def build_gpt(
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_key_value_heads,
         vocab_size=arch.vocab_size,
+        num_experts=arch.num_experts,
     )
+    if arch.num_experts:
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):  # 0.16.1 names it only when Transformer Engine imports
+            moe_utils.te_general_gemm = None
     model = GPTModel(
         config=transformer_config(arch, dims, dtype),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            num_experts=arch.num_experts or None,
+            moe_grouped_gemm=False,
+            normalization="RMSNorm",
+            qk_layernorm=arch.qk_norm,
+        ),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pp_rank == 0,

@@ -144,6 +144,46 @@ def tiny_qwen3(out: Path, tokenizer: Path, vocab_size: int, *, seed: int = 0) ->
     return out
 
 
+def tiny_moe(out: Path, tokenizer: Path, kind: str, vocab_size: int, *, seed: int = 0) -> Path:
+    """A tiny random mixture-of-experts model over `tokenizer`, saved at `out`: `mixtral` (4 experts,
+    top-2, probabilities renormalised) or `qwen3_moe` (4 experts of 24, top-2, q/k norms perturbed,
+    `norm_topk_prob` false: softmax before the top-k, not renormalised)."""
+    import torch
+    import transformers
+
+    from distill.tokenizer_files import copy_tokenizer_files
+
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "num_experts_per_tok": 2,
+    }
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4)
+    else:
+        config = transformers.Qwen3MoeConfig(
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_experts=4,
+            head_dim=16,
+            norm_topk_prob=False,
+        )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    model.save_pretrained(out)
+    copy_tokenizer_files(tokenizer, out)
+    return out
+
+
 def tiny_hf_only(out: Path, tokenizer: Path, kind: str, vocab_size: int, *, seed: int = 0) -> Path:
     """A tiny random HF model of an architecture megatron-core has no mapping for here, over `tokenizer`
     (its ids a subset of `vocab_size`), saved at `out`. `gemma3`: embeddings scaled by sqrt(h), norms

@@ -185,6 +185,8 @@ class CacheWriter:
                 if turn < len(todo):
                     self._write_shard(todo[turn])
                     bar.update((todo[turn].end - todo[turn].start) * self.data.seq_len)
+                elif self.job.lockstep:  # expert-parallel peers in other replicas still run this round
+                    self._write_shard(None)
         dist.barrier()
         if self.job.is_main:
             missing = [w.stem for w in plan if not (self.out / f"{w.stem}.json").is_file()]
@@ -197,28 +199,53 @@ class CacheWriter:
                     f"(the last part to finish writes the manifest)",
                 )
 
-    def _write_shard(self, work: ShardWork) -> None:
-        tokens = torch.from_numpy(
-            self.data.store(work.domain, work.split).batch(np.arange(work.start, work.end))
+    def _write_shard(self, work: ShardWork | None) -> None:
+        """Run the teacher over `work`'s sequences and write the shard (None: a round without a shard,
+        run only in lockstep). A lockstep job (an expert-parallel teacher: every forward is collective
+        over an expert group spanning replicas) pads every round to the same number of full micro-batches
+        on every rank; padded rows are all-zero sequences whose outputs are dropped (tokens are routed
+        one by one and attention stays inside a sequence, so they change nothing of the real rows)."""
+        size = self.config.teacher.micro_batch
+        rows = np.arange(work.start, work.end) if work is not None else np.arange(0)
+        store = self.data.store(work.domain, work.split) if work is not None else None
+        tokens = (
+            torch.from_numpy(store.batch(rows))
+            if store is not None
+            else torch.zeros(0, self.data.seq_len + 1, dtype=torch.int64)
         )
-        micro = list(tokens.to(self.job.device).split(self.config.teacher.micro_batch))
-        first = [work.start + i * self.config.teacher.micro_batch for i in range(len(micro))]
-        path = self.out / f"{work.stem}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".bin.tmp")
-        sink = _ShardSink(tmp) if self.writes else None
+        micro = list(tokens.to(self.job.device).split(size))
+        real = [m.shape[0] for m in micro]
+        first = [(work.start if work is not None else 0) + i * size for i in range(len(micro))]
+        if self.job.lockstep:
+            count = torch.tensor([len(micro)], dtype=torch.int64, device=self.job.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            blank = torch.zeros(size, self.data.seq_len + 1, dtype=tokens.dtype, device=self.job.device)
+            micro = [torch.cat([m, blank[: size - m.shape[0]]]) for m in micro]
+            micro += [blank] * (int(count.item()) - len(micro))
+            real += [0] * (len(micro) - len(real))
+        sink = None
+        if work is not None:
+            path = self.out / f"{work.stem}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sink = _ShardSink(path.with_suffix(".bin.tmp")) if self.writes else None
 
         def extract_signal(
             index: int, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         ) -> None:
-            records = self._records(hidden, weight, labels, work, first[index])  # [mb, s, h], [V/tp, h]
+            n = real[index]  # the micro-batch's real sequences (the same on every rank of the replica)
+            if n == 0:
+                return
+            assert work is not None
+            records = self._records(
+                hidden[:n], weight, labels[:n], work, first[index]
+            )  # [n, s, h], [V/tp, h]
             if sink is not None:
                 sink.add(records)
 
         assert self.model is not None
         self.model.forward(micro, extract_signal)
-        if sink is not None:
-            sink.finish(path, self.out / f"{work.stem}.json", work)
+        if sink is not None and work is not None:
+            sink.finish(self.out / f"{work.stem}.bin", self.out / f"{work.stem}.json", work)
 
     def _records(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, work: ShardWork, start: int

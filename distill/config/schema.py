@@ -140,7 +140,8 @@ class CampaignConfig(Section):
     def stage_ranks(self, stage: str) -> int:
         """Ranks a multi-process stage needs at least: the teacher's tp x pp for cache, tp x pp to train."""
         if stage == "cache":
-            return self.teacher.layout.tp * self.teacher.layout.pp if self.teacher is not None else 1
+            layout = self.teacher.layout if self.teacher is not None else None
+            return layout.tp * layout.pp * layout.ep if layout is not None else 1
         if stage in ("train", "baseline"):
             return self.run.nproc or self.parallel.tp * self.parallel.pp
         return 1
@@ -156,11 +157,7 @@ class CampaignConfig(Section):
             return
         for stage in ("cache", "train", "baseline"):
             resources = self.slurm.stage(stage)
-            unit = (
-                self.teacher.layout.tp * self.teacher.layout.pp
-                if stage == "cache" and self.teacher is not None
-                else self.parallel.tp * self.parallel.pp
-            )
+            unit = self.stage_ranks(stage) if stage == "cache" else self.parallel.tp * self.parallel.pp
             per_node = self.ranks_per_node(stage)
             world = resources.nodes * per_node
             if world % unit:
@@ -170,6 +167,11 @@ class CampaignConfig(Section):
                 )
 
     def _check_engine(self) -> None:
+        if self.parallel.ep != 1:
+            raise ValueError(
+                f"parallel.ep is {self.parallel.ep}: expert parallelism splits a mixture-of-experts teacher's "
+                "experts (teacher.parallel.ep); students are dense (MoE students are out of scope)"
+            )
         if self.engine == "megatron":
             if self.deepspeed is not None:
                 raise ValueError(
@@ -198,6 +200,11 @@ class CampaignConfig(Section):
             raise ValueError(
                 f"teacher.parallel.pp is {layout.pp}: teacher.engine transformers shards the teacher by tensor "
                 "parallelism only (pp 1); raise teacher.parallel.tp, or use teacher.engine megatron for pp"
+            )
+        if layout.ep != 1 and teacher.engine in ("transformers", "deepspeed"):
+            raise ValueError(
+                f"teacher.parallel.ep is {layout.ep}: expert parallelism is megatron-core's "
+                f"(teacher.engine megatron, or auto for mixtral / qwen3_moe), not {teacher.engine}'s"
             )
         if teacher.engine == "deepspeed" and (layout.tp, layout.pp) != (1, 1):
             raise ValueError(

@@ -74,6 +74,12 @@ class ParallelConfig(Section):
 
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
+    ep: int = Field(
+        default=1,
+        ge=1,
+        description="Expert parallelism of a mixture-of-experts teacher (teacher.parallel.ep, megatron-core): "
+        "each MoE layer's experts split over ep ranks carved out of the data-parallel ones. Students are dense.",
+    )
 
 
 class TrainingConfig(Section):

@@ -125,6 +125,7 @@ class TeacherJob(Protocol):
     is_main: bool
     loss_rank: bool  # this rank receives the forward callbacks
     counting_rank: bool  # the one rank of its replica that keeps what the callbacks give (the writer)
+    lockstep: bool  # every forward is collective over ranks of several replicas (an expert-parallel teacher)
     description: str
 
     def frozen_model(

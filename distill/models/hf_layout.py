@@ -41,6 +41,7 @@ class Shard:
     dims: ParallelDims
     tp_rank: int
     pp_rank: int
+    ep_rank: int = 0
 
     @property
     def layers_per_stage(self) -> int:
@@ -74,6 +75,8 @@ def hf_sources(name: str, shard: Shard) -> Callable[[Reader], torch.Tensor]:
         return lambda read: read(prefix + "post_attention_layernorm.weight", _FULL, _FULL)
     if rest in _QK_NORMS:
         return lambda read: read(prefix + _QK_NORMS[rest], _FULL, _FULL)
+    if arch.num_experts and rest.startswith("mlp."):
+        return _moe_source(rest, prefix, shard)
     if rest == "self_attention.linear_proj.weight":
         cols = shard.rows(arch.num_attention_heads * arch.head_dim)
         return lambda read: read(prefix + "self_attn.o_proj.weight", _FULL, cols)
@@ -92,6 +95,33 @@ def hf_sources(name: str, shard: Shard) -> Callable[[Reader], torch.Tensor]:
         kind = rest.rsplit(".", 1)[1]
         return lambda read: _qkv_shard(read, prefix + "self_attn.", kind, shard)
     raise KeyError(f"no Hugging Face source for megatron parameter {name!r}")
+
+
+_MOE_NAMES = {  # model_type -> (router, expert prefix, gate, up, down) under the layer's prefix
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", "w1", "w3", "w2"),
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+}
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+
+
+def _moe_source(rest: str, prefix: str, shard: Shard) -> Callable[[Reader], torch.Tensor]:
+    """A mixture-of-experts layer: the router (whole on every rank) and this ep rank's experts, each
+    split over tp like a dense MLP (expert i here is expert ep_rank x experts/ep + i of the layer)."""
+    arch = shard.arch
+    router, experts, gate, up, down = _MOE_NAMES[arch.model_type]
+    if rest == "mlp.router.weight":
+        return lambda read: read(prefix + router, _FULL, _FULL)
+    match = _EXPERT.match(rest)
+    if not match:
+        raise KeyError(f"no Hugging Face source for megatron MoE parameter {rest!r}")
+    expert = shard.ep_rank * (arch.num_experts // shard.dims.ep) + int(match.group(1))
+    base = f"{prefix}{experts}.{expert}."
+    part = shard.rows(arch.moe_ffn_hidden_size)
+    if match.group(2) == "linear_fc2":
+        return lambda read: read(f"{base}{down}.weight", _FULL, part)
+    return lambda read: torch.cat(
+        [read(f"{base}{gate}.weight", part, _FULL), read(f"{base}{up}.weight", part, _FULL)]
+    )
 
 
 def _qkv_shard(read: Reader, prefix: str, kind: str, shard: Shard) -> torch.Tensor:

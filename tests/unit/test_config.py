@@ -196,6 +196,14 @@ def training_tree(tmp_path: Path) -> dict:
             "teacher.engine 'deepspeed' chooses what runs the cache stage's teacher; an online teacher runs",
         ),
         (
+            {"parallel": {"ep": 2}},
+            "parallel.ep is 2: expert parallelism splits a mixture-of-experts teacher's experts",
+        ),
+        (
+            {"teacher": {"path": "t", "engine": "deepspeed", "parallel": {"ep": 2}}, "cache": {"dir": "c"}},
+            "teacher.parallel.ep is 2: expert parallelism is megatron-core's",
+        ),
+        (
             {"teacher": {"path": "t", "engine": "vllm"}, "cache": {"dir": "c"}},
             "teacher.engine: Input should be 'auto', 'megatron', 'transformers' or 'deepspeed'",
         ),

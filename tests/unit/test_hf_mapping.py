@@ -138,6 +138,82 @@ def test_from_world_error_names_world_size_tp_and_pp():
         ParallelDims.from_world(4, 0, 1)
 
 
+def test_expert_parallelism_is_carved_out_of_data_parallelism():
+    assert ParallelDims.from_world(8, 2, 1, ep=2) == ParallelDims(tp=2, pp=1, dp=4, ep=2)
+    with pytest.raises(ParallelConfigError) as error:
+        ParallelDims.from_world(4, 2, 1, ep=4)
+    assert "ep 4 does not divide the data-parallel ranks: world size 4 / (tp 2 x pp 1) = dp 2" in str(
+        error.value
+    )
+    with pytest.raises(ParallelConfigError) as error:
+        ParallelDims(tp=1, pp=1, dp=4, ep=4).check_model(
+            num_layers=2, num_attention_heads=4, num_query_groups=2, vocab_size=256, num_experts=6
+        )
+    assert "experts 6 % ep 4 != 0" in str(error.value)
+    with pytest.raises(ParallelConfigError, match=r"ep 2 on a dense model"):
+        ParallelDims(tp=1, pp=1, dp=2, ep=2).check_model(
+            num_layers=2, num_attention_heads=4, num_query_groups=2, vocab_size=256
+        )
+
+
+def test_moe_configs_map_their_router_and_experts():
+    mixtral = ModelArch.from_hf_config(
+        {
+            "model_type": "mixtral",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 48,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        }
+    )
+    assert (mixtral.num_experts, mixtral.moe_topk, mixtral.moe_ffn_hidden_size, mixtral.moe_renormalize) == (
+        8,
+        2,
+        48,
+        True,
+    )
+    qwen = ModelArch.from_hf_config(
+        {
+            "model_type": "qwen3_moe",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "head_dim": 16,
+            "moe_intermediate_size": 24,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        }
+    )
+    assert qwen.qk_norm and (qwen.num_experts, qwen.moe_ffn_hidden_size, qwen.moe_renormalize) == (
+        4,
+        24,
+        True,
+    )
+    with pytest.raises(ParallelConfigError, match="decoder_sparse_step != 1 or mlp_only_layers"):
+        ModelArch.from_hf_config(
+            {
+                "model_type": "qwen3_moe",
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 96,
+                "moe_intermediate_size": 24,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "mlp_only_layers": [0],
+            }
+        )
+
+
 def test_check_model_names_every_dimension_that_does_not_divide():
     with pytest.raises(ParallelConfigError) as error:
         ParallelDims(tp=3, pp=3, dp=1).check_model(

@@ -57,6 +57,7 @@ class TransformersTeacherJob(WorldCollectives):
         self.dp_rank, self.dp_size, self.is_main = rank // self.tp, world // self.tp, rank == 0
         self.loss_rank = True
         self.counting_rank = rank % self.tp == 0
+        self.lockstep = False  # every forward is collective across replicas (expert parallelism)
         self.description = f"tp {self.tp} x dp {self.dp_size} (transformers tensor parallelism)"
 
     def frozen_model(self, path: Path, *, precision: str, tokenizer_sha256: str, data_dir: Path) -> HFForward:

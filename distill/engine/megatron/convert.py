@@ -34,6 +34,12 @@ def import_hf(source: ModelLocation, out: Path, *, tp: int, pp: int) -> Path:
     checkpoint under `out`."""
     hf_dir = local_dir(source)
     hf = HFCheckpoint(hf_dir)
+    if hf.arch.num_experts:
+        raise DataError(
+            f"{source}: a mixture-of-experts model ({hf.arch.model_type}) is a teacher here, read from its Hugging "
+            "Face directory by the cache stage or an online run; checkpoints (import/export) are for dense "
+            "models (MoE students are out of scope)"
+        )
     ctx = init_parallel(tp, pp, seed=0)
     try:
         if ctx.dims.dp != 1:

@@ -21,12 +21,15 @@ class MegatronTeacherJob(WorldCollectives):
 
     def __init__(self, layout: ParallelConfig, ctx: ParallelContext | None = None) -> None:
         self.joined = ctx is None  # this job joined the world (and leaves it on close)
-        self.ctx = ctx or init_parallel(layout.tp, layout.pp, seed=0)
+        self.ctx = ctx or init_parallel(layout.tp, layout.pp, seed=0, ep=layout.ep)
         self.device = self.ctx.device
         self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dims.dp
         self.is_main = self.ctx.is_main
         self.loss_rank = self.ctx.is_last_stage
         self.counting_rank = self.ctx.is_last_stage and self.ctx.tp_rank == 0
+        self.lockstep = (
+            self.ctx.dims.ep > 1
+        )  # every forward is collective across replicas (expert parallelism)
         self.description = str(self.ctx.dims)
 
     def frozen_model(

@@ -24,7 +24,7 @@ def load_weights(model: torch.nn.Module, weights: Weights, ctx: ParallelContext)
     """Collective: fill this rank's shard of `model` (built for `weights.arch` at `ctx`'s layout)."""
     if weights.kind == "hf":
         HFCheckpoint(weights.directory).load_into(
-            model, Shard(weights.megatron_arch("model"), ctx.dims, ctx.tp_rank, ctx.pp_rank)
+            model, Shard(weights.megatron_arch("model"), ctx.dims, ctx.tp_rank, ctx.pp_rank, ctx.ep_rank)
         )
     else:
         load_checkpoint(weights.directory, model=model, optimizer=None, ctx=ctx)

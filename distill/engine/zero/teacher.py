@@ -30,6 +30,7 @@ class ZeroTeacherJob(WorldCollectives):
         rank, world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp_size, self.is_main = rank, world, rank == 0
         self.loss_rank = self.counting_rank = True  # each rank writes what its own sequences give
+        self.lockstep = False  # every forward is collective across replicas (expert parallelism)
         self.description = f"DeepSpeed ZeRO-3 x {world} ranks"
 
     def frozen_model(

@@ -211,7 +211,7 @@ class CacheWriter:
         tokens = (
             torch.from_numpy(store.batch(rows))
             if store is not None
-            else torch.zeros(0, self.data.seq_len + 1, dtype=torch.int64)
+            else torch.zeros(0, self.data.seq_len + 1, dtype=torch.int64, device=self.job.device)
         )
         micro = list(tokens.to(self.job.device).split(size))
         real = [m.shape[0] for m in micro]

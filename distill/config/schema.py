@@ -232,9 +232,9 @@ class CampaignConfig(Section):
                 raise ValueError("teacher.mode 'online' needs the training sections (student, training, ...)")
             if teacher.parallel is not None and teacher.parallel != self.parallel:
                 raise ValueError(
-                    f"teacher.parallel (tp {teacher.parallel.tp}, pp {teacher.parallel.pp}) differs from parallel "
-                    f"(tp {self.parallel.tp}, pp {self.parallel.pp}): an online teacher is sharded like the "
-                    "student; remove teacher.parallel"
+                    f"teacher.parallel (tp {teacher.parallel.tp}, pp {teacher.parallel.pp}, ep {teacher.parallel.ep}) "
+                    f"differs from parallel (tp {self.parallel.tp}, pp {self.parallel.pp}, ep {self.parallel.ep}): "
+                    "an online teacher is sharded like the student (no expert parallelism); remove teacher.parallel"
                 )
 
     def _check_loss(self) -> None:

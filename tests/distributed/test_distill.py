@@ -27,10 +27,11 @@ CACHE_TOLERANCE = 2e-3
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, prepared_tiny, tiny_model_dir, tokenizer_dir) -> Path:
-    from tests.helpers import tiny_hf_only
+    from tests.helpers import tiny_hf_only, tiny_moe
 
     work = tmp_path_factory.mktemp("distill")
     tiny_hf_only(work / "gemma3", tokenizer_dir, "gemma3", 640, seed=6)  # an online HF-module teacher
+    tiny_moe(work / "qwen3_moe", tokenizer_dir, "qwen3_moe", 640, seed=7)  # an online MoE teacher
     tree = copy.deepcopy(prepared_tiny)
     tree.update(
         student={
@@ -78,6 +79,17 @@ def test_an_online_hf_module_teacher_is_the_same_at_tp2(runs):
         assert step_two["forward_kl"] == pytest.approx(step_one["forward_kl"], abs=1e-5)
     llama = runs["online_tp1pp1"]["terms"][0]["forward_kl"]
     assert abs(one["terms"][0]["forward_kl"] - llama) > 1e-3  # another teacher: another signal
+
+
+def test_an_online_moe_teacher_is_the_same_at_tp2(runs):
+    """Qwen3-MoE as the live teacher of a megatron student (megatron-core's MoE layer, its experts split
+    over the student's tp): tp2 trains as tp1 does."""
+    one, two = runs["moe_online_tp1pp1"], runs["moe_online_tp2pp1"]
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    for step_one, step_two in zip(one["terms"], two["terms"], strict=True):
+        assert step_two["forward_kl"] == pytest.approx(step_one["forward_kl"], abs=1e-5)
+    gemma = runs["gemma_online_tp1pp1"]["terms"][0]["forward_kl"]
+    assert abs(one["terms"][0]["forward_kl"] - gemma) > 1e-3  # another teacher: another signal
 
 
 def test_online_forward_kl_equals_cached_topk_with_k_equal_v(runs):

@@ -137,7 +137,11 @@ def training_tree(tmp_path: Path) -> dict:
         ),
         (
             {"teacher": {"path": "t", "mode": "online", "parallel": {"tp": 2}}},
-            "teacher.parallel (tp 2, pp 1) differs from parallel (tp 1, pp 1)",
+            "teacher.parallel (tp 2, pp 1, ep 1) differs from parallel (tp 1, pp 1, ep 1)",
+        ),
+        (
+            {"teacher": {"path": "t", "mode": "online", "parallel": {"ep": 2}}},
+            "an online teacher is sharded like the student (no expert parallelism)",
         ),
         (
             {

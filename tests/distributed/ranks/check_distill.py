@@ -80,6 +80,10 @@ def main() -> None:
     gemma = [f"teacher.path={work / 'gemma3'}", *fkl]
     for name, tp in (("gemma_online_tp1pp1", 1), ("gemma_online_tp2pp1", 2)):
         found[name] = summary(trainer(work, "online.yaml", name, tp, 1, *gemma).run())
+    # a mixture-of-experts teacher (Qwen3-MoE) live on megatron-core, its experts split over tp
+    moe = [f"teacher.path={work / 'qwen3_moe'}", *fkl]
+    for name, tp in (("moe_online_tp1pp1", 1), ("moe_online_tp2pp1", 2)):
+        found[name] = summary(trainer(work, "online.yaml", name, tp, 1, *moe).run())
     found["sampled_tp2pp1"] = summary(
         trainer(work, "sampled.yaml", "sampled", 2, 1, "loss.weights.forward_kl=1.0").run()
     )

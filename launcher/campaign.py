@@ -1,7 +1,7 @@
 """A campaign: the stages of one config run in order on this machine, complete ones skipped.
 
-corpus -> tokenizer -> prepare -> cache -> train -> baseline -> export -> eval -> report, each where
-the config asks for it (`Stage.applies`); what a stage does is in `stages.py`. Each stage is
+corpus -> tokenizer -> prepare -> correct -> cache -> prune -> train -> baseline -> export -> eval -> report,
+each where the config asks for it (`Stage.applies`); what a stage does is in `stages.py`. Each stage is
 idempotent: it checks its output directory's manifest against the config and returns at once when the
 output is complete, resumes it when it was interrupted, and refuses (naming the differing fields) when
 it holds another config's result. `distillery run` is therefore safe to re-run after any failure.
@@ -36,7 +36,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("corpus", lambda c: c.data.demo_corpus is not None, stages.corpus),
     Stage("tokenizer", lambda c: c.data.tokenizer.train is not None, lambda c, o: ensure_tokenizer(c.data)),
     Stage("prepare", lambda c: True, lambda c, o: prepare(c, progress=o.progress)),
+    Stage("correct", lambda c: c.correct is not None, stages.correct),
     Stage("cache", lambda c: c.cache is not None, stages.cache),
+    Stage("prune", lambda c: c.prune is not None, stages.prune),
     Stage("train", lambda c: c.trains, stages.train),
     Stage("baseline", lambda c: c.baseline is not None, stages.baseline),
     Stage("export", lambda c: c.export is not None, stages.export),

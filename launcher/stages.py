@@ -26,6 +26,7 @@ class RunOptions:
     nproc: int | None = (
         None  # ranks of the train stages (default run.nproc, else tp x pp); cache: its own tp x pp
     )
+    overwrite: bool = False  # the prune stage: replace another config's pruned student
 
 
 def corpus(config: CampaignConfig, options: RunOptions) -> None:
@@ -39,6 +40,37 @@ def cache(config: CampaignConfig, options: RunOptions) -> None:
     assert config.cache is not None and config.teacher is not None
     nproc = options.nproc or config.stage_ranks("cache")
     launch_local(nproc, ["cache", str(config.run.dir / "config.yaml")])
+
+
+def prune(config: CampaignConfig, options: RunOptions) -> None:
+    """The student's initial weights cut from the teacher (`distill/prune/stage.py`): importance on the
+    teacher's ranks, then the cut and the step-0 comparison in this process."""
+    from distill.prune.stage import PruneStage
+
+    stage = PruneStage(config)
+    if stage.importance() is None:
+        nproc = options.nproc or config.stage_ranks("prune")
+        launch_local(nproc, ["prune", "--measure", str(config.run.dir / "config.yaml")])
+    stage.write_student(overwrite=options.overwrite)
+    stage.evaluate_step0(progress=options.progress)
+
+
+def correct(config: CampaignConfig, options: RunOptions) -> None:
+    """The teacher fine-tuned on the prepared data (`distill/training/correction.py`), exported to the
+    directory `teacher.path` names from then on."""
+    from distill.training.correction import correction_config
+
+    fixed = correction_config(config)
+    fixed.run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(fixed.run.dir / "config.yaml", config_to_yaml(fixed))
+    assert config.correct is not None
+    say(
+        "correct",
+        f"{config.correct.steps} CE steps of the teacher {config.correct.source} in {fixed.run.dir}",
+    )
+    options = RunOptions(options.progress, options.nproc or config.stage_ranks("correct"), options.overwrite)
+    train(fixed, options)
+    export(fixed, options)
 
 
 def _final_step(config: CampaignConfig) -> int | None:

@@ -9,7 +9,7 @@ is self-contained. Sections live in `data.py` and `train.py`; this module assemb
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,6 +24,7 @@ from distill.config.data import (
 )
 from distill.config.handoff import BaselineConfig, EvalConfig
 from distill.config.loss import CROSS_TOKENIZER_TERMS, LossConfig, LossWeightsConfig, TaidConfig
+from distill.config.prune import CorrectConfig, PruneConfig, resolve_correction
 from distill.config.slurm import SlurmConfig, SlurmStageConfig
 from distill.config.train import (
     CacheConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "CacheConfig",
     "CampaignConfig",
     "CheckpointConfig",
+    "CorrectConfig",
     "DataConfig",
     "DemoCorpusConfig",
     "DomainConfig",
@@ -53,6 +55,7 @@ __all__ = [
     "LossWeightsConfig",
     "OffloadConfig",
     "ParallelConfig",
+    "PruneConfig",
     "RunConfig",
     "Section",
     "SlurmConfig",
@@ -110,6 +113,17 @@ class CampaignConfig(Section):
     baseline: BaselineConfig | None = None
     eval: EvalConfig | None = None
     slurm: SlurmConfig | None = None
+    correct: CorrectConfig | None = Field(
+        default=None, description="Fine-tune the teacher on the prepared data first (Minitron's correction)."
+    )
+    prune: PruneConfig | None = Field(
+        default=None, description="Start the student from the teacher pruned to student.arch (Minitron)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _corrected_teacher(cls, raw: Any) -> Any:
+        return resolve_correction(raw) if isinstance(raw, dict) else raw
 
     @model_validator(mode="after")
     def _training_sections_together(self) -> CampaignConfig:
@@ -132,16 +146,21 @@ class CampaignConfig(Section):
                 "`baseline` needs the training sections (student, training, checkpoint, logging)"
             )
         self._check_engine()
+        self._check_minitron()
         self._check_teacher()
         self._check_loss()
         self._check_slurm()
         return self
 
     def stage_ranks(self, stage: str) -> int:
-        """Ranks a multi-process stage needs at least: the teacher's tp x pp for cache, tp x pp to train."""
+        """Ranks a multi-process stage needs at least: the teacher's tp x pp (x ep) for cache, prune, and
+        to correct it (its fine-tune runs at the teacher's layout), the student's tp x pp to train."""
         if stage == "cache":
             layout = self.teacher.layout if self.teacher is not None else None
             return layout.tp * layout.pp * layout.ep if layout is not None else 1
+        if stage in ("prune", "correct"):
+            layout = self.teacher.layout if self.teacher is not None else None
+            return layout.tp * layout.pp if layout is not None else 1
         if stage in ("train", "baseline"):
             return self.run.nproc or self.parallel.tp * self.parallel.pp
         return 1
@@ -187,6 +206,26 @@ class CampaignConfig(Section):
             raise ValueError(
                 "training.distributed_optimizer is megatron-core's optimizer (engine megatron); under engine "
                 "deepspeed ZeRO already shards the optimizer state (deepspeed.zero_stage)"
+            )
+
+    def _check_minitron(self) -> None:
+        trains = self.student is not None
+        if self.correct is not None:
+            if self.teacher is None:
+                raise ValueError("`correct` needs a `teacher` section: it fine-tunes the teacher")
+            if not trains:
+                raise ValueError(
+                    "`correct` needs the training sections (student, training, checkpoint, logging): the "
+                    "correction runs the training loop, with training's seed and schedule"
+                )
+        if self.prune is None:
+            return
+        if self.teacher is None:
+            raise ValueError("`prune` needs a `teacher` section: the student is cut from the teacher")
+        if self.student is None or self.student.arch is None:
+            raise ValueError(
+                "`prune` needs student.arch (the shape the teacher is pruned to) and student.init_dir (where "
+                "the pruned weights go), not student.init"
             )
 
     def _check_teacher(self) -> None:

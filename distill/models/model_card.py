@@ -129,6 +129,7 @@ def render_model_card(
         lines.append(
             f"A {arch.num_parameters() / 1e6:.1f}M-parameter {arch.model_type} model trained by distillery without a teacher (next-token cross-entropy)."
         )
+    lines += _minitron_lines(config, teacher)
     lines += [
         "",
         "## Use",
@@ -218,6 +219,37 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _minitron_lines(config: dict[str, Any], teacher: dict[str, Any] | None) -> list[str]:
+    """How the student's initial weights and its teacher were made, when Minitron's stages ran."""
+    lines = []
+    prune = config.get("prune")
+    source = (
+        named(teacher["path"], teacher.get("sha256"), teacher.get("hub"))
+        if teacher
+        else named((config.get("teacher") or {}).get("path"), None)
+    )
+    if prune:
+        seq_len = (config.get("data") or {}).get("seq_len") or 0
+        tokens = prune["calibration_sequences"] * seq_len
+        lines.append(
+            f"Its initial weights were pruned from {source} "
+            f"(method {prune['method']}"
+            + (
+                f", layers chosen by {prune['depth_metric'].replace('_', ' ')}"
+                if prune["method"] != "width"
+                else ""
+            )
+            + f", {tokens:,} calibration tokens)."
+        )
+    correct = config.get("correct")
+    if correct:
+        lines.append(
+            f"The teacher was first corrected: {named(str(correct.get('source')), None)} fine-tuned for "
+            f"{correct['steps']} steps of next-token cross-entropy on the distillation data."
+        )
+    return ["", *lines] if lines else []
 
 
 def _engine_text(config: dict[str, Any]) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from distill.config import CampaignConfig
+from distill.config.prune import PRUNE_RECORD
 from distill.data.tokenizer import load_tokenizer
-from distill.errors import OutputExistsError
+from distill.errors import DataError, OutputExistsError
 from distill.hub import local_dir
 from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_directory
 from parallel.model import ModelArch
@@ -55,6 +56,16 @@ def student_init_path(
         return local_dir(student.init, key="student.init")
     assert student.init_dir is not None
     problem = None
+    if config.prune is not None:  # the prune stage wrote it (and checked its shape)
+        if is_main and not (student.init_dir / PRUNE_RECORD).is_file():
+            problem = (
+                f"student.init_dir {student.init_dir} holds no pruned student: run the prune stage first "
+                "(`distillery prune CONFIG`, or `distillery run`)"
+            )
+        problem = broadcast_from_main(problem)
+        if problem:
+            raise DataError(problem)
+        return student.init_dir
     if is_main:
         wanted = configured_arch(config)
         if not (student.init_dir / "config.json").is_file():

@@ -50,6 +50,8 @@ def run_layout(run_dir: Path) -> dict[str, Any]:
             layout["baseline_metrics"] = Path(config["baseline"]["dir"]) / "metrics.jsonl"
         if config.get("eval"):
             layout["eval"] = Path(config["eval"]["dir"]) / "eval.json"
+        if config.get("prune"):
+            layout["step0"] = Path(config["prune"]["dir"]) / "step0" / "eval.json"
     return layout
 
 
@@ -165,6 +167,18 @@ def render_report(
         lines.append(
             f"No eval.json at {layout['eval']}: run `distillery eval` (or the campaign's eval stage)."
         )
+    if layout.get("step0") is not None and layout["step0"].is_file():
+        prune = layout["config"]["prune"]
+        lines += [
+            "",
+            "## The pruned student at step 0",
+            "",
+            f"Before any training: the student pruned from the teacher (method {prune['method']}, "
+            f"{prune['calibration_sequences']} calibration sequences) beside a random init of the same "
+            "architecture (the run's seed).",
+            "",
+            *_final_table(read_json(layout["step0"])),
+        ]
     lines += ["", "## Run", "", *_facts(layout, run)]
     if baseline is not None:
         lines += ["", f"CE-only baseline: final loss {_fmt(baseline.last('loss'))} ({baseline.path})."]

@@ -5,8 +5,8 @@ before it (`--dependency=afterok`). Two stages split: `prepare` with `slurm.stag
 a job array of `prepare --part I/N` tasks (each tokenizes its share of the source files) followed by a
 `prepare-pack` job that packs the parts in order; `cache` with an array is a job array of
 `cache --part I/N` tasks (each a teacher replica over its share of the sequence shards; the last to
-finish writes the manifest, and training reads nothing without it). Stages that run ranks (cache,
-train, baseline) start one task per node, each running torch's elastic agent (`distillery launch`)
+finish writes the manifest, and training reads nothing without it). Stages that run ranks (correct,
+cache, prune, train, baseline) start one task per node, each running torch's elastic agent (`distillery launch`)
 with a c10d rendezvous on the first node. The rest run in the batch script itself.
 
 Whether a stage is complete is read from its output's record (the same files the stage contract
@@ -21,6 +21,7 @@ from pathlib import Path
 from distill.atomic import read_json
 from distill.config import CampaignConfig
 from distill.training.baseline import baseline_config
+from distill.training.correction import correction_config
 from launcher.campaign import STAGES
 
 
@@ -58,6 +59,15 @@ def campaign_jobs(config: CampaignConfig, config_path: Path) -> list[Job]:
             jobs.append(
                 Job(name, name, command, resources.array, resources.nodes, config.ranks_per_node(name))
             )
+        elif name == "prune":  # the ranks measure, then the batch script cuts and evaluates
+            then = ("run", cfg, "--stages", "prune", "--quiet")
+            ranks = config.ranks_per_node(name)
+            jobs.append(Job(name, name, ("prune", cfg, "--measure"), 1, resources.nodes, ranks, then))
+        elif name == "correct":
+            fixed = str(correction_config(config).run.dir / "config.yaml")  # written by `submit`
+            then = ("run", cfg, "--stages", "correct", "--quiet")  # the corrected teacher's export
+            ranks = config.ranks_per_node(name)
+            jobs.append(Job(name, name, ("train", fixed), 1, resources.nodes, ranks, then))
         elif name == "train":
             jobs.append(Job(name, name, ("train", cfg), 1, resources.nodes, config.ranks_per_node(name)))
         elif name == "baseline":
@@ -100,6 +110,16 @@ def stage_complete(config: CampaignConfig, stage: str) -> bool:
     if stage == "cache":
         assert config.cache is not None
         return (config.cache.dir / "manifest.json").is_file()
+    if stage == "correct":
+        fixed = correction_config(config)
+        return trained(fixed) and exported(fixed)
+    if stage == "prune":
+        from distill.config.prune import PRUNE_RECORD
+
+        assert config.student is not None and config.student.init_dir is not None and config.prune is not None
+        return (config.student.init_dir / PRUNE_RECORD).is_file() and (
+            config.prune.dir / "step0" / "eval.json"
+        ).is_file()
     if stage == "train":
         return trained(config)
     if stage == "baseline":

@@ -89,7 +89,7 @@ def submit(config: CampaignConfig, *, dry_run: bool = False, python: str | None 
     if not dry_run:
         (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, config_to_yaml(config))
-        _write_baseline_config(config)
+        _write_derived_configs(config)
     previous: str | None = None  # id of the last job submitted or kept: the next one waits for it
     lines = []
     for job in jobs:
@@ -125,15 +125,19 @@ def submit(config: CampaignConfig, *, dry_run: bool = False, python: str | None 
     return lines
 
 
-def _write_baseline_config(config: CampaignConfig) -> None:
-    """The baseline job's resolved config (what `stages.baseline` writes in a local run)."""
-    if config.baseline is None:
-        return
+def _write_derived_configs(config: CampaignConfig) -> None:
+    """The resolved configs of the baseline's and the correction's training jobs (what `stages.baseline`
+    and `stages.correct` write in a local run)."""
     from distill.training.baseline import baseline_config
+    from distill.training.correction import correction_config
 
-    base = baseline_config(config)
-    base.run.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(base.run.dir / "config.yaml", config_to_yaml(base))
+    for derived in (
+        baseline_config(config) if config.baseline is not None else None,
+        correction_config(config) if config.correct is not None else None,
+    ):
+        if derived is not None:
+            derived.run.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(derived.run.dir / "config.yaml", config_to_yaml(derived))
 
 
 def _campaign(run_dir: Path) -> tuple[CampaignConfig, dict[str, Any]]:

@@ -231,3 +231,52 @@ def test_the_stage_refuses_too_many_calibration_sequences_and_another_tokenizer(
     tree["teacher"] = {"path": str(other)}
     with pytest.raises(DataError, match=r"prune: the teacher's tokenizer \(.*other.*\) is not the student's"):
         PruneStage(load_config(write_config(tmp_path / "c2.yaml", tree)))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_the_cut_keeps_biases_and_qk_norms_and_an_identity_cut_is_the_teacher(tmp_path, kind):
+    """Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms): keeping every unit gives the teacher back bit
+    for bit; a real cut loads into `transformers` with every tensor in its place."""
+    import torch
+    import transformers
+
+    from distill.models.hf_io import HFCheckpoint
+    from distill.prune.cut import cut_state_dict
+    from distill.prune.plan import KeptUnits
+
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32,
+        "tie_word_embeddings": False,
+    }
+    config = (
+        transformers.Qwen2Config(**common)
+        if kind == "qwen2"
+        else transformers.Qwen3Config(**common, head_dim=8)
+    )
+    teacher = transformers.AutoModelForCausalLM.from_config(config)
+    teacher.save_pretrained(tmp_path)
+    hf = HFCheckpoint(tmp_path)
+    arch = hf.arch
+    read = lambda name: hf.read(name, slice(None), slice(None))  # noqa: E731
+    everything = KeptUnits([0, 1], [[0, 1]] * 2, [[0, 1, 2, 3]] * 2, [list(range(40))] * 2, list(range(32)))
+    whole = cut_state_dict(read, arch, everything)
+    assert whole.keys() == {k for k in teacher.state_dict() if "rotary" not in k}
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, teacher.state_dict()[name]), name
+    kept = KeptUnits([1], [[1]], [[2, 3]], [[0, 5, 9, 39]], [0, 3, 4, 8, 15, 16, 30, 31])
+    target = replace(
+        arch, hidden_size=8, num_layers=1, num_attention_heads=2, num_key_value_heads=1, ffn_hidden_size=4
+    )
+    student = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**target.to_hf_config())
+    )
+    student.load_state_dict(cut_state_dict(read, arch, kept), strict=True)
+    q = read("model.layers.1.self_attn.q_proj.weight")  # [heads * 8, h]
+    assert torch.equal(student.model.layers[0].self_attn.q_proj.weight, q[16:32][:, kept.channels])

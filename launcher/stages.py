@@ -60,6 +60,7 @@ def correct(config: CampaignConfig, options: RunOptions) -> None:
     directory `teacher.path` names from then on."""
     from distill.training.correction import correction_config
 
+    _check_correctable(config)
     fixed = correction_config(config)
     fixed.run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(fixed.run.dir / "config.yaml", config_to_yaml(fixed))
@@ -71,6 +72,23 @@ def correct(config: CampaignConfig, options: RunOptions) -> None:
     options = RunOptions(options.progress, options.nproc or config.stage_ranks("correct"), options.overwrite)
     train(fixed, options)
     export(fixed, options)
+
+
+def _check_correctable(config: CampaignConfig) -> None:
+    """The correction trains the teacher on the prepared tokens: it must be the data's tokenizer."""
+    from distill.data.prepared import PreparedData
+    from distill.data.tokenizer import load_tokenizer
+    from distill.models.weights import find_weights
+
+    assert config.correct is not None and config.correct.source is not None
+    weights = find_weights(config.correct.source)
+    found, data = load_tokenizer(weights.tokenizer_dir).sha256, PreparedData(config.data.dir)
+    if found != data.tokenizer_sha256:
+        raise UserError(
+            f"correct: the teacher {config.correct.source} has another tokenizer (sha256 {found[:12]}) than the "
+            f"data in {data.directory} ({data.tokenizer_sha256[:12]}); the correction trains it on the prepared "
+            "tokens, so it runs only for a teacher of the data's tokenizer (remove `correct`)"
+        )
 
 
 def _final_step(config: CampaignConfig) -> int | None:

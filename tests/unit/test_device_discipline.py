@@ -29,7 +29,10 @@ HOST_SIDE = {
     ("distill/cache/writer.py", "_records"): "uniforms from a per-sequence CPU generator, then `.to(device)`",
     ("distill/prune/cut.py", "_rows"): "indices into the teacher's CPU tensors (one process, no collective)",
     ("distill/prune/cut.py", "cut_state_dict"): "the same: the cut runs on the host",
-    ("distill/prune/importance.py", "__init__"): "float64 sums kept on the host, moved to the device to reduce",
+    (
+        "distill/prune/importance.py",
+        "__init__",
+    ): "float64 sums kept on the host, moved to the device to reduce",
 }
 
 

@@ -25,6 +25,7 @@ from launcher.commands import (
     corpus_cmd,
     eval_cmd,
     launch_cmd,
+    plan_cmd,
     prepare_cmd,
     prune_cmd,
     report_cmd,
@@ -48,6 +49,7 @@ COMMANDS = (
     convert_cmd,
     eval_cmd,
     report_cmd,
+    plan_cmd,
     submit_cmd,
     launch_cmd,
 )

@@ -92,6 +92,11 @@ class SlurmConfig(Section):
     constraint: str | None = Field(default=None, description="--constraint (node features).")
     exclusive: bool = Field(default=False, description="--exclusive: whole nodes for every job.")
     time: str = Field(default="01:00:00", description="Default --time of a stage's job.")
+    gpu: str | None = Field(
+        default=None,
+        description="The nodes' GPU (H100, H200, A100 40GB, ...): `submit` plans every stage's memory against "
+        "it first and refuses a stage that does not fit (docs/plan.md).",
+    )
     python: AbsPath | None = Field(
         default=None,
         description="The Python that runs distillery on the nodes (default: the one running `submit`).",

@@ -23,11 +23,12 @@ from distill.models.hf_io import HFCheckpoint, generation_config, write_hf_direc
 from parallel.model import ModelArch
 
 
-def configured_arch(config: CampaignConfig) -> ModelArch:
-    """The architecture `student.arch` describes, with the tokenizer's vocabulary padded to 128."""
+def configured_arch(config: CampaignConfig, vocab_size: int | None = None) -> ModelArch:
+    """The architecture `student.arch` describes, with the tokenizer's vocabulary (or `vocab_size`) padded
+    to 128."""
     arch = config.student.arch if config.student else None
     assert arch is not None
-    vocab = load_tokenizer(config.data.tokenizer.path).vocab_size
+    vocab = vocab_size or load_tokenizer(config.data.tokenizer.path).vocab_size
     return ModelArch(
         model_type=arch.model_type,
         vocab_size=-(-vocab // 128) * 128,  # padded so any tp up to 128 splits it

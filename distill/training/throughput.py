@@ -10,7 +10,7 @@ PaLM), so a training step costs `6N + 12 L s h` per token and a forward-only pas
 An online teacher's forward pass is model FLOPs of the step too.
 
 **MFU** = model FLOPs per second per device / the device's peak dense bf16 FLOP/s: from
-`training.peak_tflops`, else from `PEAK_TFLOPS` by the CUDA device's name. On CPU there is no peak
+`training.peak_tflops`, else from the GPU table (`distill/plan/gpus.py`) by the CUDA device's name. On CPU there is no peak
 (none is known for a CPU's matmul throughput); the achieved TFLOP/s per device is logged and MFU is
 not, and metrics say `device: cpu`.
 """
@@ -25,23 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from distill.plan.gpus import find_gpu
+
 if TYPE_CHECKING:
     from parallel.model import ModelArch
-
-# dense bf16 tensor-core peak, TFLOP/s per device (vendor data sheets; SXM parts unless named)
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A10G": 125.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "V100": 125.0,  # fp16: V100 has no bf16
-}
 
 
 def matmul_parameters(arch: ModelArch) -> int:
@@ -69,11 +56,8 @@ def peak_tflops(configured: float | None, device: torch.device) -> float | None:
         return configured
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if key in name:
-            return PEAK_TFLOPS[key]
-    return None
+    gpu = find_gpu(torch.cuda.get_device_name(device))
+    return gpu.bf16_tflops if gpu is not None else None
 
 
 def peak_memory_gib(device: torch.device) -> dict[str, float]:

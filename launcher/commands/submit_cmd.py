@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distill.errors import UserError
 from distill.messages import say
 from launcher.commands.common import add_config_arguments, config_from
 
@@ -18,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(submit)
     submit.add_argument(
         "--dry-run", action="store_true", help="print the scripts and the sbatch lines, submit nothing"
+    )
+    submit.add_argument(
+        "--gpu", default=None, help="the nodes' GPU for the plan that runs first (default slurm.gpu)"
+    )
+    submit.add_argument(
+        "--force", action="store_true", help="submit even a stage the plan says does not fit the GPU's memory"
     )
     submit.set_defaults(handler=_submit)
     status = subparsers.add_parser(
@@ -34,8 +41,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _submit(args: argparse.Namespace) -> int:
     from launcher.slurm.submit import submit
 
-    submit(config_from(args), dry_run=args.dry_run)
+    config = config_from(args)
+    _plan_first(config, args.gpu, force=args.force)
+    submit(config, dry_run=args.dry_run)
     return 0
+
+
+def _plan_first(config: object, gpu_name: str | None, *, force: bool) -> None:
+    """With a GPU known, a stage whose memory per GPU does not fit is refused (exit 2) unless `force`;
+    without one only disk and time are planned, and nothing is refused."""
+    from distill.plan.campaign import HEADROOM, plan_campaign
+    from distill.plan.render import gib
+    from launcher.commands.plan_cmd import gpu_of
+
+    gpu = gpu_of(gpu_name, config)
+    plan = plan_campaign(config, gpu)  # type: ignore[arg-type]
+    for stage in plan.stages:
+        if stage.fits is not None:
+            say(
+                "plan",
+                f"{stage.stage}: {gib(stage.memory_total)} per GPU of {gib(gpu.memory_bytes * HEADROOM)} usable",
+            )
+    refused = plan.refusals()
+    if not refused:
+        return
+    problems = "; ".join(
+        f"stage {stage.stage} needs {gib(stage.memory_total)} per {gpu.name}, most of it {stage.largest().name} "
+        f"({gib(stage.largest().bytes)}): {stage.advice}"
+        for stage in refused
+    )
+    if force:
+        say("plan", f"warning (--force): {problems}")
+        return
+    raise UserError(
+        f"submit: the plan says it will not fit: {problems}; change the config or pass --force (`distillery plan` shows every item)"
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""`distillery plan`: what a campaign will cost before it is submitted (docs/plan.md)."""

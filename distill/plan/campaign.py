@@ -1,0 +1,417 @@
+"""A campaign's plan: per stage, memory per GPU against the GPU, disk, time and GPU-hours, Slurm shape.
+
+`plan_campaign` reads only the config and what is already on disk (architectures, an existing prepared
+manifest or cache, a previous run's metrics); it starts no process and downloads nothing. Numbers that
+are assumptions (no measured MFU, no cache to measure distinct ids from) say so in their note.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.cache.format import SampledLayout, TopKLayout
+from distill.config import CampaignConfig
+from distill.plan.arch import PlannedArch, model_arch, student_arch
+from distill.plan.gpus import GPU
+from distill.plan.memory import (
+    Item,
+    Layout,
+    activations,
+    dtype_bytes,
+    forward_only,
+    loss_buffers,
+    megatron_state,
+    zero_state,
+)
+from distill.training.throughput import flops_per_token
+from parallel.model import ModelArch
+
+HEADROOM = 0.90  # of a GPU's memory the plan lets a stage use (CUDA context, allocator fragmentation)
+ASSUMED_MFU = 0.35  # when no run of this campaign or bench result measured one
+ASSUMED_DISTINCT = 10.0  # distinct ids per position of a sampled cache, when none was measured
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    ranks: int
+    memory: list[Item] = field(default_factory=list)
+    disk: list[Item] = field(default_factory=list)
+    seconds: float | None = None
+    gpu_hours: float | None = None
+    time_note: str = ""
+    fits: bool | None = None  # None: no GPU to check against
+    advice: str = ""
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def memory_total(self) -> int:
+        return sum(item.bytes for item in self.memory)
+
+    def largest(self) -> Item:
+        return max(self.memory, key=lambda item: item.bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["memory_total"] = self.memory_total
+        return out
+
+
+@dataclass
+class CampaignPlan:
+    gpu: GPU | None
+    tokens: int
+    archs: dict[str, PlannedArch]
+    mfu: float
+    mfu_source: str
+    stages: list[StagePlan]
+
+    def refusals(self) -> list[StagePlan]:
+        return [stage for stage in self.stages if stage.fits is False]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gpu": asdict(self.gpu) if self.gpu else None,
+            "tokens": self.tokens,
+            "architectures": {k: {"source": v.source, **v.arch.to_json()} for k, v in self.archs.items()},
+            "mfu": self.mfu,
+            "mfu_source": self.mfu_source,
+            "stages": [stage.to_json() for stage in self.stages],
+        }
+
+
+def _bf16(config: CampaignConfig, gpu: GPU | None, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and gpu is not None)
+
+
+def measured_mfu(config: CampaignConfig) -> tuple[float, str]:
+    """The MFU of a previous run of this campaign (its metrics), else of `bench/results/scale.json`, else
+    the assumption."""
+    if config.logging is not None and Path(config.logging.metrics).is_file():
+        values = [
+            json.loads(line).get("mfu")
+            for line in Path(config.logging.metrics).read_text().splitlines()
+            if '"mfu"' in line
+        ]
+        values = [v for v in values if v]
+        if values:
+            return float(values[-1]), f"measured: {config.logging.metrics}"
+    bench = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu_h200" / "scale_megatron.json"
+    if bench.is_file():
+        found = json.loads(bench.read_text())
+        mfu = ((found.get("variants") or {}).get("ce") or {}).get("mfu")
+        if mfu:
+            return float(
+                mfu
+            ), f"measured: bench/results/gpu_h200/scale_megatron.json (1.24B student, {found['device']})"
+    return ASSUMED_MFU, f"assumed {ASSUMED_MFU:.0%} (no run of this campaign or bench result measured one)"
+
+
+def training_tokens(config: CampaignConfig) -> int:
+    assert config.training is not None
+    return config.training.steps * config.training.global_batch * config.data.seq_len
+
+
+def _prepared_tokens(config: CampaignConfig, fallback: int) -> tuple[int, str]:
+    manifest = config.data.dir / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        count = sum(
+            split.get("sequences", 0)
+            for domain in data.get("domains", {}).values()
+            for split in domain.get("splits", {}).values()
+        )
+        if count:
+            return count * (data["seq_len"] + 1), f"measured: {manifest}"
+    return fallback, "the training tokens (each seen once; prepared data not there yet)"
+
+
+def _cache_bytes_per_token(config: CampaignConfig, vocab: int) -> tuple[float, str]:
+    cache = config.cache
+    assert cache is not None
+    if cache.mode == "topk":
+        layout = TopKLayout(vocab, cache.k)
+        return float(
+            layout.record_bytes
+        ), f"top-k k = {cache.k}: {layout.record_bytes} B per position (fixed)"
+    manifest = cache.dir / "manifest.json"
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if (found.get("spec") or {}).get("samples") == cache.samples:
+            return float(found["bytes_per_token"]), f"measured: {manifest}"
+    layout = SampledLayout(vocab, cache.samples)
+    per = 3 + ASSUMED_DISTINCT * (layout.id_bytes + 1)
+    return per, (
+        f"sampled N = {cache.samples}: assumed {ASSUMED_DISTINCT:g} distinct ids per position, before zlib "
+        "(an upper bound; an existing cache is measured)"
+    )
+
+
+def _slurm(config: CampaignConfig, stage: str, seconds: float | None, ranks: int) -> dict[str, Any]:
+    if config.slurm is None:
+        return {}
+    from distill.config.slurm import slurm_seconds
+
+    resources = config.slurm.stage(stage)
+    limit = slurm_seconds(resources.time or config.slurm.time)
+    per_node = (
+        config.ranks_per_node(stage) if stage in ("cache", "train", "baseline", "prune", "correct") else 1
+    )
+    out: dict[str, Any] = {
+        "nodes": resources.nodes,
+        "ranks_per_node": per_node,
+        "array": resources.array,
+        "time_limit_s": limit,
+    }
+    if seconds is not None:
+        # `seconds` is the wall time with every rank of every array task working at once
+        out["jobs_in_sequence"] = max(1, math.ceil(seconds / limit))
+        out["requeues"] = out["jobs_in_sequence"] - 1
+    return out
+
+
+def _time(
+    flops: float, devices: int, gpu: GPU | None, mfu: float, note: str
+) -> tuple[float | None, float | None, str]:
+    if gpu is None:
+        return None, None, "no GPU named (--gpu, or slurm.gpu): time not planned"
+    seconds = flops / (devices * gpu.bf16_tflops * 1e12 * mfu)
+    return (
+        seconds,
+        seconds * devices / 3600,
+        f"{flops:.3g} model FLOPs at {mfu:.1%} MFU of {gpu.name} ({note})",
+    )
+
+
+def world(config: CampaignConfig, stage: str) -> int:
+    """The ranks a stage runs on: under Slurm its nodes x ranks per node (x array tasks), else the local
+    stage's ranks."""
+    if config.slurm is None:
+        return config.stage_ranks(stage)
+    resources = config.slurm.stage(stage)
+    return resources.nodes * config.ranks_per_node(stage) * resources.array
+
+
+def _check(stage: StagePlan, gpu: GPU | None) -> None:
+    if gpu is None:
+        return
+    stage.fits = stage.memory_total <= gpu.memory_bytes * HEADROOM
+
+
+def plan_campaign(config: CampaignConfig, gpu: GPU | None, tokens: int | None = None) -> CampaignPlan:
+    """Every stage of `config` that runs ranks, planned for `gpu` (None: disk and time only)."""
+    mfu, mfu_source = measured_mfu(config)
+    archs: dict[str, PlannedArch] = {}
+    if config.teacher is not None:
+        source = config.correct.source if config.correct is not None else config.teacher.path
+        archs["teacher"] = model_arch(source, "teacher.path")  # type: ignore[arg-type]
+    if config.student is not None:
+        if config.prune is not None and "teacher" in archs:
+            from distill.prune.plan import pruned_arch
+
+            target = pruned_arch(config, archs["teacher"].arch)
+            archs["student"] = PlannedArch(target, "the teacher pruned to student.arch")
+        else:
+            archs["student"] = student_arch(config)
+    train_tokens = tokens or (training_tokens(config) if config.training is not None else 0)
+    stages: list[StagePlan] = []
+    if config.teacher is not None and config.cache is not None:
+        stages.append(_cache_stage(config, archs["teacher"].arch, gpu, mfu, train_tokens))
+    if config.training is not None and config.student is not None:
+        stages.append(_train_stage(config, "train", archs, gpu, mfu, train_tokens))
+        if config.baseline is not None:
+            stages.append(
+                _train_stage(config, "baseline", {"student": archs["student"]}, gpu, mfu, train_tokens)
+            )
+    for stage in stages:
+        _check(stage, gpu)
+        if stage.fits is False:
+            stage.advice = _advice(config, stage, archs, gpu, mfu, train_tokens)
+    return CampaignPlan(gpu, train_tokens, archs, mfu, mfu_source, stages)
+
+
+def _cache_stage(
+    config: CampaignConfig, teacher: ModelArch, gpu: GPU | None, mfu: float, train_tokens: int
+) -> StagePlan:
+    assert config.teacher is not None and config.cache is not None
+    layout = config.teacher.layout
+    bf16 = _bf16(config, gpu, config.teacher.precision)
+    lay = Layout(layout.tp, layout.pp)
+    plan = StagePlan("cache", world(config, "cache"))
+    plan.memory = forward_only(
+        teacher, lay, seq_len=config.data.seq_len, micro_batch=config.teacher.micro_batch, bf16=bf16
+    )
+    positions, source = _prepared_tokens(config, train_tokens)
+    per_token, note = _cache_bytes_per_token(config, teacher.vocab_size)
+    plan.disk = [
+        Item("prepared data", positions * (2 if teacher.vocab_size <= 65536 else 4), source),
+        Item("cache", int(positions * per_token), note),
+    ]
+    flops = positions * flops_per_token(teacher, config.data.seq_len, backward=False)
+    plan.seconds, plan.gpu_hours, plan.time_note = _time(flops, plan.ranks, gpu, mfu, "forward only")
+    plan.slurm = _slurm(config, "cache", plan.seconds, plan.ranks)
+    return plan
+
+
+def _train_stage(
+    config: CampaignConfig, name: str, archs: dict[str, PlannedArch], gpu: GPU | None, mfu: float, tokens: int
+) -> StagePlan:
+    assert config.training is not None and config.checkpoint is not None
+    student = archs["student"].arch
+    training = config.training
+    bf16 = _bf16(config, gpu, training.precision)
+    ranks = world(config, name)
+    plan = StagePlan(name, ranks)
+    if config.engine == "deepspeed":
+        from distill.engine.zero.config import zero_section
+
+        zero = zero_section(config)
+        lay = Layout(1, 1, ranks)
+        plan.memory = zero_state(student, ranks, bf16=bf16, zero_stage=zero.zero_stage)
+        in_flight = 1
+    else:
+        tp, pp = config.parallel.tp, config.parallel.pp
+        lay = Layout(tp, pp, max(1, ranks // (tp * pp)))
+        plan.memory = megatron_state(
+            student, lay, bf16=bf16, distributed_optimizer=training.distributed_optimizer
+        )
+        in_flight = min(pp, max(1, training.global_batch // (training.micro_batch * lay.dp)))
+    plan.memory.append(
+        activations(
+            student,
+            lay,
+            seq_len=config.data.seq_len,
+            micro_batch=training.micro_batch,
+            in_flight=in_flight,
+            bf16=bf16,
+        )
+    )
+    plan.memory.append(
+        loss_buffers(
+            student,
+            lay,
+            chunk_tokens=_chunk(config, student, lay, gpu),
+            tokens=training.micro_batch * config.data.seq_len,
+        )
+    )
+    teacher = archs.get("teacher")
+    online = (
+        name == "train"
+        and config.teacher is not None
+        and config.teacher.mode == "online"
+        and teacher is not None
+    )
+    flops_per = flops_per_token(student, config.data.seq_len, backward=True)
+    if online:
+        assert teacher is not None
+        teacher_items = forward_only(
+            teacher.arch,
+            Layout(lay.tp, lay.pp),
+            seq_len=config.data.seq_len,
+            micro_batch=training.micro_batch,
+            bf16=bf16,
+        )
+        plan.memory.append(
+            Item(
+                "online teacher",
+                sum(i.bytes for i in teacher_items),
+                "its weights, a layer's activations, hidden states",
+            )
+        )
+        flops_per += flops_per_token(teacher.arch, config.data.seq_len, backward=False)
+    params = student.num_parameters()
+    state_per_param = dtype_bytes(bf16) + (4 if bf16 else 0) + 8
+    plan.disk = [
+        Item(
+            "checkpoints",
+            config.checkpoint.keep_last * params * state_per_param,
+            f"{config.checkpoint.keep_last} kept",
+        ),
+    ]
+    if config.export is not None:
+        export_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.export.dtype]
+        plan.disk.append(Item("export", params * export_bytes, config.export.dtype))
+    plan.seconds, plan.gpu_hours, plan.time_note = _time(
+        tokens * flops_per, ranks, gpu, mfu, "training step" + (" + online teacher" if online else "")
+    )
+    plan.slurm = _slurm(config, name, plan.seconds, ranks)
+    return plan
+
+
+def _advice(
+    config: CampaignConfig,
+    stage: StagePlan,
+    archs: dict[str, PlannedArch],
+    gpu: GPU | None,
+    mfu: float,
+    tokens: int,
+) -> str:
+    """The smallest change the config can express that makes `stage` fit, or why none does."""
+    candidates: list[str] = []
+    if stage.stage == "cache":
+        assert config.teacher is not None
+        layout = config.teacher.layout
+        candidates += [f"teacher.micro_batch={m}" for m in _halvings(config.teacher.micro_batch)]
+        candidates += [f"teacher.parallel.tp={t}" for t in (2, 4, 8) if t > layout.tp]
+        candidates += [f"teacher.parallel.pp={p}" for p in (2, 4, 8) if p > layout.pp]
+    else:
+        assert config.training is not None
+        candidates += [f"training.micro_batch={m}" for m in _halvings(config.training.micro_batch)]
+        if config.engine == "megatron":
+            if not config.training.distributed_optimizer:
+                candidates.append("training.distributed_optimizer=true")
+            candidates += [f"parallel.tp={t}" for t in (2, 4, 8) if t > config.parallel.tp]
+            candidates += [f"parallel.pp={p}" for p in (2, 4, 8) if p > config.parallel.pp]
+        else:
+            from distill.engine.zero.config import zero_section
+
+            candidates += [f"deepspeed.zero_stage={z}" for z in (2, 3) if z > zero_section(config).zero_stage]
+    for change in candidates:
+        key, value = change.split("=")
+        try:
+            again = plan_campaign(_changed(config, key, value), gpu, tokens)
+        except Exception:
+            continue
+        match = next(s for s in again.stages if s.stage == stage.stage)
+        if match.fits:
+            return f"fits with {change}"
+    return (
+        "no single change of micro-batch, tp, pp or optimizer sharding makes it fit: use more GPUs per model"
+    )
+
+
+def _chunk(config: CampaignConfig, arch: ModelArch, layout: Layout, gpu: GPU | None) -> int:
+    """Tokens per chunk of the fused loss, as `losses/fused.py` picks them for `loss.chunk_tokens`."""
+    from distill.losses.fused import AUTO_CHUNK_BYTES, AUTO_CHUNK_BYTES_CUDA
+
+    if isinstance(config.loss.chunk_tokens, int):
+        return config.loss.chunk_tokens
+    budget = AUTO_CHUNK_BYTES_CUDA if gpu is not None else AUTO_CHUNK_BYTES
+    return max(16, budget // (4 * (arch.vocab_size // layout.tp)))
+
+
+def _changed(config: CampaignConfig, key: str, value: str) -> CampaignConfig:
+    """`config` with one dotted key set (validated again)."""
+    import yaml
+
+    tree = config.model_dump(mode="json")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+    return CampaignConfig.model_validate(tree)
+
+
+def _halvings(value: int) -> list[int]:
+    out = []
+    while value > 1:
+        value //= 2
+        out.append(value)
+    return out

@@ -111,23 +111,38 @@ def measured_mfu(config: CampaignConfig) -> tuple[float, str]:
     return ASSUMED_MFU, f"assumed {ASSUMED_MFU:.0%} (no run of this campaign or bench result measured one)"
 
 
+def measured_tflops(config: CampaignConfig) -> tuple[float, str] | None:
+    """Achieved model TFLOP/s per device of a previous run of this campaign (its metrics), if any: what
+    time is planned from when no GPU is named (a CPU run, or the same cluster again)."""
+    if config.logging is None or not Path(config.logging.metrics).is_file():
+        return None
+    values = [
+        json.loads(line).get("tflops_per_device")
+        for line in Path(config.logging.metrics).read_text().splitlines()
+        if '"tflops_per_device"' in line
+    ]
+    values = sorted(v for v in values if v)
+    if not values:
+        return None
+    median = values[len(values) // 2]
+    return median, f"the median {median:.3g} TFLOP/s per device measured in {config.logging.metrics}"
+
+
 def training_tokens(config: CampaignConfig) -> int:
     assert config.training is not None
     return config.training.steps * config.training.global_batch * config.data.seq_len
 
 
-def _prepared_tokens(config: CampaignConfig, fallback: int) -> tuple[int, str]:
+def _prepared_sequences(config: CampaignConfig, training: int) -> tuple[int, str]:
+    """Sequences of the prepared data (train and held-out): counted in its manifest when it is there, else
+    the training tokens' worth (each seen once)."""
     manifest = config.data.dir / "manifest.json"
     if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        count = sum(
-            split.get("sequences", 0)
-            for domain in data.get("domains", {}).values()
-            for split in domain.get("splits", {}).values()
-        )
+        domains = json.loads(manifest.read_text()).get("domains", {})
+        count = sum(d.get("train_sequences", 0) + d.get("heldout_sequences", 0) for d in domains.values())
         if count:
-            return count * (data["seq_len"] + 1), f"measured: {manifest}"
-    return fallback, "the training tokens (each seen once; prepared data not there yet)"
+            return count, f"measured: {manifest}"
+    return training // config.data.seq_len, "the training tokens, each seen once (no prepared data yet)"
 
 
 def _cache_bytes_per_token(config: CampaignConfig, vocab: int) -> tuple[float, str]:
@@ -175,16 +190,20 @@ def _slurm(config: CampaignConfig, stage: str, seconds: float | None, ranks: int
 
 
 def _time(
-    flops: float, devices: int, gpu: GPU | None, mfu: float, note: str
+    flops: float, devices: int, gpu: GPU | None, mfu: float, note: str, throughput: tuple[float, str] | None
 ) -> tuple[float | None, float | None, str]:
-    if gpu is None:
-        return None, None, "no GPU named (--gpu, or slurm.gpu): time not planned"
-    seconds = flops / (devices * gpu.bf16_tflops * 1e12 * mfu)
-    return (
-        seconds,
-        seconds * devices / 3600,
-        f"{flops:.3g} model FLOPs at {mfu:.1%} MFU of {gpu.name} ({note})",
-    )
+    """Wall time (every device working at once) and device-hours of `flops` model FLOPs."""
+    if gpu is not None:
+        seconds = flops / (devices * gpu.bf16_tflops * 1e12 * mfu)
+        return (
+            seconds,
+            seconds * devices / 3600,
+            f"{flops:.3g} model FLOPs at {mfu:.1%} MFU of {gpu.name} ({note})",
+        )
+    if throughput is not None:
+        seconds = flops / (devices * throughput[0] * 1e12)
+        return seconds, seconds * devices / 3600, f"{flops:.3g} model FLOPs at {throughput[1]} ({note})"
+    return None, None, "no GPU named (--gpu, or slurm.gpu) and no earlier run measured: time not planned"
 
 
 def world(config: CampaignConfig, stage: str) -> int:
@@ -219,8 +238,12 @@ def plan_campaign(config: CampaignConfig, gpu: GPU | None, tokens: int | None = 
             archs["student"] = student_arch(config)
     train_tokens = tokens or (training_tokens(config) if config.training is not None else 0)
     stages: list[StagePlan] = []
+    if config.correct is not None and config.training is not None:
+        stages.append(_correct_stage(config, archs["teacher"], gpu, mfu))
     if config.teacher is not None and config.cache is not None:
         stages.append(_cache_stage(config, archs["teacher"].arch, gpu, mfu, train_tokens))
+    if config.prune is not None:
+        stages.append(_prune_stage(config, archs["teacher"].arch, archs["student"].arch, gpu, mfu))
     if config.training is not None and config.student is not None:
         stages.append(_train_stage(config, "train", archs, gpu, mfu, train_tokens))
         if config.baseline is not None:
@@ -245,15 +268,55 @@ def _cache_stage(
     plan.memory = forward_only(
         teacher, lay, seq_len=config.data.seq_len, micro_batch=config.teacher.micro_batch, bf16=bf16
     )
-    positions, source = _prepared_tokens(config, train_tokens)
+    sequences, source = _prepared_sequences(config, train_tokens)
+    positions = sequences * config.data.seq_len  # predicted positions: the cache's records
     per_token, note = _cache_bytes_per_token(config, teacher.vocab_size)
+    token_bytes = 2 if teacher.vocab_size <= 65536 else 4
     plan.disk = [
-        Item("prepared data", positions * (2 if teacher.vocab_size <= 65536 else 4), source),
+        Item("prepared data", sequences * (config.data.seq_len + 1) * token_bytes, source),
         Item("cache", int(positions * per_token), note),
     ]
     flops = positions * flops_per_token(teacher, config.data.seq_len, backward=False)
-    plan.seconds, plan.gpu_hours, plan.time_note = _time(flops, plan.ranks, gpu, mfu, "forward only")
+    plan.seconds, plan.gpu_hours, plan.time_note = _time(
+        flops, plan.ranks, gpu, mfu, "forward only", measured_tflops(config)
+    )
     plan.slurm = _slurm(config, "cache", plan.seconds, plan.ranks)
+    return plan
+
+
+def _correct_stage(config: CampaignConfig, teacher: PlannedArch, gpu: GPU | None, mfu: float) -> StagePlan:
+    """The teacher's correction: a training run of the teacher at its own layout (`correction.py`)."""
+    from distill.training.correction import correction_config
+
+    fixed = correction_config(config)
+    plan = _train_stage(fixed, "train", {"student": teacher}, gpu, mfu, training_tokens(fixed))
+    plan.stage, plan.ranks = "correct", world(config, "correct")
+    plan.slurm = _slurm(config, "correct", plan.seconds, plan.ranks)
+    return plan
+
+
+def _prune_stage(
+    config: CampaignConfig, teacher: ModelArch, student: ModelArch, gpu: GPU | None, mfu: float
+) -> StagePlan:
+    """Importance on the teacher at its layout (forward passes over the calibration set, once more per
+    candidate block when layers are dropped), then the cut on one process."""
+    assert config.prune is not None and config.teacher is not None
+    layout = config.teacher.layout
+    bf16 = _bf16(config, gpu, config.teacher.precision)
+    plan = StagePlan("prune", world(config, "prune"))
+    micro = config.prune.micro_batch or config.teacher.micro_batch
+    plan.memory = forward_only(
+        teacher, Layout(layout.tp, layout.pp), seq_len=config.data.seq_len, micro_batch=micro, bf16=bf16
+    )
+    plan.disk = [Item("student init", student.num_parameters() * 4, "the pruned student, float32")]
+    drop = teacher.num_layers - student.num_layers
+    passes = 1 + ((teacher.num_layers - drop + 2) if drop and config.prune.method != "width" else 0)
+    tokens = config.prune.calibration_sequences * config.data.seq_len
+    flops = passes * tokens * flops_per_token(teacher, config.data.seq_len, backward=False)
+    plan.seconds, plan.gpu_hours, plan.time_note = _time(
+        flops, plan.ranks, gpu, mfu, f"{passes} pass(es) over the calibration set", measured_tflops(config)
+    )
+    plan.slurm = _slurm(config, "prune", plan.seconds, plan.ranks)
     return plan
 
 
@@ -336,7 +399,12 @@ def _train_stage(
         export_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.export.dtype]
         plan.disk.append(Item("export", params * export_bytes, config.export.dtype))
     plan.seconds, plan.gpu_hours, plan.time_note = _time(
-        tokens * flops_per, ranks, gpu, mfu, "training step" + (" + online teacher" if online else "")
+        tokens * flops_per,
+        ranks,
+        gpu,
+        mfu,
+        "training step" + (" + online teacher" if online else ""),
+        measured_tflops(config),
     )
     plan.slurm = _slurm(config, name, plan.seconds, ranks)
     return plan

@@ -10,7 +10,9 @@ def gib(value: float) -> str:
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:,.1f} min"
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 60:,.1f} min" if seconds >= 60 else f"{seconds:,.1f} s"
 
 
 def render(plan: CampaignPlan) -> str:
@@ -18,7 +20,7 @@ def render(plan: CampaignPlan) -> str:
     lines = [
         f"plan for {gpu.name} ({gpu.memory_gb:g} GB, {gpu.bf16_tflops:g} bf16 TFLOP/s dense)"
         if gpu
-        else "plan without a GPU (memory per GPU is listed, not checked; time needs a GPU: --gpu NAME)",
+        else "plan without a GPU (memory per GPU listed, not checked against one: --gpu NAME)",
         f"training tokens: {plan.tokens:,}; MFU: {plan.mfu:.1%} ({plan.mfu_source})",
     ]
     for name, found in plan.archs.items():
@@ -47,7 +49,8 @@ def _stage(stage: StagePlan, plan: CampaignPlan) -> list[str]:
         lines.append("  disk:")
         lines += [f"    {item.name:<20} {gib(item.bytes):>14}  {item.note}" for item in stage.disk]
     if stage.seconds is not None:
-        lines.append(f"  time: {_hours(stage.seconds)}, {stage.gpu_hours:,.1f} GPU-hours ({stage.time_note})")
+        hours = f"{stage.gpu_hours:,.1f} GPU-hours" if plan.gpu else f"{stage.gpu_hours:,.2f} device-hours"
+        lines.append(f"  time: {_hours(stage.seconds)}, {hours} ({stage.time_note})")
     else:
         lines.append(f"  time: {stage.time_note}")
     if stage.slurm:

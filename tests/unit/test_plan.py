@@ -125,3 +125,27 @@ def test_the_planned_cache_is_the_written_one(tmp_path, prepared_tiny, tiny_mode
     sampled = load_config(path, ["cache.mode=sampled", "cache.samples=8"])
     note = {i.name: i.note for i in plan_campaign(sampled, None).stages[0].disk}["cache"]
     assert note.startswith("sampled N = 8: assumed")  # the top-k cache there is of another mode
+
+
+def test_minitron_stages_are_planned(tmp_path):
+    """The prune stage runs the teacher forward at its layout (once per candidate block more when layers
+    are dropped) and writes the pruned student; the correction trains the teacher at its layout."""
+    config = load_config(
+        REPO / "configs" / "demo_minitron.yaml",
+        [f"run.dir={tmp_path}", "correct.dir=${run.dir}/correct", "correct.steps=10", "correct.lr=1e-5"],
+    )
+    plan = plan_campaign(config, find_gpu("H100"))
+    assert [s.stage for s in plan.stages] == ["correct", "cache", "prune", "train"]
+    correct, cache, prune, train = plan.stages
+    teacher, student = plan.archs["teacher"].arch, plan.archs["student"].arch
+    assert (student.hidden_size, student.num_layers, student.head_dim) == (
+        96,
+        4,
+        32,
+    )  # pruned, teacher's head_dim
+    assert {i.name: i.bytes for i in prune.disk}["student init"] == student.num_parameters() * 4
+    assert {i.name: i.bytes for i in correct.memory}[
+        "weights"
+    ] == teacher.num_parameters() * 2  # bf16 on a GPU
+    assert {i.name: i.bytes for i in train.memory}["weights"] == student.num_parameters() * 2
+    assert prune.time_note.endswith("(1 pass(es) over the calibration set)")  # width: no depth passes

@@ -34,3 +34,13 @@ def test_planned_state_is_what_the_engine_holds(ranks, layout):
         held, planned = found[layout]["held"], found[layout]["planned"]
         for item in ("weights", "gradients", "optimizer"):
             assert held[item] == pytest.approx(planned[item], rel=0.05), (rank, item)
+
+
+def test_host_memory_is_within_the_stated_bound(ranks):
+    """The peak RSS above the post-import one after a step is at least the planned state and at most the
+    planned total plus 512 MiB (the stated loose bound: megatron-core's and gloo's fixed costs, the
+    allocator's caching; at this size they are most of it)."""
+    for found in ranks:
+        rss = found["rss"]
+        state = sum(found["tp1pp1"]["planned"].values())
+        assert state <= rss["above_imports"] <= rss["planned_total"] + 512 * 2**20, rss

@@ -4,17 +4,20 @@ layouts in one launch of 2 ranks (tp1 x dp2, tp2, pp2).
 argv: OUT_DIR WORK_DIR. WORK_DIR holds `config.yaml` (prepared data, a sized student, CE). Each rank
 reports per layout its counted weights (the module's parameters), gradients (megatron-core's DDP grad
 buffers) and optimizer state (fp32 masters that are not the weights themselves, AdamW's moments), and
-the plan's numbers for its pipeline stage.
+the plan's numbers for its pipeline stage; and after the first layout's step its peak RSS above the
+post-import one beside the plan's memory total.
 """
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 from distill.config import load_config
+from distill.plan.campaign import plan_campaign
 from distill.plan.memory import Layout, megatron_state
 from distill.training.train import build_loop
 from parallel.distributed import init_parallel, shutdown
@@ -29,6 +32,7 @@ def nbytes(tensors) -> int:
 
 def main() -> None:
     out, work = sys.argv[1], Path(sys.argv[2])
+    after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux: KiB)
     found: dict[str, dict] = {}
     for tp, pp in LAYOUTS:
         config = load_config(
@@ -62,6 +66,12 @@ def main() -> None:
             )
         }
         found[f"tp{tp}pp{pp}"] = {"held": held, "planned": planned}
+        if (tp, pp) == (1, 1):  # the peak RSS only grows: the first layout's is its own
+            train = next(s for s in plan_campaign(config, None).stages if s.stage == "train")
+            found["rss"] = {
+                "above_imports": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - after_imports,
+                "planned_total": train.memory_total,
+            }
         dist.barrier()
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, found)

@@ -7,8 +7,6 @@ Every test under distributed/ (gloo ranks) and e2e/ (whole campaigns, a Slurm cl
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,6 @@ from tests.helpers import few_documents, prepare_tree, stdlib_texts, tiny_llama,
 
 HERE = Path(__file__).resolve().parent
 SLOW_DIRECTORIES = (HERE / "e2e", HERE / "distributed")  # in the order they run
-
-# DeepSpeed builds its CPU communication extension on first use, under ~/.cache/torch_extensions by default:
-# shared by every virtual environment of the machine, each rebuilding it for its own sources (and a killed
-# build leaves a lock the next one waits on forever). The suite builds into its own environment instead.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

@@ -15,8 +15,8 @@ from typing import Any
 
 from distill.cache.format import SampledLayout, TopKLayout
 from distill.config import CampaignConfig
+from distill.gpus import GPU
 from distill.plan.arch import PlannedArch, model_arch, student_arch
-from distill.plan.gpus import GPU
 from distill.plan.memory import (
     Item,
     Layout,

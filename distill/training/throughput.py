@@ -10,7 +10,7 @@ PaLM), so a training step costs `6N + 12 L s h` per token and a forward-only pas
 An online teacher's forward pass is model FLOPs of the step too.
 
 **MFU** = model FLOPs per second per device / the device's peak dense bf16 FLOP/s: from
-`training.peak_tflops`, else from the GPU table (`distill/plan/gpus.py`) by the CUDA device's name. On CPU there is no peak
+`training.peak_tflops`, else from the GPU table (`distill/gpus.py`) by the CUDA device's name. On CPU there is no peak
 (none is known for a CPU's matmul throughput); the achieved TFLOP/s per device is logged and MFU is
 not, and metrics say `device: cpu`.
 """
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distill.plan.gpus import find_gpu
+from distill.gpus import find_gpu
 
 if TYPE_CHECKING:
     from parallel.model import ModelArch

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def gpu_of(name: str | None, config: object) -> object:
     """The GPU named on the command line, else by `slurm.gpu`, else None; an unknown name is an error."""
-    from distill.plan.gpus import GPUS, find_gpu
+    from distill.gpus import GPUS, find_gpu
 
     name = name or (getattr(getattr(config, "slurm", None), "gpu", None))
     if name is None:

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from distill.config import load_config
+from distill.gpus import find_gpu
 from distill.plan.campaign import HEADROOM, plan_campaign
-from distill.plan.gpus import find_gpu
 from tests.helpers import REPO, distillery, write_config
 
 CLUSTER = REPO / "configs" / "cluster_8b_to_1b.yaml"

@@ -86,8 +86,17 @@ def model_arch(location: Path | HubModel, key: str) -> PlannedArch:
     config = _config_json(location)
     if config is not None:
         from distill.atomic import read_json
+        from parallel.errors import ParallelConfigError
 
-        return PlannedArch(ModelArch.from_hf_config(read_json(config)), f"{config}")
+        found = read_json(config)
+        try:
+            return PlannedArch(ModelArch.from_hf_config(found), f"{config}")
+        except ParallelConfigError:  # a model only the Hugging Face path runs (Gemma 3, OLMo 2, ...)
+            return PlannedArch(
+                _dense_decoder(found, key),
+                f"{config} (model_type {found.get('model_type')!r} sized as a dense decoder: its own extras, "
+                "such as sliding windows, not modeled)",
+            )
     if not isinstance(location, HubModel):
         from distill.models.weights import find_weights
 
@@ -105,6 +114,30 @@ def model_arch(location: Path | HubModel, key: str) -> PlannedArch:
         f"table of well-known models ({', '.join(WELL_KNOWN)}); download its config.json "
         "(huggingface-cli download REPO config.json) or plan with a local copy"
     )
+
+
+def _dense_decoder(found: dict, key: str) -> ModelArch:
+    """The sizes of any decoder-only config.json, by the common Hugging Face key names."""
+    text = found.get("text_config") or found  # multimodal wrappers keep the language model's sizes there
+    try:
+        heads = int(text["num_attention_heads"])
+        hidden = int(text["hidden_size"])
+        return ModelArch(
+            model_type=str(found.get("model_type")),
+            vocab_size=int(text["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(text["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+            ffn_hidden_size=int(text["intermediate_size"]),
+            head_dim=int(text.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(text.get("max_position_embeddings") or 0),
+            tie_word_embeddings=bool(
+                found.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{key}: its config.json lacks a size the plan needs ({exc})") from None
 
 
 def student_arch(config: CampaignConfig) -> PlannedArch:

@@ -149,3 +149,18 @@ def test_minitron_stages_are_planned(tmp_path):
     ] == teacher.num_parameters() * 2  # bf16 on a GPU
     assert {i.name: i.bytes for i in train.memory}["weights"] == student.num_parameters() * 2
     assert prune.time_note.endswith("(1 pass(es) over the calibration set)")  # width: no depth passes
+
+
+def test_a_teacher_only_transformers_runs_is_sized_from_its_config(tmp_path, tokenizer_dir):
+    from safetensors.torch import load_file
+
+    from distill.plan.arch import model_arch
+    from tests.helpers import tiny_hf_only
+
+    gemma = tiny_hf_only(tmp_path / "gemma3", tokenizer_dir, "gemma3", 640, seed=1)
+    found = model_arch(gemma, "teacher.path")
+    assert "model_type 'gemma3_text' sized as a dense decoder" in found.source
+    arch = found.arch
+    assert (arch.vocab_size, arch.hidden_size, arch.num_layers, arch.head_dim) == (640, 32, 4, 16)
+    held = sum(t.numel() for t in load_file(gemma / "model.safetensors").values())
+    assert arch.num_parameters() == pytest.approx(held, rel=0.02)  # less its extra norms (pre/post MLP)

@@ -7,16 +7,14 @@ are assumptions (no measured MFU, no cache to measure distinct ids from) say so 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from distill.cache.format import SampledLayout, TopKLayout
 from distill.config import CampaignConfig
 from distill.gpus import GPU
 from distill.plan.arch import PlannedArch, model_arch, student_arch
+from distill.plan.measured import Rates, cache_bytes_per_token, prepared_sequences, rates, training_tokens
 from distill.plan.memory import (
     Item,
     Layout,
@@ -31,8 +29,6 @@ from distill.training.throughput import flops_per_token
 from parallel.model import ModelArch
 
 HEADROOM = 0.90  # of a GPU's memory the plan lets a stage use (CUDA context, allocator fragmentation)
-ASSUMED_MFU = 0.35  # when no run of this campaign or bench result measured one
-ASSUMED_DISTINCT = 10.0  # distinct ids per position of a sampled cache, when none was measured
 
 
 @dataclass
@@ -88,84 +84,6 @@ def _bf16(config: CampaignConfig, gpu: GPU | None, precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and gpu is not None)
 
 
-def measured_mfu(config: CampaignConfig) -> tuple[float, str]:
-    """The MFU of a previous run of this campaign (its metrics), else of `bench/results/scale.json`, else
-    the assumption."""
-    if config.logging is not None and Path(config.logging.metrics).is_file():
-        values = [
-            json.loads(line).get("mfu")
-            for line in Path(config.logging.metrics).read_text().splitlines()
-            if '"mfu"' in line
-        ]
-        values = [v for v in values if v]
-        if values:
-            return float(values[-1]), f"measured: {config.logging.metrics}"
-    bench = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu_h200" / "scale_megatron.json"
-    if bench.is_file():
-        found = json.loads(bench.read_text())
-        mfu = ((found.get("variants") or {}).get("ce") or {}).get("mfu")
-        if mfu:
-            return float(
-                mfu
-            ), f"measured: bench/results/gpu_h200/scale_megatron.json (1.24B student, {found['device']})"
-    return ASSUMED_MFU, f"assumed {ASSUMED_MFU:.0%} (no run of this campaign or bench result measured one)"
-
-
-def measured_tflops(config: CampaignConfig) -> tuple[float, str] | None:
-    """Achieved model TFLOP/s per device of a previous run of this campaign (its metrics), if any: what
-    time is planned from when no GPU is named (a CPU run, or the same cluster again)."""
-    if config.logging is None or not Path(config.logging.metrics).is_file():
-        return None
-    values = [
-        json.loads(line).get("tflops_per_device")
-        for line in Path(config.logging.metrics).read_text().splitlines()
-        if '"tflops_per_device"' in line
-    ]
-    values = sorted(v for v in values if v)
-    if not values:
-        return None
-    median = values[len(values) // 2]
-    return median, f"the median {median:.3g} TFLOP/s per device measured in {config.logging.metrics}"
-
-
-def training_tokens(config: CampaignConfig) -> int:
-    assert config.training is not None
-    return config.training.steps * config.training.global_batch * config.data.seq_len
-
-
-def _prepared_sequences(config: CampaignConfig, training: int) -> tuple[int, str]:
-    """Sequences of the prepared data (train and held-out): counted in its manifest when it is there, else
-    the training tokens' worth (each seen once)."""
-    manifest = config.data.dir / "manifest.json"
-    if manifest.is_file():
-        domains = json.loads(manifest.read_text()).get("domains", {})
-        count = sum(d.get("train_sequences", 0) + d.get("heldout_sequences", 0) for d in domains.values())
-        if count:
-            return count, f"measured: {manifest}"
-    return training // config.data.seq_len, "the training tokens, each seen once (no prepared data yet)"
-
-
-def _cache_bytes_per_token(config: CampaignConfig, vocab: int) -> tuple[float, str]:
-    cache = config.cache
-    assert cache is not None
-    if cache.mode == "topk":
-        layout = TopKLayout(vocab, cache.k)
-        return float(
-            layout.record_bytes
-        ), f"top-k k = {cache.k}: {layout.record_bytes} B per position (fixed)"
-    manifest = cache.dir / "manifest.json"
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        if (found.get("spec") or {}).get("samples") == cache.samples:
-            return float(found["bytes_per_token"]), f"measured: {manifest}"
-    layout = SampledLayout(vocab, cache.samples)
-    per = 3 + ASSUMED_DISTINCT * (layout.id_bytes + 1)
-    return per, (
-        f"sampled N = {cache.samples}: assumed {ASSUMED_DISTINCT:g} distinct ids per position, before zlib "
-        "(an upper bound; an existing cache is measured)"
-    )
-
-
 def _slurm(config: CampaignConfig, stage: str, seconds: float | None, ranks: int) -> dict[str, Any]:
     if config.slurm is None:
         return {}
@@ -190,9 +108,10 @@ def _slurm(config: CampaignConfig, stage: str, seconds: float | None, ranks: int
 
 
 def _time(
-    flops: float, devices: int, gpu: GPU | None, mfu: float, note: str, throughput: tuple[float, str] | None
+    flops: float, devices: int, gpu: GPU | None, rates: Rates, note: str
 ) -> tuple[float | None, float | None, str]:
     """Wall time (every device working at once) and device-hours of `flops` model FLOPs."""
+    mfu, throughput = rates.mfu, rates.tflops
     if gpu is not None:
         seconds = flops / (devices * gpu.bf16_tflops * 1e12 * mfu)
         return (
@@ -221,9 +140,11 @@ def _check(stage: StagePlan, gpu: GPU | None) -> None:
     stage.fits = stage.memory_total <= gpu.memory_bytes * HEADROOM
 
 
-def plan_campaign(config: CampaignConfig, gpu: GPU | None, tokens: int | None = None) -> CampaignPlan:
+def plan_campaign(
+    config: CampaignConfig, gpu: GPU | None, tokens: int | None = None, measured: Rates | None = None
+) -> CampaignPlan:
     """Every stage of `config` that runs ranks, planned for `gpu` (None: disk and time only)."""
-    mfu, mfu_source = measured_mfu(config)
+    found = measured or rates(config)  # read once: every stage, and every re-plan of the advice, uses it
     archs: dict[str, PlannedArch] = {}
     if config.teacher is not None:
         source = config.correct.source if config.correct is not None else config.teacher.path
@@ -239,26 +160,26 @@ def plan_campaign(config: CampaignConfig, gpu: GPU | None, tokens: int | None = 
     train_tokens = tokens or (training_tokens(config) if config.training is not None else 0)
     stages: list[StagePlan] = []
     if config.correct is not None and config.training is not None:
-        stages.append(_correct_stage(config, archs["teacher"], gpu, mfu))
+        stages.append(_correct_stage(config, archs["teacher"], gpu, found))
     if config.teacher is not None and config.cache is not None:
-        stages.append(_cache_stage(config, archs["teacher"].arch, gpu, mfu, train_tokens))
+        stages.append(_cache_stage(config, archs["teacher"].arch, gpu, found, train_tokens))
     if config.prune is not None:
-        stages.append(_prune_stage(config, archs["teacher"].arch, archs["student"].arch, gpu, mfu))
+        stages.append(_prune_stage(config, archs["teacher"].arch, archs["student"].arch, gpu, found))
     if config.training is not None and config.student is not None:
-        stages.append(_train_stage(config, "train", archs, gpu, mfu, train_tokens))
+        stages.append(_train_stage(config, "train", archs, gpu, found, train_tokens))
         if config.baseline is not None:
             stages.append(
-                _train_stage(config, "baseline", {"student": archs["student"]}, gpu, mfu, train_tokens)
+                _train_stage(config, "baseline", {"student": archs["student"]}, gpu, found, train_tokens)
             )
     for stage in stages:
         _check(stage, gpu)
         if stage.fits is False:
-            stage.advice = _advice(config, stage, archs, gpu, mfu, train_tokens)
-    return CampaignPlan(gpu, train_tokens, archs, mfu, mfu_source, stages)
+            stage.advice = _advice(config, stage, gpu, train_tokens, found)
+    return CampaignPlan(gpu, train_tokens, archs, found.mfu, found.mfu_source, stages)
 
 
 def _cache_stage(
-    config: CampaignConfig, teacher: ModelArch, gpu: GPU | None, mfu: float, train_tokens: int
+    config: CampaignConfig, teacher: ModelArch, gpu: GPU | None, rates: Rates, train_tokens: int
 ) -> StagePlan:
     assert config.teacher is not None and config.cache is not None
     layout = config.teacher.layout
@@ -268,35 +189,33 @@ def _cache_stage(
     plan.memory = forward_only(
         teacher, lay, seq_len=config.data.seq_len, micro_batch=config.teacher.micro_batch, bf16=bf16
     )
-    sequences, source = _prepared_sequences(config, train_tokens)
+    sequences, source = prepared_sequences(config, train_tokens)
     positions = sequences * config.data.seq_len  # predicted positions: the cache's records
-    per_token, note = _cache_bytes_per_token(config, teacher.vocab_size)
+    per_token, note = cache_bytes_per_token(config, teacher.vocab_size)
     token_bytes = 2 if teacher.vocab_size <= 65536 else 4
     plan.disk = [
         Item("prepared data", sequences * (config.data.seq_len + 1) * token_bytes, source),
         Item("cache", int(positions * per_token), note),
     ]
     flops = positions * flops_per_token(teacher, config.data.seq_len, backward=False)
-    plan.seconds, plan.gpu_hours, plan.time_note = _time(
-        flops, plan.ranks, gpu, mfu, "forward only", measured_tflops(config)
-    )
+    plan.seconds, plan.gpu_hours, plan.time_note = _time(flops, plan.ranks, gpu, rates, "forward only")
     plan.slurm = _slurm(config, "cache", plan.seconds, plan.ranks)
     return plan
 
 
-def _correct_stage(config: CampaignConfig, teacher: PlannedArch, gpu: GPU | None, mfu: float) -> StagePlan:
+def _correct_stage(config: CampaignConfig, teacher: PlannedArch, gpu: GPU | None, rates: Rates) -> StagePlan:
     """The teacher's correction: a training run of the teacher at its own layout (`correction.py`)."""
     from distill.training.correction import correction_config
 
     fixed = correction_config(config)
-    plan = _train_stage(fixed, "train", {"student": teacher}, gpu, mfu, training_tokens(fixed))
+    plan = _train_stage(fixed, "train", {"student": teacher}, gpu, rates, training_tokens(fixed))
     plan.stage, plan.ranks = "correct", world(config, "correct")
     plan.slurm = _slurm(config, "correct", plan.seconds, plan.ranks)
     return plan
 
 
 def _prune_stage(
-    config: CampaignConfig, teacher: ModelArch, student: ModelArch, gpu: GPU | None, mfu: float
+    config: CampaignConfig, teacher: ModelArch, student: ModelArch, gpu: GPU | None, rates: Rates
 ) -> StagePlan:
     """Importance on the teacher at its layout (forward passes over the calibration set, once more per
     candidate block when layers are dropped), then the cut on one process."""
@@ -314,14 +233,19 @@ def _prune_stage(
     tokens = config.prune.calibration_sequences * config.data.seq_len
     flops = passes * tokens * flops_per_token(teacher, config.data.seq_len, backward=False)
     plan.seconds, plan.gpu_hours, plan.time_note = _time(
-        flops, plan.ranks, gpu, mfu, f"{passes} pass(es) over the calibration set", measured_tflops(config)
+        flops, plan.ranks, gpu, rates, f"{passes} pass(es) over the calibration set"
     )
     plan.slurm = _slurm(config, "prune", plan.seconds, plan.ranks)
     return plan
 
 
 def _train_stage(
-    config: CampaignConfig, name: str, archs: dict[str, PlannedArch], gpu: GPU | None, mfu: float, tokens: int
+    config: CampaignConfig,
+    name: str,
+    archs: dict[str, PlannedArch],
+    gpu: GPU | None,
+    rates: Rates,
+    tokens: int,
 ) -> StagePlan:
     assert config.training is not None and config.checkpoint is not None
     student = archs["student"].arch
@@ -402,22 +326,14 @@ def _train_stage(
         tokens * flops_per,
         ranks,
         gpu,
-        mfu,
+        rates,
         "training step" + (" + online teacher" if online else ""),
-        measured_tflops(config),
     )
     plan.slurm = _slurm(config, name, plan.seconds, ranks)
     return plan
 
 
-def _advice(
-    config: CampaignConfig,
-    stage: StagePlan,
-    archs: dict[str, PlannedArch],
-    gpu: GPU | None,
-    mfu: float,
-    tokens: int,
-) -> str:
+def _advice(config: CampaignConfig, stage: StagePlan, gpu: GPU | None, tokens: int, measured: Rates) -> str:
     """The smallest change the config can express that makes `stage` fit, or why none does."""
     candidates: list[str] = []
     if stage.stage == "cache":
@@ -441,7 +357,7 @@ def _advice(
     for change in candidates:
         key, value = change.split("=")
         try:
-            again = plan_campaign(_changed(config, key, value), gpu, tokens)
+            again = plan_campaign(_changed(config, key, value), gpu, tokens, measured)
         except Exception:
             continue
         match = next(s for s in again.stages if s.stage == stage.stage)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,9 +40,12 @@ TRAINING_RECORD = "distillery_tokenizer.json"
 # Unigram: the rarest characters, together this share of the training text's characters, get no piece of
 # their own and are encoded as bytes (SentencePiece's `character_coverage` default for large alphabets).
 CHARACTER_COVERAGE = 0.9995
-# Unigram: the trainer sees no word (run of non-spaces, or of spaces) longer than this; tokenizers 0.23's
-# UnigramTrainer crashes the process (SIGSEGV) on words of some 70k characters (minified code, base64).
+# Unigram: the trainer sees no word (run of non-spaces, or of spaces) longer than this: pieces are at most
+# 16 characters, and words of some 70k characters (minified code, base64) only cost the trainer memory.
 MAX_TRAINING_RUN = 4096
+# Unigram: SentencePiece's EM sums over this many fixed slices of the words, on any machine; another
+# count would add in another order and give other scores.
+UNIGRAM_THREADS = 4
 _ALGORITHM_NAMES = {"byte_level_bpe": "byte-level BPE", "unigram": "unigram (byte fallback)"}
 
 
@@ -152,14 +155,18 @@ def _train_unigram(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     get one, see CHARACTER_COVERAGE) are encoded as their UTF-8 bytes, `<0x00>`..`<0xFF>`; a literal
     `▁` in the text is indistinguishable from a space and decodes as one (as in SentencePiece).
 
-    `tokenizers`' UnigramTrainer cannot do byte fallback itself: it replaces the model it trains with
-    one that has `byte_fallback` off (whatever the model was), has no byte pieces, and demands a piece
-    for every character it sees. So the trainer learns the pieces only, and the model is rebuilt from
-    them: ids 0..2 `<|endoftext|>`, `<|pad|>`, `<unk>`, ids 3..258 the byte tokens, then the learned
-    pieces, `vocab_size` in all, with `byte_fallback=True` and `<unk>` as the unknown id (fallback only
-    replaces what the Viterbi search marks unknown, and that needs an unknown id).
+    The pieces and their scores come from SentencePiece's unigram trainer, given the words (what the
+    pre-tokenizer makes of the texts) with their counts, sorted. `tokenizers`' own UnigramTrainer is
+    not reproducible: its EM sums over a hash map in a per-process random order (and over a number of
+    chunks that depends on the thread count), so two trainings of the same corpus gave pieces at other
+    ids and scores up to 0.006 apart. SentencePiece's sums run in the input's order over a fixed number
+    of threads (UNIGRAM_THREADS, whatever the machine), so the same corpus gives the same file.
+
+    The model is then built here: ids 0..2 `<|endoftext|>`, `<|pad|>`, `<unk>`, ids 3..258 the byte
+    tokens, then the learned pieces, `vocab_size` in all, with `byte_fallback=True` and `<unk>` as the
+    unknown id (fallback only replaces what the Viterbi search marks unknown, and that needs an unknown id).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     reserved = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *BYTE_TOKENS]
     # Words keep the one space before them (`▁word`); a longer run of spaces is a word of its own less
@@ -178,17 +185,12 @@ def _train_unigram(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     kept, characters = _training_strings(texts, keep=set(alphabet))
     if not characters:
         raise DataError("tokenizer training saw no text")
-    training = Tokenizer(models.Unigram())
-    training.pre_tokenizer = pre_tokenizer
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size - len(reserved) + 2,  # the trainer counts its special tokens in
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],  # so that their spelled-out text is not learned from
-        initial_alphabet=alphabet,
-        show_progress=False,
-    )
+    words: Counter[str] = Counter()
+    for text in kept:
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
     try:
-        training.train_from_iterator(kept, trainer=trainer)
-    except Exception as exc:  # tokenizers raises a bare Exception, e.g. for too many characters
+        learned = _sentencepiece_pieces(words, vocab_size=vocab_size - len(reserved), required=alphabet)
+    except RuntimeError as exc:  # SentencePiece's failed checks, e.g. more characters than pieces
         raise DataError(
             f"unigram training failed ({exc}): the text has {characters} distinct characters "
             f"(after dropping the rarest); vocab_size {vocab_size} keeps {len(reserved)} tokens "
@@ -197,12 +199,10 @@ def _train_unigram(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     names = set(reserved)
     learned = [
         (piece, score)
-        for piece, score in json.loads(training.to_str())["model"]["vocab"]
+        for piece, score in learned
         if piece not in names and not _looks_like_byte_token(piece.replace("▁", " "))
     ]
-    finite = [s for _, s in learned if s is not None and math.isfinite(s)]
-    lowest = min([*finite, -1.0])
-    learned = [(p, s if s is not None and math.isfinite(s) else lowest) for p, s in learned]
+    lowest = min([score for _, score in learned] + [-1.0])
     # Far below any path of ordinary pieces through a reserved name (at most 13 characters).
     never = 100.0 * lowest
     model = models.Unigram(
@@ -214,9 +214,64 @@ def _train_unigram(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
     tokenizer.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
-    if not json.loads(tokenizer.to_str())["model"].get("byte_fallback"):  # what the trainer loses
+    if not json.loads(tokenizer.to_str())["model"].get("byte_fallback"):
         raise DataError("tokenizers built the unigram without byte fallback; this version is unsupported")
     return tokenizer
+
+
+def _sentencepiece_pieces(
+    words: Counter[str], *, vocab_size: int, required: list[str]
+) -> list[tuple[str, float]]:
+    """SentencePiece's unigram pieces (and log-probability scores) for `words`, `vocab_size` at most.
+
+    The words go in as a TSV of `word<TAB>count`, sorted by count then word. Tabs, newlines and carriage
+    returns, which that format cannot hold, stand in as private-use characters the text does not use
+    and are put back in the pieces. Every option that would split or normalise differently from the
+    pre-tokenizer is off: a piece may be any substring of a word, whitespace runs included.
+    """
+    import sentencepiece
+
+    used = {char for word in words for char in word}
+    spare = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in used)  # plane 15, private use
+    stand_in = {char: next(spare) for char in "\t\n\r"}
+    escape = str.maketrans(stand_in)
+    restore = str.maketrans({v: k for k, v in stand_in.items()})
+    with tempfile.TemporaryDirectory(prefix="distillery-unigram-") as tmp:
+        listing = Path(tmp) / "words.tsv"
+        with listing.open("w", encoding="utf-8") as out:
+            for word, count in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+                out.write(f"{word.translate(escape)}\t{count}\n")
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(listing),
+            input_format="tsv",
+            model_prefix=str(Path(tmp) / "unigram"),
+            model_type="unigram",
+            vocab_size=vocab_size + 1,  # its own <unk> counts in
+            hard_vocab_limit=False,  # a small corpus may have fewer pieces to give
+            character_coverage=1.0,  # the rarest characters are already cut out
+            required_chars="".join(required),
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            split_by_whitespace=False,
+            split_by_unicode_script=False,
+            split_by_number=False,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=8 * MAX_TRAINING_RUN,
+            byte_fallback=False,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            num_threads=UNIGRAM_THREADS,
+            minloglevel=2,
+        )
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(Path(tmp) / "unigram.model"))
+        return [
+            (processor.id_to_piece(i).translate(restore), float(processor.get_score(i)))
+            for i in range(processor.get_piece_size())
+            if not processor.is_unknown(i)
+        ]
 
 
 def _looks_like_byte_token(piece: str) -> bool:

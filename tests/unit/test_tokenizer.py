@@ -218,3 +218,37 @@ def test_the_default_algorithm_named_or_not_is_the_same_tokenizer(tmp_path, smal
     for train in ({}, {"algorithm": "byte_level_bpe"}):
         assert ensure_tokenizer(config(tmp_path, small_corpus, **train).data).sha256 == first.sha256
         assert "is complete, nothing to do" in capsys.readouterr().err
+
+
+TRAIN_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+from distill.data.tokenizer import train_tokenizer
+from tests.helpers import stdlib_texts
+texts = stdlib_texts(12) + [ROUND_TRIP_TEXTS]
+train_tokenizer(texts, Path(sys.argv[1]), algorithm=sys.argv[2], vocab_size=1000)
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["byte_level_bpe", "unigram"])
+def test_training_twice_gives_the_same_bytes_at_any_thread_count(tmp_path, algorithm):
+    """Each training in its own process: rayon's pool size and Rust's hash-map order are per process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, tree_bytes
+
+    script = TRAIN_IN_A_FRESH_PROCESS.replace("[ROUND_TRIP_TEXTS]", repr(ROUND_TRIP_TEXTS))
+    for run, threads in (("a", "1"), ("b", "2")):
+        env = {**os.environ, "RAYON_NUM_THREADS": threads, "PYTHONHASHSEED": threads}
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / run), algorithm],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")

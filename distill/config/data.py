@@ -134,6 +134,11 @@ class MixtureConfig(Section):
     natural: in proportion to each domain's training sequences; uniform: equal shares; static: the given
     `weights`; ddk: domain-discrepancy weights (Liu et al. 2024) from the student/teacher held-out
     perplexity ratio, updated every `interval` steps with factor-smooth `alpha`.
+
+    DDK's guardrails: every weight stays within [`min_weight`, `max_weight`] (a number for every domain,
+    or one per domain; by default half and twice the uniform share), and each update moves only
+    `1 - smoothing` of the way to the new weights. Multiplicative reweighting compounds, and without
+    them data-mix reweighting is known to collapse onto one domain.
     """
 
     type: Literal["natural", "uniform", "static", "ddk"] = "natural"
@@ -147,6 +152,21 @@ class MixtureConfig(Section):
     eval_sequences: int = Field(
         default=32, gt=0, description="ddk: held-out sequences per domain per update."
     )
+    min_weight: float | dict[str, float] | None = Field(
+        default=None,
+        description="ddk: lowest weight of a domain (one number, or per domain); default half the uniform share.",
+    )
+    max_weight: float | dict[str, float] | None = Field(
+        default=None,
+        description="ddk: highest weight of a domain (one number, or per domain); default twice the uniform "
+        "share (at most 1).",
+    )
+    smoothing: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="ddk: share of the old weights kept at each update, r = s * r_old + (1 - s) * r_new.",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> MixtureConfig:
@@ -158,7 +178,51 @@ class MixtureConfig(Section):
                 raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
         elif self.weights is not None:
             raise ValueError(f"`weights` applies to type static only (type is {self.type})")
+        for key in ("min_weight", "max_weight"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.type != "ddk":
+                raise ValueError(f"`{key}` applies to type ddk only (type is {self.type})")
+            values = value.values() if isinstance(value, dict) else [value]
+            if any(not 0.0 <= v <= 1.0 for v in values):
+                raise ValueError(f"`{key}` must lie in [0, 1], got {value}")
         return self
+
+    def weight_bounds(self, domains: list[str]) -> dict[str, tuple[float, float]]:
+        """DDK's (min, max) weight per domain, defaults filled in; `ValueError` naming the key when a
+        per-domain value names no domain, a domain's min exceeds its max, or no weights fit the bounds."""
+        uniform = 1.0 / len(domains)
+        low = self._per_domain("min_weight", self.min_weight, domains, 0.5 * uniform)
+        high = self._per_domain("max_weight", self.max_weight, domains, min(1.0, 2.0 * uniform))
+        crossed = [d for d in domains if low[d] > high[d]]
+        if crossed:
+            raise ValueError(
+                f"data.mixture: min_weight exceeds max_weight for {crossed} "
+                f"(min {[low[d] for d in crossed]}, max {[high[d] for d in crossed]})"
+            )
+        if sum(low.values()) > 1.0 + 1e-9 or sum(high.values()) < 1.0 - 1e-9:
+            raise ValueError(
+                f"data.mixture: no weights summing to 1 fit the bounds over {len(domains)} domains "
+                f"(min_weight sums to {sum(low.values()):.4g}, max_weight to {sum(high.values()):.4g}; "
+                "the mins must sum to at most 1 and the maxes to at least 1)"
+            )
+        return {d: (low[d], high[d]) for d in domains}
+
+    @staticmethod
+    def _per_domain(
+        key: str, value: float | dict[str, float] | None, domains: list[str], default: float
+    ) -> dict[str, float]:
+        if value is None:
+            return dict.fromkeys(domains, default)
+        if not isinstance(value, dict):
+            return dict.fromkeys(domains, float(value))
+        unknown = sorted(set(value) - set(domains))
+        if unknown:
+            raise ValueError(
+                f"data.mixture.{key} names {unknown}, which are not domains (domains: {domains})"
+            )
+        return {d: float(value.get(d, default)) for d in domains}
 
 
 class DataConfig(Section):
@@ -223,6 +287,8 @@ class DataConfig(Section):
             raise ValueError(
                 f"mixture.weights must name every domain exactly: missing {missing}, unknown {unknown}"
             )
+        if self.mixture.type == "ddk":
+            self.mixture.weight_bounds(list(self.domains))
         return self
 
     @field_validator("domains")

@@ -93,11 +93,30 @@ def plot_mixture(run: Metrics, out: Path) -> Path | None:
     for domain in domains:
         steps, values = run.steps(f"mixture/{domain}")
         ax.step(steps, values, where="post", color=colour[domain], label=domain, marker="o", markersize=3)
+    _plot_weight_bounds(ax, run, domains, colour)
     ax.set(title="DDK domain weights", xlabel="optimizer step", ylabel="sampling weight (sums to 1)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    _legend(ax, len(domains))
+    _legend(ax, len(ax.get_lines()))
     return _save(fig, out / "ddk_weights.png")
+
+
+def _plot_weight_bounds(ax: plt.Axes, run: Metrics, domains: list[str], colour: dict[str, str]) -> None:
+    """DDK's guardrails as horizontal lines (dotted: minimum weight, dashed: maximum): one grey pair when
+    every domain has the same bounds, else a pair per domain in its colour. Older runs logged none."""
+    bounds = {}
+    for domain in domains:
+        low, high = run.steps(f"ddk/min_weight/{domain}")[1], run.steps(f"ddk/max_weight/{domain}")[1]
+        if low and high:
+            bounds[domain] = (low[-1], high[-1])
+    if len(set(bounds.values())) == 1:
+        low, high = next(iter(bounds.values()))
+        ax.axhline(low, color="0.4", linestyle=":", linewidth=1, label="min weight")
+        ax.axhline(high, color="0.4", linestyle="--", linewidth=1, label="max weight")
+        return
+    for domain, (low, high) in bounds.items():
+        ax.axhline(low, color=colour[domain], linestyle=":", linewidth=1)
+        ax.axhline(high, color=colour[domain], linestyle="--", linewidth=1)
 
 
 def plot_tau(run: Metrics, out: Path) -> Path | None:

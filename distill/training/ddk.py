@@ -14,12 +14,18 @@ r_0 gets the same smoothing as every update (the paper's r_0 is the bare softmax
 the teacher, such as a random initialisation whose ratios are in the hundreds, would otherwise spend
 its first interval on a single domain.
 
+Guardrails (not in the paper): the update compounds (r_t carries every earlier exp(ratio)), so a domain
+that lags for a few intervals takes the whole floor the `alpha` mixing leaves. Each new r is therefore
+moved only part of the way from the old one (`smoothing` s: r = s * r_old + (1 - s) * r_new) and then
+brought within each domain's [min_weight, max_weight] by `within_bounds`.
+
 The next `interval` steps sample domains with `r`. Weights, teacher perplexities and the sampler state
 are checkpointed, so a resumed run continues the same sequence of samples and weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +59,35 @@ def ddk_update(
     return {d: float(v) for d, v in zip(domains, new, strict=True)}
 
 
+def within_bounds(weights: dict[str, float], bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The weights scaled by one factor c and clipped to their bounds, clip(c * w, lo, hi), with c such
+    that they sum to 1: domains inside their bounds keep their proportions to each other.
+
+    The sum is non-decreasing in c, so c is found by bisection (on log c; a zero weight sits at its
+    lower bound whatever c). Needs sum(lo) <= 1 <= sum(hi), which the config's validation guarantees.
+    """
+    domains = list(weights)
+    w = np.array([max(weights[d], 0.0) for d in domains])
+    lo = np.array([bounds[d][0] for d in domains])
+    hi = np.array([bounds[d][1] for d in domains])
+
+    def total(c: float) -> float:
+        return float(np.clip(c * w, lo, hi).sum())
+
+    small, large = 1e-300, 1.0
+    while total(large) < 1.0 and large < 1e300:
+        large *= 2.0**64
+    for _ in range(200):  # 200 halvings of the log interval: far below float resolution
+        middle = math.sqrt(small) * math.sqrt(large)
+        small, large = (middle, large) if total(middle) < 1.0 else (small, middle)
+    clipped = np.clip(large * w, lo, hi)
+    # the remaining error (<< 1e-12) goes to the domains strictly inside their bounds, if any
+    inside = (clipped > lo) & (clipped < hi)
+    if inside.any():
+        clipped[inside] += (1.0 - clipped.sum()) * clipped[inside] / clipped[inside].sum()
+    return {d: float(v) for d, v in zip(domains, clipped, strict=True)}
+
+
 def fixed_weights(config: MixtureConfig, sizes: dict[str, int]) -> dict[str, float]:
     """The starting weights: natural (by size), uniform, static (as given); ddk starts uniform until r_0."""
     if config.type == "natural":
@@ -70,6 +105,7 @@ class DomainMixture:
     def __init__(self, config: MixtureConfig, sizes: dict[str, int], seed: int) -> None:
         self.config = config
         self.sampler = MixtureSampler(sizes, fixed_weights(config, sizes), seed)
+        self.bounds = config.weight_bounds(list(sizes)) if self.is_ddk else {}
         self.teacher_ppl: dict[str, float] | None = None
         self.updates = 0
 
@@ -93,7 +129,9 @@ class DomainMixture:
             return None
         self.teacher_ppl = evaluate_teacher()
         student = evaluate_student()
-        self.sampler.set_weights(ddk_initial(student, self.teacher_ppl, self.config.alpha))
+        self.sampler.set_weights(
+            within_bounds(ddk_initial(student, self.teacher_ppl, self.config.alpha), self.bounds)
+        )
         return self._record(student)
 
     def after_step(
@@ -104,8 +142,12 @@ class DomainMixture:
             return None
         assert self.teacher_ppl is not None
         student = evaluate_student()
-        weights = ddk_update(self.sampler.weights_dict(), student, self.teacher_ppl, self.config.alpha)
-        self.sampler.set_weights(weights)
+        old = self.sampler.weights_dict()
+        new = ddk_update(old, student, self.teacher_ppl, self.config.alpha)
+        kept = self.config.smoothing
+        self.sampler.set_weights(
+            within_bounds({d: kept * old[d] + (1 - kept) * new[d] for d in old}, self.bounds)
+        )
         self.updates += 1
         return self._record(student)
 
@@ -117,6 +159,7 @@ class DomainMixture:
             record[f"ddk/student_ppl/{domain}"] = student[domain]
             record[f"ddk/teacher_ppl/{domain}"] = self.teacher_ppl[domain]
             record[f"ddk/ratio/{domain}"] = student[domain] / self.teacher_ppl[domain]
+            record[f"ddk/min_weight/{domain}"], record[f"ddk/max_weight/{domain}"] = self.bounds[domain]
         return record
 
     def weights_text(self) -> str:

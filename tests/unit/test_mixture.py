@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
 from distill.data.mixture import MixtureSampler, rank_slice
 from distill.errors import DataError
-from distill.training.ddk import DomainMixture, ddk_initial, ddk_update
+from distill.training.ddk import DomainMixture, ddk_initial, ddk_update, within_bounds
 
 SIZES = {"code": 37, "legal": 11, "docs": 5, "multilingual": 23}
 WEIGHTS = {"code": 0.5, "legal": 0.2, "docs": 0.25, "multilingual": 0.05}
@@ -94,7 +95,7 @@ def test_ddk_update_equals_the_formula():
 def test_ddk_mixture_starts_from_r0_and_updates_on_its_interval():
     from distill.config.data import MixtureConfig
 
-    config = MixtureConfig(type="ddk", interval=3, alpha=0.5)
+    config = MixtureConfig(type="ddk", interval=3, alpha=0.5, min_weight=0.0, max_weight=1.0, smoothing=0.0)
     mixture = DomainMixture(config, SIZES, seed=0)
     student = {"code": 50.0, "legal": 40.0, "docs": 30.0, "multilingual": 20.0}
     teacher = dict.fromkeys(SIZES, 10.0)
@@ -110,6 +111,94 @@ def test_ddk_mixture_starts_from_r0_and_updates_on_its_interval():
     again = DomainMixture(config, SIZES, seed=0)
     again.load_state_dict(mixture.state_dict())
     assert again.peek_batch(8) == mixture.peek_batch(8) and again.teacher_ppl == teacher
+
+
+def test_within_bounds_keeps_proportions_inside_and_respects_every_bound():
+    rng = np.random.default_rng(0)
+    domains = list(SIZES)
+    for _ in range(200):
+        weights = dict(zip(domains, rng.dirichlet([0.2] * 4) + rng.uniform(0, 1e-3, 4), strict=True))
+        low = rng.uniform(0, 0.25, 4)
+        high = np.maximum(low, rng.uniform(0.25, 1.0, 4))
+        bounds = {d: (float(lo), float(hi)) for d, lo, hi in zip(domains, low, high, strict=True)}
+        out = within_bounds(weights, bounds)
+        assert sum(out.values()) == pytest.approx(1.0, abs=1e-12)
+        assert all(bounds[d][0] - 1e-12 <= out[d] <= bounds[d][1] + 1e-12 for d in domains)
+        # the domains strictly inside their bounds share one scale factor: clip(c * w, lo, hi)
+        inside = [d for d in domains if bounds[d][0] + 1e-9 < out[d] < bounds[d][1] - 1e-9]
+        scales = [out[d] / weights[d] for d in inside]
+        assert scales == pytest.approx([scales[0]] * len(scales) if scales else [], rel=1e-9)
+        # a domain clipped up had c * w below its min, one clipped down above its max
+        for d in domains:
+            if inside and out[d] <= bounds[d][0] + 1e-12 and bounds[d][0] < bounds[d][1]:
+                assert scales[0] * weights[d] <= bounds[d][0] + 1e-9
+    inside_bounds = dict.fromkeys(domains, (0.0, 1.0))
+    assert within_bounds(WEIGHTS, inside_bounds) == pytest.approx(WEIGHTS, rel=1e-12)
+
+
+def test_ddk_guardrails_hold_over_many_updates_that_push_one_domain():
+    from distill.config.data import MixtureConfig
+
+    config = MixtureConfig(type="ddk", interval=1, alpha=1.0, min_weight={"docs": 0.1}, max_weight=0.4)
+    mixture = DomainMixture(config, SIZES, seed=0)
+    assert mixture.bounds == {
+        "code": (0.125, 0.4),
+        "legal": (0.125, 0.4),
+        "docs": (0.1, 0.4),
+        "multilingual": (0.125, 0.4),
+    }
+    teacher = dict.fromkeys(SIZES, 10.0)
+    lagging = {"code": 900.0, "legal": 20.0, "docs": 15.0, "multilingual": 30.0}  # ratios 90 vs 1.5-3
+    record = mixture.start(lambda: lagging, lambda: teacher)
+    assert record["ddk/max_weight/code"] == 0.4 and record["ddk/min_weight/docs"] == 0.1
+    seen = [mixture.sampler.weights_dict()]
+    for step in range(1, 40):
+        before = mixture.sampler.weights_dict()
+        mixture.after_step(step, lambda: lagging)
+        after = mixture.sampler.weights_dict()
+        # smoothing 0.5: at most half of the way to the raw update, before the bounds
+        raw = ddk_update(before, lagging, teacher, alpha=1.0)
+        expected = within_bounds({d: 0.5 * before[d] + 0.5 * raw[d] for d in before}, mixture.bounds)
+        assert after == pytest.approx(expected, rel=1e-9)
+        seen.append(after)
+    for weights in seen:
+        assert sum(weights.values()) == pytest.approx(1.0)
+        assert all(
+            mixture.bounds[d][0] - 1e-12 <= w <= mixture.bounds[d][1] + 1e-12 for d, w in weights.items()
+        )
+    assert seen[-1]["code"] == pytest.approx(0.4)  # pinned at its maximum, not all of the data
+    assert seen[-1]["docs"] == pytest.approx(0.1)  # the least lagging domain kept at its minimum
+
+
+@pytest.mark.parametrize(
+    ("mixture", "message"),
+    [
+        ({"type": "ddk", "min_weight": 0.3}, "min_weight sums to 1.2"),
+        ({"type": "ddk", "max_weight": 0.2}, "max_weight to 0.8"),
+        (
+            {"type": "ddk", "min_weight": {"code": 0.6}, "max_weight": {"code": 0.5}},
+            "min_weight exceeds max_weight for ['code']",
+        ),
+        ({"type": "ddk", "min_weight": {"python": 0.1}}, "data.mixture.min_weight names ['python']"),
+        ({"type": "uniform", "max_weight": 0.5}, "`max_weight` applies to type ddk only"),
+        ({"type": "ddk", "max_weight": 1.5}, "`max_weight` must lie in [0, 1]"),
+        ({"type": "ddk", "smoothing": 1.0}, "smoothing"),
+    ],
+)
+def test_ddk_bounds_that_cannot_hold_are_refused_naming_the_key(mixture, message):
+    from pydantic import ValidationError
+
+    from distill.config.schema import DataConfig
+
+    data = {
+        "tokenizer": {"path": "/tmp/tok"},
+        "domains": {d: {"sources": [{"files": f"/tmp/{d}/*.txt"}]} for d in SIZES},
+        "seq_len": 8,
+        "dir": "/tmp/data",
+        "mixture": mixture,
+    }
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        DataConfig.model_validate(data)
 
 
 def test_natural_and_uniform_weights():

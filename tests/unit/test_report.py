@@ -56,10 +56,25 @@ def write_metrics(path, *, ce_only=False):
                     {
                         "step": step,
                         **{f"mixture/{d}": float(w) for d, w in zip(DOMAINS, weights, strict=True)},
+                        **{f"ddk/min_weight/{d}": 0.125 for d in DOMAINS},
+                        **{f"ddk/max_weight/{d}": 0.5 for d in DOMAINS},
                     }
                 )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 11, "lo', encoding="utf-8")
+
+
+def test_ddk_plot_draws_the_weight_bounds(tmp_path, monkeypatch):
+    from distill.report import plots
+    from distill.report.metrics_file import read_metrics
+
+    write_metrics(tmp_path / "metrics.jsonl")
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.plot_mixture(read_metrics(tmp_path / "metrics.jsonl"), tmp_path) is not None
+    lines = figures[0].axes[0].get_lines()
+    flat = {line.get_label(): set(line.get_ydata()) for line in lines if len(set(line.get_ydata())) == 1}
+    assert flat["min weight"] == {0.125} and flat["max weight"] == {0.5}
 
 
 def test_report_writes_readable_plots_and_a_summary(tmp_path, monkeypatch):

@@ -24,11 +24,12 @@ def ensure_data_stages(
     return config
 
 
-def write_result(out: str, result: dict) -> None:
-    """Write a benchmark's JSON result (bench/results/...) and print it."""
+def write_result(out: str, result: dict, *, echo: bool = True) -> None:
+    """Write a benchmark's JSON result (bench/results/...) and print it (unless `echo` is off)."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    if echo:
+        print(json.dumps(result, indent=2))
 
 
 def variant_config(

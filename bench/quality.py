@@ -1,6 +1,7 @@
-"""What each distillation method buys at equal tokens, in held-out bits per byte (not run by CI; ~30 min).
+"""What each distillation method buys at equal tokens, in held-out bits per byte, with its seed noise
+(not run by CI; ~80 min here).
 
-    .venv/bin/python bench/quality.py [--steps 150] [--seeds 1234 1235] [--config configs/demo.yaml]
+    .venv/bin/python bench/quality.py [--steps 300] [--seeds 1234 1235 1236] [--methods ...]
 
 On the demo corpus and teacher, the demo student is trained from the same random init (one per seed)
 for the same steps and batches (equal tokens) with:
@@ -10,16 +11,24 @@ for the same steps and batches (equal tokens) with:
 - `rskd`: forward KL against the sampled cache (RS-KD, 50 draws per position: the demo's default);
 - `online`: forward KL against the live teacher's full distribution (dense, no cache);
 - `taid`: TAID against the top-64 cache;
-- `taid_ddk`: TAID with the DDK domain mixture (reweighted every 30 steps).
+- `taid_ddk`: TAID with the DDK domain mixture (reweighted every 30 steps, the default guardrails);
+- `rskd_ddk`: RS-KD with the DDK domain mixture (the same schedule);
+- `taid_ddk_raw`: TAID + DDK without guardrails (no weight bounds, no smoothing of the update).
 
 Each student is then scored by `distillery eval` (documents of the first 32 held-out sequences per
-domain, rolling windows) in bits per byte; two seeds per method show the noise. Runs at tp1 in this
-process; the caches are built first (the demo's sampled cache, and top-k caches beside it).
+domain, rolling windows) in bits per byte. Every method runs with each seed (the seed sets the student's
+random init and the batches); the table gives per domain the mean and the spread (max - min over the
+seeds), and calls a difference to CE (or to the same loss without DDK, for the DDK rows) a win or a loss
+only where it is larger than the spreads of both sides; likewise the worst domain's gap to the teacher
+(DDK's aim: that gap shrinks, the mean does not grow). Each finished run is saved at once, and a rerun with the same
+steps and seeds keeps the runs of the methods it does not run, so methods can be added one at a time.
+Runs at tp1 in this process; the caches are built first (the demo's sampled cache, top-k beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -44,7 +53,31 @@ METHODS = {
             "data.mixture.interval=30",
         ],
     ),
+    "rskd_ddk": (
+        "sampled",
+        [
+            "loss.weights.ce=0.0",
+            "loss.weights.forward_kl=1.0",
+            "data.mixture.type=ddk",
+            "data.mixture.interval=30",
+        ],
+    ),
+    "taid_ddk_raw": (
+        "topk64",
+        [
+            "loss.weights.ce=0.0",
+            "loss.weights.forward_kl=0.0",
+            "loss.weights.taid=1.0",
+            "data.mixture.type=ddk",
+            "data.mixture.interval=30",
+            "data.mixture.min_weight=0.0",
+            "data.mixture.max_weight=1.0",
+            "data.mixture.smoothing=0.0",
+        ],
+    ),
 }
+# What each method's gains are measured against: the CE student, or the same method without DDK.
+REFERENCE = {"taid_ddk": "taid", "taid_ddk_raw": "taid", "rskd_ddk": "rskd"}
 
 
 def teacher_overrides(signal: str, caches: dict[str, Path]) -> list[str]:
@@ -121,60 +154,140 @@ def train_and_score(
     }
 
 
+def summarize(runs: dict[str, dict[str, dict]], teacher: dict[str, float]) -> dict[str, dict]:
+    """Per method and domain (and `all`): mean and spread (max - min) over seeds, the worst domain's gap
+    to the teacher, and each difference to the reference method called a win or loss only beyond noise."""
+    summary: dict[str, dict] = {}
+    for name, by_seed in runs.items():
+        results = list(by_seed.values())
+        columns = [*results[0]["bits_per_byte"], "all"]
+        per_seed = [{**r["bits_per_byte"], "all": r["all"]} for r in results]
+        gaps = [max(r["bits_per_byte"][d] - teacher[d] for d in r["bits_per_byte"]) for r in results]
+        summary[name] = {
+            "seeds": len(results),
+            "mean": {c: statistics.mean(s[c] for s in per_seed) for c in columns},
+            "spread": {c: max(s[c] for s in per_seed) - min(s[c] for s in per_seed) for c in columns},
+            "worst_gap_to_teacher": {"mean": statistics.mean(gaps), "spread": max(gaps) - min(gaps)},
+            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in results),
+        }
+    for name, entry in summary.items():
+        reference = REFERENCE.get(name, "ce")
+        if name == reference or reference not in summary:
+            continue
+        other = summary[reference]
+        verdicts = {}
+        for column, mean in entry["mean"].items():
+            gain = other["mean"][column] - mean  # bits per byte saved; > 0 is better
+            noise = max(entry["spread"][column], other["spread"][column])
+            verdicts[column] = {
+                "gain": gain,
+                "noise": noise,
+                "call": _call(gain, noise),
+            }
+        gain = other["worst_gap_to_teacher"]["mean"] - entry["worst_gap_to_teacher"]["mean"]
+        noise = max(other["worst_gap_to_teacher"]["spread"], entry["worst_gap_to_teacher"]["spread"])
+        verdicts["worst_gap_to_teacher"] = {"gain": gain, "noise": noise, "call": _call(gain, noise)}
+        entry["versus"] = {"method": reference, "columns": verdicts}
+    return summary
+
+
+def _call(gain: float, noise: float) -> str:
+    return "win" if gain > noise else "loss" if -gain > noise else "within noise"
+
+
+def markdown(result: dict) -> str:
+    """The docs' table: per method and domain `mean ± spread/2` over the seeds, the gain against its
+    reference with the call, the worst domain's gap to the teacher."""
+    summary, teacher = result["summary"], result["teacher"]
+    columns = [*teacher["domains"], "all"]
+    head = ["method", *columns, "worst gap to teacher", "s/step"]
+    rows = [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        "| teacher | "
+        + " | ".join(f"{teacher['domains'].get(c, teacher['all']):.3f}" for c in columns)
+        + " | | |",
+    ]
+    for name, entry in summary.items():
+        cells = []
+        for column in [*columns, "worst_gap_to_teacher"]:
+            if column == "worst_gap_to_teacher":
+                mean, spread = entry[column]["mean"], entry[column]["spread"]
+            else:
+                mean, spread = entry["mean"][column], entry["spread"][column]
+            cell = f"{mean:.3f} ± {spread / 2:.3f}"
+            verdict = entry.get("versus", {}).get("columns", {}).get(column)
+            if verdict and verdict["call"] != "within noise":
+                cell = f"**{cell}**" if verdict["call"] == "win" else f"_{cell}_"
+            cells.append(cell)
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {entry['seconds_per_step']:.2f} |")
+    return "\n".join(rows)
+
+
+def load_runs(out: str, steps: int, seeds: list[int]) -> dict[str, dict[str, dict]]:
+    """The runs of an earlier call with the same steps and seeds (others are not comparable)."""
+    path = Path(out)
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("steps") != steps or earlier.get("seeds") != seeds:
+        return {}
+    return earlier.get("runs", {})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    parser.add_argument("--steps", type=int, default=None, help="default: the config's training.steps")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "quality.json"))
+    parser.add_argument("--table", action="store_true", help="print the docs' table of --out and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
 
     from distill.data.prepared import PreparedData
     from distill.eval.score import score_model
 
     base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
-    steps = args.steps or base.training.steps
     caches = build_caches(args.config, base, base.run.dir / "bench")
-    runs: dict[str, dict[int, dict]] = {}
+    scored = score_model(base.teacher.path, PreparedData(base.data.dir), sequences=32, progress=False)
+    teacher = {d: s["bits_per_byte"] for d, s in scored["domains"].items()}
+    runs = load_runs(args.out, args.steps, args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods:
             signal, overrides = METHODS[name]
+            runs[name] = {}
             for seed in args.seeds:
                 result = train_and_score(
-                    args.config, base, teacher_overrides(signal, caches) + overrides, tmp, name, seed, steps
+                    args.config,
+                    base,
+                    teacher_overrides(signal, caches) + overrides,
+                    tmp,
+                    name,
+                    seed,
+                    args.steps,
                 )
-                runs.setdefault(name, {})[seed] = result
+                runs[name][str(seed)] = result
                 print(
-                    f"{name} seed {seed}: {result['all']:.4f} bits/byte, {result['seconds_per_step']:.2f} s/step"
+                    f"{name} seed {seed}: {result['all']:.4f} bits/byte, {result['seconds_per_step']:.2f} s/step",
+                    flush=True,
                 )
-    teacher = score_model(base.teacher.path, PreparedData(base.data.dir), sequences=32, progress=False)
-    summary = {}
-    for name, by_seed in runs.items():
-        values = [r["all"] for r in by_seed.values()]
-        domains = next(iter(by_seed.values()))["bits_per_byte"]
-        summary[name] = {
-            "all_mean": statistics.mean(values),
-            "all_spread": max(values) - min(values),
-            "domains_mean": {
-                d: statistics.mean(r["bits_per_byte"][d] for r in by_seed.values()) for d in domains
-            },
-            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in by_seed.values()),
-        }
-    write_result(
-        args.out,
-        {
-            "steps": steps,
-            "tokens": steps * base.training.global_batch * base.data.seq_len,
-            "seeds": args.seeds,
-            "teacher": {
-                "all": teacher["all"]["bits_per_byte"],
-                "domains": {d: s["bits_per_byte"] for d, s in teacher["domains"].items()},
-            },
-            "summary": summary,
-            "runs": runs,
-        },
-    )
+                write_result(
+                    args.out,
+                    {
+                        "steps": args.steps,
+                        "tokens": args.steps * base.training.global_batch * base.data.seq_len,
+                        "seeds": args.seeds,
+                        "teacher": {"all": scored["all"]["bits_per_byte"], "domains": teacher},
+                        "summary": summarize(runs, teacher),
+                        "runs": runs,
+                    },
+                    echo=False,
+                )
+    print(markdown(json.loads(Path(args.out).read_text())))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ tensors and autograd. The sharded, chunked, hand-differentiated losses are check
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -125,6 +127,46 @@ def uld(
         keep_t[t_ids] = False
         value = kl + _sorted_l1(q[:, keep_s], p[:, keep_t])
     return torch.where(index >= 0, value, torch.zeros_like(value))
+
+
+def projected_kl(
+    student_logits: torch.Tensor,
+    kept_ids: torch.Tensor,
+    kept_probs: torch.Tensor,
+    tail: torch.Tensor,
+    to_student: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """Forward KL per student row `[N]` against the teacher's kept ids `[N_t, k]` (-1: padding) mapped by
+    `to_student [V_t]` (-1: none) onto the student's vocabulary, row by row with a dense vector: the
+    probabilities of ids landing together summed, the tail plus the unmapped mass one bucket against
+    the student's mass outside the projected ids; rows with `index` -1 give 0."""
+    log_q = F.log_softmax(student_logits / temperature, -1)
+    values = []
+    for row, at in enumerate(index.tolist()):
+        if at < 0:
+            values.append(log_q.new_zeros(()))
+            continue
+        projected = torch.zeros(log_q.shape[-1], dtype=torch.float64)
+        present = torch.zeros(log_q.shape[-1], dtype=torch.bool)
+        rest = float(tail[at])
+        for t_id, p in zip(kept_ids[at].tolist(), kept_probs[at].double().tolist(), strict=True):
+            if t_id < 0:
+                continue
+            s_id = int(to_student[t_id])
+            if s_id < 0:
+                rest += p
+            else:
+                projected[s_id] += p
+                present[s_id] = True
+        positive = present & (projected > 0)
+        kl = (projected[positive] * (projected[positive].log() - log_q[row][positive])).sum()
+        if rest > 0:
+            kl = kl + rest * (math.log(rest) - log_q[row][~present].exp().sum().log())
+        values.append(kl)
+    return torch.stack(values)
 
 
 def completed_teacher_probs(

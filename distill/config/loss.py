@@ -8,8 +8,22 @@ from pydantic import Field, model_validator
 
 from distill.config.base import Section
 
-KD_TERMS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "taid", "uld", "span")
-CROSS_TOKENIZER_TERMS = ("uld", "span")  # a teacher with another tokenizer, over a paired prepare
+KD_TERMS = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "taid",
+    "uld",
+    "projected_kl",
+    "span",
+)
+CROSS_TOKENIZER_TERMS = (
+    "uld",
+    "projected_kl",
+    "span",
+)  # a teacher with another tokenizer, over a paired prepare
 
 
 class LossWeightsConfig(Section):
@@ -35,6 +49,13 @@ class LossWeightsConfig(Section):
         default=0.0,
         ge=0,
         description="ULD: sorted-probability L1 against a teacher with another tokenizer (paper: 1.5).",
+    )
+    projected_kl: float = Field(
+        default=0.0,
+        ge=0,
+        description="Forward KL against the teacher's distribution projected onto the student's vocabulary "
+        "(each teacher id to the student token of the same bytes, else the longest student token that "
+        "prefixes them), at byte-aligned positions.",
     )
     span: float = Field(
         default=0.0,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.losses.projection import VocabProjection
 from distill.losses.uld import TeacherTop, VocabMatch
 from parallel.vocab import VocabShard, log_softmax, scatter, top_m
 
@@ -127,6 +128,7 @@ class AlignedSignal:
     teacher: CachedTop | LiveTop
     match: VocabMatch | None = None  # hybrid ULD
     spans: SpanTargets | None = None  # the span term
+    projection: VocabProjection | None = None  # the projected_kl term
 
     kind = "aligned"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distill.losses import divergences, uld
+from distill.losses import divergences, projection, uld
 from distill.losses.signal import TeacherSignal
 from parallel.vocab import VocabShard
 
@@ -98,6 +98,17 @@ def _uld(x: ChunkInputs) -> tuple[torch.Tensor, Any]:
     return result.value, result.grads
 
 
+def _projected_kl(x: ChunkInputs) -> tuple[torch.Tensor, Any]:
+    if x.teacher.projection is None:
+        raise ValueError(
+            "loss term projected_kl needs the vocabulary projection (built by the aligned source)"
+        )
+    top = x.teacher.top(x.rows, x.temperature, x.uld_top_m)
+    value, grads, unmapped = projection.projected_kl(x.u, top, x.teacher.projection, x.shard)
+    x.sums["projected_unmapped"] += unmapped.sum()
+    return value, grads
+
+
 _DISTRIBUTION = ("live", "topk")  # the signals that give the teacher's whole distribution
 
 TERMS: dict[str, Term] = {
@@ -110,6 +121,7 @@ TERMS: dict[str, Term] = {
     },
     "taid": Term(dict.fromkeys(_DISTRIBUTION, _taid)),
     "uld": Term({"aligned": _uld}, extras=("uld_bound", "uld_pairs")),
+    "projected_kl": Term({"aligned": _projected_kl}, extras=("projected_unmapped",)),
     "span": Term(kinds=frozenset({"aligned"}), per_chunk=False),
 }
 

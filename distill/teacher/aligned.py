@@ -39,6 +39,7 @@ from distill.data.token_text import token_text
 from distill.data.tokenizer import load_tokenizer
 from distill.engine.base import Engine
 from distill.errors import DataError
+from distill.losses.projection import VocabProjection
 from distill.losses.signal import SpanTargets
 from distill.losses.uld import VocabMatch
 from distill.messages import say
@@ -74,6 +75,36 @@ def vocab_match(
     return VocabMatch(mask[shard.start :].to(device), to_student.to(device), int((to_student >= 0).sum()))
 
 
+def vocab_projection(
+    student_dir: Any, teacher_dir: Any, teacher_vocab: int, device: torch.device
+) -> VocabProjection:
+    """Each teacher id's student id for `projected_kl`: the student token with the same bytes, else the
+    longest student token whose bytes begin the teacher token's, else -1; EOS goes to EOS. Byte tokens
+    of a byte-fallback student (`<0xE6>`) are single bytes like any other piece, so a teacher token
+    that is part of a UTF-8 character still finds its first byte."""
+    student_info, teacher_info = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
+    student, teacher = token_text(student_info), token_text(teacher_info)
+    by_bytes: dict[bytes, int] = {}
+    for s_id, piece in enumerate(student.pieces):
+        if piece and piece not in by_bytes:
+            by_bytes[piece] = s_id
+    longest = max((len(piece) for piece in by_bytes), default=0)
+    to_student = torch.full((teacher_vocab,), -1, dtype=torch.long)
+    exact = prefix = 0
+    for t_id, piece in enumerate(teacher.pieces[:teacher_vocab]):
+        if t_id == teacher_info.eos_id:
+            to_student[t_id] = student_info.eos_id
+            exact += 1
+            continue
+        for length in range(min(len(piece), longest), 0, -1):
+            s_id = by_bytes.get(piece[:length])
+            if s_id is not None:
+                to_student[t_id] = s_id
+                exact, prefix = (exact + 1, prefix) if length == len(piece) else (exact, prefix + 1)
+                break
+    return VocabProjection(to_student.to(device), exact, prefix, teacher_vocab - exact - prefix)
+
+
 def usable_match(match: VocabMatch) -> VocabMatch | None:
     """`match` for hybrid ULD, or None (a warning with the count) when nothing but EOS matched."""
     if match.count <= 1:
@@ -104,6 +135,15 @@ class Alignment:
         if config.loss.uld.hybrid and config.loss.weights.uld > 0:
             match = vocab_match(engine.tokenizer_dir, teacher_tokenizer, engine.shard, vocab, self.device)
             self.match = usable_match(match)
+        self.projection: VocabProjection | None = None
+        if config.loss.weights.projected_kl > 0:
+            self.projection = vocab_projection(engine.tokenizer_dir, teacher_tokenizer, vocab, self.device)
+            say(
+                "train",
+                f"vocabulary projection: {self.projection.exact:,} teacher ids by identical bytes, "
+                f"{self.projection.prefix:,} by their longest student prefix, {self.projection.unmapped:,} "
+                "unmapped (their mass joins the tail)",
+            )
 
     def offsets(self, keys: list[SequenceKey]) -> np.ndarray:
         """The offset rows of `keys`, in order: one read per (domain, split), not one per sequence."""
@@ -164,7 +204,7 @@ def check_pairing(config: CampaignConfig, data: PreparedData) -> None:
     if data.paired and same_vocab:
         raise DataError(
             f"{', '.join(f'loss.weights.{n}' for n in same_vocab)}: the teacher's tokenizer is not the "
-            f"student's ({data.directory} is paired with the teacher's tokens); use loss.weights.uld"
+            f"student's ({data.directory} is paired with the teacher's tokens); use loss.weights.uld, projected_kl or span"
         )
 
 

@@ -61,6 +61,7 @@ class AlignedCachedSource:
                     CachedTop(flat["ids"].long(), flat["logprobs"], flat["tail"]),
                     self.align.match,
                     self.align.span_targets(spans, flat["target_logprob"]),
+                    self.align.projection,
                 )
             )
         return out

@@ -67,6 +67,7 @@ class AlignedOnlineSource:
                     LiveTop(hidden, weight, self.align.teacher_shard),  # weight [V_t/tp, h_t]
                     self.align.match,
                     self.align.span_targets(spans, logprobs),
+                    self.align.projection,
                 )
             )
         return out

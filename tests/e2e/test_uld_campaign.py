@@ -1,5 +1,6 @@
 """Cross-tokenizer distillation end to end through the CLI: paired prepare, a top-k cache over the teacher
-sequences, ULD training against the cache and against the live teacher, and the bad inputs.
+sequences, ULD (+ the vocabulary projection and the span term) training against the cache and against
+the live teacher, and the bad inputs.
 
 The teacher is a tiny random Gemma-3-style model (scaled embeddings, sandwich norms, sliding-window
 layers: megatron-core has no mapping for it, so it runs as a Hugging Face module, cached and live) with
@@ -65,7 +66,7 @@ def campaign(run: Path, corpus: Path, tokenizer: Path, teacher: Path, **teacher_
         logging={"metrics": "${run.dir}/metrics.jsonl"},
         teacher={"path": str(teacher), "micro_batch": 4, "seq_len": 48, **teacher_keys},
         cache={"dir": str(run / "cache"), "mode": "topk", "k": TEACHER_VOCAB, "sequences_per_shard": 64},
-        loss={"weights": {"ce": 1.0, "uld": 1.5, "span": 1.0}, "uld": {"top_m": 1024}},
+        loss={"weights": {"ce": 1.0, "uld": 1.5, "projected_kl": 1.0, "span": 1.0}, "uld": {"top_m": 1024}},
     )
     return tree
 
@@ -110,7 +111,7 @@ def test_prepare_pairs_every_sequence_and_records_both_tokenizers(work, tokenize
         assert 0.5 < tally["byte_offset_aligned"] / tally["student_positions"] <= 1
 
 
-def test_cached_and_online_uld_and_span_train_and_agree(work):
+def test_cached_and_online_uld_projection_and_span_train_and_agree(work):
     cached, online = step_records(work / "run"), step_records(work / "online")
     assert [r["step"] for r in cached] == [1, 2, 3] == [r["step"] for r in online]
     for records in (cached, online):
@@ -119,6 +120,9 @@ def test_cached_and_online_uld_and_span_train_and_agree(work):
     # the same student, batches and teacher distribution: the first step's terms agree
     assert abs(cached[0]["loss/uld"] - online[0]["loss/uld"]) < CACHE_TOLERANCE
     assert abs(cached[0]["loss/ce"] - online[0]["loss/ce"]) < 1e-5
+    # the projection onto the student's vocabulary: the same map, the same (whole) teacher distribution
+    assert all(r["loss/projected_kl"] > 0 and 0 <= r["loss/projected_unmapped"] < 1 for r in cached + online)
+    assert abs(cached[0]["loss/projected_kl"] - online[0]["loss/projected_kl"]) < CACHE_TOLERANCE
     # span likelihoods: the cache's float16 target log-probs summed over each span vs the live teacher's
     assert all(r["loss/span"] > 0 for r in cached + online)
     assert abs(cached[0]["loss/span"] - online[0]["loss/span"]) < SPAN_TOLERANCE

@@ -25,6 +25,7 @@ HOST_SIDE = {
     ): "torch AdamW keeps `step` on the CPU (not capturable)",
     ("distill/engine/megatron/optimizer.py", "load_state_dict"): "the same `step`",
     ("distill/teacher/aligned.py", "vocab_match"): "built once on the host, then `.to(device)`",
+    ("distill/teacher/aligned.py", "vocab_projection"): "built once on the host, then `.to(device)`",
     ("distill/eval/score.py", "score_windows"): "a padded batch built row by row, then `.to(device)`",
     ("distill/cache/writer.py", "_records"): "uniforms from a per-sequence CPU generator, then `.to(device)`",
     ("distill/prune/cut.py", "_rows"): "indices into the teacher's CPU tensors (one process, no collective)",

@@ -229,3 +229,31 @@ def test_spans_are_closed_groups_that_both_sides_predict():
     assert count == 1
     assert student_span.tolist() == [-1, 0]  # row 1 predicts "efg"
     assert teacher_span.tolist() == [-1, 0, 0, -1]  # rows 1, 2 predict "ef", "g"; row 3 is padding
+
+
+def test_vocab_projection_maps_each_teacher_id_to_its_longest_student_prefix(tmp_path, teacher_tokenizer):
+    """Against a brute-force search over every student piece: identical bytes, else the longest student
+    piece that starts the teacher piece, else none; EOS to EOS; the counts add up."""
+    from distill.teacher.aligned import vocab_projection
+
+    student_dir = tmp_path / "unigram"
+    train_tokenizer(stdlib_texts(6), student_dir, algorithm="unigram", vocab_size=500)
+    student, teacher = load_tokenizer(student_dir), load_tokenizer(teacher_tokenizer)
+    projection = vocab_projection(student_dir, teacher_tokenizer, teacher.vocab_size, torch.device("cpu"))
+    s_pieces, t_pieces = token_text(student).pieces, token_text(teacher).pieces
+    mapped = projection.teacher_to_student.tolist()
+    assert mapped[teacher.eos_id] == student.eos_id
+    exact = prefix = 0
+    for t_id, piece in enumerate(t_pieces):
+        if t_id == teacher.eos_id:
+            exact += 1
+            continue
+        candidates = [len(p) for p in s_pieces if p and piece.startswith(p)]
+        if not candidates:
+            assert mapped[t_id] == -1, piece
+            continue
+        assert s_pieces[mapped[t_id]] == piece[: max(candidates)], piece
+        exact, prefix = (exact + 1, prefix) if max(candidates) == len(piece) else (exact, prefix + 1)
+    assert (projection.exact, projection.prefix) == (exact, prefix)
+    assert projection.exact + projection.prefix + projection.unmapped == teacher.vocab_size
+    assert exact > 100 and prefix > 100  # both kinds occur between a BPE and a unigram

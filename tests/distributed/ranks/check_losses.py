@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distill.losses.fused import Terms, fused_output_loss
+from distill.losses.projection import VocabProjection
 from distill.losses.signal import (
     AlignedSignal,
     CachedTop,
@@ -344,11 +345,78 @@ def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case
             index, vt, CachedTop(ids, kept, tail), spans=SpanTargets(spans, teacher_ll)
         )
 
+    cases.update(projection_cases(t_hidden, t_weight, t_logits, handmade, (ids, kept, tail), ce, gen))
     cases["span_alone"] = Case(terms({"span": 1.0}), with_spans(handmade), {"span": span_ref})
     cases["span_with_ce_and_uld"] = Case(
         uld_terms({"ce": 0.5, "uld": 1.5, "span": 0.8}),
         with_spans(handmade),
         {"ce": ce, "uld": uld_ref(completed, handmade, 1.0), "span": span_ref},
+    )
+    return cases
+
+
+def projection_cases(
+    t_hidden: torch.Tensor,
+    t_weight: torch.Tensor,
+    t_logits: torch.Tensor,
+    index: torch.Tensor,
+    cached_top: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ce: Reference,
+    gen: torch.Generator,
+) -> dict[str, Case]:
+    """`projected_kl` (the teacher projected onto the student's vocabulary): a map with teacher ids
+    landing together on one student id and ids with none, live (the teacher's top m = all of it) at
+    T = 1 and 2, and cached (top-k + tail), alone and beside CE and ULD."""
+    vt = TEACHER_VOCAB
+    to_student = torch.randint(0, V, (vt,), generator=gen)
+    to_student[:8] = to_student[8:16]  # pairs of teacher ids on one student id
+    to_student[torch.randperm(vt, generator=gen)[: vt // 4]] = -1  # and ids with no student id
+    projection = VocabProjection(to_student, exact=0, prefix=int((to_student >= 0).sum()), unmapped=0)
+    every_id = torch.arange(vt).expand(t_logits.shape[0], vt)
+
+    def live(t: float) -> Callable[[slice], TeacherSignal]:
+        def signal(sl: slice) -> TeacherSignal:
+            shard = _teacher_shard(sl, vt)
+            weight = t_weight[shard.start : shard.start + shard.size]
+            return AlignedSignal(index, vt, LiveTop(t_hidden, weight, shard), projection=projection)
+
+        return signal
+
+    def reference(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, t: float) -> Reference:
+        return lambda zs: ref.projected_kl(zs, ids, probs, tail, to_student, index, temperature=t)
+
+    def projected_terms(weights: dict[str, float], t: float = 1.0) -> Terms:
+        return dataclasses.replace(terms(weights, t), uld_top_m=vt)
+
+    cases: dict[str, Case] = {}
+    for t in (1.0, 2.0):
+        probs = F.softmax(t_logits / t, -1)
+        tail = (1 - probs.sum(-1)).clamp_min(0)
+        cases[f"projected_live_T{t:g}"] = Case(
+            projected_terms({"ce": 0.4, "projected_kl": 1.0}, t),
+            live(t),
+            {"ce": ce, "projected_kl": reference(every_id, probs, tail, t)},
+        )
+    ids, kept, tail = cached_top
+    cached_probs = kept.double().exp()
+
+    def cached(sl: slice) -> TeacherSignal:
+        return AlignedSignal(index, vt, CachedTop(ids, kept, tail), projection=projection)
+
+    cases["projected_cached_topk_k10"] = Case(
+        projected_terms({"projected_kl": 1.0}),
+        cached,
+        {"projected_kl": reference(ids, cached_probs, tail.double(), 1.0)},
+    )
+    completed = ref.completed_teacher_probs(ids, kept.double(), tail.double(), vt)
+    cases["projected_with_ce_and_uld"] = Case(
+        projected_terms({"ce": 0.3, "uld": 0.5, "projected_kl": 1.0}),
+        cached,
+        {
+            "ce": ce,
+            "uld": lambda zs: ref.uld(zs, completed, index, temperature=1.0),
+            "projected_kl": reference(ids, cached_probs, tail.double(), 1.0),
+        },
     )
     return cases
 

@@ -1,0 +1,94 @@
+"""Vocabulary projection: the teacher's distribution mapped onto the student's vocabulary, then forward KL.
+
+A teacher with another tokenizer predicts teacher tokens; at a byte-aligned position (both sides'
+next tokens start at the same byte, `loss.uld.alignment: byte_offset`) its distribution over what
+comes next can be read as one over the student's tokens by mapping every teacher id to one student
+id and summing the probabilities that land on the same one (docs/algorithms.md, "Vocabulary
+projection"; MinED in tokenkit is the same idea with another mapping). The mapping
+(`distill/teacher/aligned.py`, `vocab_projection`): the student token with the identical bytes, else
+the longest student token that is a prefix of the teacher token's bytes (what a student would emit
+first for that text), else none (mass that cannot be placed).
+
+**The loss per aligned row.** The teacher's kept ids (a cache's top k, or the live teacher's top m)
+project to student ids `j` with summed probabilities `P_j`; the rest of its mass (its tail, plus kept
+ids with no student twin) is one bucket `R`, compared with the student's mass `Q_rest` on every
+student id outside the projected set:
+
+    L = sum_j P_j (log P_j - log q_j) + R (log R - log Q_rest)
+
+which is the top-k + tail-bucket forward KL (`divergences.topk_tail_forward_kl`) over the student's
+vocabulary: the same vocabulary-parallel arithmetic (gathers at ids and row sums, never the whole
+vocabulary), the same sparse gradient at the projected ids plus a dense part through `Q_rest`. With a
+one-to-one mapping and no tail it is the exact forward KL; many teacher ids on one student id are a
+coarser but still proper distribution. Rows without an aligned teacher position give 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distill.losses.divergences import Sparse, topk_tail_forward_kl
+from distill.losses.uld import TeacherTop
+from parallel.vocab import VocabShard
+
+
+@dataclass(frozen=True)
+class VocabProjection:
+    """Each teacher id's student id (`[V_t]`, -1: none) and how the mapping was made."""
+
+    teacher_to_student: torch.Tensor  # [V_t] int64
+    exact: int  # teacher ids whose bytes are a student token's
+    prefix: int  # teacher ids mapped to the longest student token that is a prefix of their bytes
+    unmapped: int
+
+
+@dataclass
+class ProjectedTeacher:
+    """The teacher's kept ids projected and merged: one entry per distinct student id (-1: padding)."""
+
+    ids: torch.Tensor  # [c, k] student ids, each at most once per row
+    probs: torch.Tensor  # [c, k] summed teacher probabilities (0 at padding)
+    rest: torch.Tensor  # [c] teacher mass with no projected id: its tail and its unmapped kept ids
+
+
+def project(top: TeacherTop, projection: VocabProjection) -> ProjectedTeacher:
+    """Map `top`'s kept ids to student ids and sum the probabilities of ids that land together.
+
+    Per row: sort the mapped ids, start a group at every change, add each probability into its
+    group's slot (groups packed to the left). Unmapped and padding ids sort first as -1: their group
+    is padding, and the unmapped mass goes to `rest`."""
+    kept = top.ids >= 0
+    student = torch.where(kept, projection.teacher_to_student[top.ids.clamp_min(0)], -1)  # [c, k]
+    probs = torch.where(kept, top.probs, torch.zeros_like(top.probs))
+    rest = top.tail + torch.where(student >= 0, torch.zeros_like(probs), probs).sum(-1)  # [c]
+    ordered, order = student.sort(-1)  # [c, k]
+    ordered_p = torch.where(ordered >= 0, probs.gather(-1, order), torch.zeros_like(probs))
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = starts.long().cumsum(-1) - 1  # [c, k]
+    summed = torch.zeros_like(ordered_p).scatter_add_(-1, group, ordered_p)
+    ids = torch.full_like(ordered, -1)
+    rows = torch.arange(ordered.shape[0], device=ordered.device).unsqueeze(-1).expand_as(ordered)
+    ids[rows[starts], group[starts]] = ordered[starts]
+    return ProjectedTeacher(ids, torch.where(ids >= 0, summed, torch.zeros_like(summed)), rest)
+
+
+def projected_kl(
+    u: torch.Tensor, top: TeacherTop, projection: VocabProjection, shard: VocabShard
+) -> tuple[torch.Tensor, tuple[torch.Tensor, Sparse], torch.Tensor]:
+    """Forward KL of the projected teacher against student log-probs `u [c, V/tp]`: value `[c]`, d/du
+    (dense `[c, V/tp]` and sparse at the projected ids), and the kept mass with no student id `[c]`
+    (reported as a metric)."""
+    projected = project(top, projection)
+    logprobs = torch.where(
+        projected.probs > 0,
+        projected.probs.clamp_min(1e-30).log(),
+        torch.full_like(projected.probs, -torch.inf),
+    )
+    value, (dense, sparse) = topk_tail_forward_kl(u, projected.ids, logprobs, projected.rest, shard)
+    mask = top.mask.to(u.dtype)  # [c]
+    unmapped = (projected.rest - top.tail).clamp_min(0) * mask
+    weights = mask.unsqueeze(-1)
+    return value * mask, (dense.mul_(weights), Sparse(sparse.ids, sparse.values * weights)), unmapped

@@ -1,9 +1,9 @@
 """What each distillation method buys at equal tokens, in held-out bits per byte, with its seed noise
 (not run by CI; ~80 min here).
 
-    .venv/bin/python bench/quality.py [--steps 300] [--seeds 1234 1235 1236] [--methods ...]
+    .venv/bin/python bench/quality.py [--suite same|cross] [--steps 300] [--seeds 1234 1235 1236] [--methods ...]
 
-On the demo corpus and teacher, the demo student is trained from the same random init (one per seed)
+`--suite same` (the default): on the demo corpus and teacher, the demo student is trained from the same random init (one per seed)
 for the same steps and batches (equal tokens) with:
 
 - `ce`: next-token cross-entropy only (the baseline);
@@ -23,6 +23,11 @@ only where it is larger than the spreads of both sides; likewise the worst domai
 (DDK's aim: that gap shrinks, the mean does not grow). Each finished run is saved at once, and a rerun with the same
 steps and seeds keeps the runs of the methods it does not run, so methods can be added one at a time.
 Runs at tp1 in this process; the caches are built first (the demo's sampled cache, top-k beside it).
+
+`--suite cross`: `configs/demo_uld.yaml` (the demo teacher into a student with its own Unigram), every
+method on CE (weight 1) plus: nothing (`ce`), `uld` (0.5), `span` (1.0), `uld_span` (both), `projected`
+(projected_kl 1.0), `projected_span` (projected_kl and span), all from the top-64 cache over the
+teacher sequences; each compared with `ce` (results in `quality_cross.json`).
 """
 
 from __future__ import annotations
@@ -76,11 +81,31 @@ METHODS = {
         ],
     ),
 }
+CROSS_METHODS = {
+    "ce": ("none", ["loss.weights.uld=0.0", "loss.weights.span=0.0"]),
+    "uld": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=0.0"]),
+    "span": ("cache", ["loss.weights.uld=0.0", "loss.weights.span=1.0"]),
+    "uld_span": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=1.0"]),
+    "projected": (
+        "cache",
+        ["loss.weights.uld=0.0", "loss.weights.span=0.0", "loss.weights.projected_kl=1.0"],
+    ),
+    "projected_span": (
+        "cache",
+        ["loss.weights.uld=0.0", "loss.weights.span=1.0", "loss.weights.projected_kl=1.0"],
+    ),
+}
+SUITES = {
+    "same": ("demo.yaml", METHODS, "quality.json"),
+    "cross": ("demo_uld.yaml", CROSS_METHODS, "quality_cross.json"),
+}
 # What each method's gains are measured against: the CE student, or the same method without DDK.
 REFERENCE = {"taid_ddk": "taid", "taid_ddk_raw": "taid", "rskd_ddk": "rskd"}
 
 
 def teacher_overrides(signal: str, caches: dict[str, Path]) -> list[str]:
+    if signal == "cache":  # the config's own cache
+        return []
     if signal == "online":
         return ["teacher.mode=online", "cache=null"]
     if signal == "none":
@@ -237,13 +262,21 @@ def load_runs(out: str, steps: int, seeds: list[int]) -> dict[str, dict[str, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--suite", choices=list(SUITES), default="same")
+    parser.add_argument("--config", default=None, help="default: the suite's demo config")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "quality.json"))
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the suite")
+    parser.add_argument("--out", default=None, help="default: bench/results/quality[_cross].json")
     parser.add_argument("--table", action="store_true", help="print the docs' table of --out and stop")
     args = parser.parse_args()
+    config_name, methods, out_name = SUITES[args.suite]
+    args.config = args.config or str(REPO / "configs" / config_name)
+    args.out = args.out or str(REPO / "bench" / "results" / out_name)
+    args.methods = args.methods or list(methods)
+    unknown = sorted(set(args.methods) - set(methods))
+    if unknown:
+        parser.error(f"--methods {unknown} are not in suite {args.suite}: {list(methods)}")
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
         return
@@ -252,13 +285,13 @@ def main() -> None:
     from distill.eval.score import score_model
 
     base = ensure_data_stages(args.config, ("corpus", "tokenizer", "prepare", "cache"))
-    caches = build_caches(args.config, base, base.run.dir / "bench")
+    caches = build_caches(args.config, base, base.run.dir / "bench") if args.suite == "same" else {}
     scored = score_model(base.teacher.path, PreparedData(base.data.dir), sequences=32, progress=False)
     teacher = {d: s["bits_per_byte"] for d, s in scored["domains"].items()}
     runs = load_runs(args.out, args.steps, args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods:
-            signal, overrides = METHODS[name]
+            signal, overrides = methods[name]
             runs[name] = {}
             for seed in args.seeds:
                 result = train_and_score(

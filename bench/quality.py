@@ -25,7 +25,8 @@ steps and seeds keeps the runs of the methods it does not run, so methods can be
 Runs at tp1 in this process; the caches are built first (the demo's sampled cache, top-k beside it).
 
 `--suite cross`: `configs/demo_uld.yaml` (the demo teacher into a student with its own Unigram), every
-method on CE (weight 1) plus: nothing (`ce`), `uld` (0.5), `span` (1.0), `uld_span` (both), `projected`
+method on CE (weight 1) plus: nothing (`ce`), `uld` (0.5; `uld_positional`: the paper's n-th with n-th
+alignment; `uld_hybrid`: identical-bytes ids by KL), `span` (1.0), `uld_span` (both), `projected`
 (projected_kl 1.0), `projected_span` (projected_kl and span), all from the top-64 cache over the
 teacher sequences; each compared with `ce` (results in `quality_cross.json`).
 """
@@ -84,6 +85,11 @@ METHODS = {
 CROSS_METHODS = {
     "ce": ("none", ["loss.weights.uld=0.0", "loss.weights.span=0.0"]),
     "uld": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=0.0"]),
+    "uld_positional": (
+        "cache",
+        ["loss.weights.uld=0.5", "loss.weights.span=0.0", "loss.uld.alignment=positional"],
+    ),
+    "uld_hybrid": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=0.0", "loss.uld.hybrid=true"]),
     "span": ("cache", ["loss.weights.uld=0.0", "loss.weights.span=1.0"]),
     "uld_span": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=1.0"]),
     "projected": (

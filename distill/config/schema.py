@@ -303,6 +303,12 @@ class CampaignConfig(Section):
                     f"{', '.join(cross)} cannot be combined with {', '.join(same_vocab)}: those compare the two "
                     "distributions id by id, which needs a teacher with the student's tokenizer"
                 )
+            if "projected_kl" in kd and self.loss.uld.alignment == "positional":
+                raise ValueError(
+                    "loss.weights.projected_kl needs loss.uld.alignment byte_offset: the projection reads the "
+                    "teacher's next-token distribution as the student's where both next tokens start at the "
+                    "same byte, which positional pairing does not give"
+                )
             if self.cache is not None and self.cache.mode == "sampled":
                 raise ValueError(
                     f"{', '.join(cross)} need the top-k cache over the teacher's sequences: a sampled (RS-KD) cache "

@@ -47,8 +47,8 @@ class MixtureSampler:
         if set(weights) != set(self.domains):
             raise DataError(f"mixture weights name {sorted(weights)}, the data has domains {self.domains}")
         raw = np.array([float(weights[d]) for d in self.domains])
-        if (raw < 0).any() or raw.sum() <= 0:
-            raise DataError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+        if not np.isfinite(raw).all() or (raw < 0).any() or raw.sum() <= 0:
+            raise DataError(f"mixture weights must be finite, >= 0, with a positive sum, got {weights}")
         empty = [d for d, w, n in zip(self.domains, raw, self.sizes, strict=True) if w > 0 and n == 0]
         if empty:
             raise DataError(f"domains {empty} have weight but no training sequences")

@@ -224,16 +224,19 @@ def _sentencepiece_pieces(
 ) -> list[tuple[str, float]]:
     """SentencePiece's unigram pieces (and log-probability scores) for `words`, `vocab_size` at most.
 
-    The words go in as a TSV of `word<TAB>count`, sorted by count then word. Tabs, newlines and carriage
-    returns, which that format cannot hold, stand in as private-use characters the text does not use
-    and are put back in the pieces. Every option that would split or normalise differently from the
-    pre-tokenizer is off: a piece may be any substring of a word, whitespace runs included.
+    The words go in as a TSV of `word<TAB>count`, sorted by count then word. What SentencePiece would
+    not take as text stands in as private-use characters the text does not use, put back in the
+    pieces: tabs, newlines and carriage returns (the format's separators) and U+2585 (its internal
+    unknown character: a word holding it is dropped). Its unknown piece is one more such character,
+    so a literal `<unk>` in the text is text. Every option that would split or normalise differently
+    from the pre-tokenizer is off: a piece may be any substring of a word, whitespace runs included.
     """
     import sentencepiece
 
     used = {char for word in words for char in word}
     spare = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in used)  # plane 15, private use
-    stand_in = {char: next(spare) for char in "\t\n\r"}
+    stand_in = {char: next(spare) for char in "\t\n\r\u2585"}
+    unknown_piece = next(spare)
     escape = str.maketrans(stand_in)
     restore = str.maketrans({v: k for k, v in stand_in.items()})
     with tempfile.TemporaryDirectory(prefix="distillery-unigram-") as tmp:
@@ -260,6 +263,7 @@ def _sentencepiece_pieces(
             max_sentence_length=8 * MAX_TRAINING_RUN,
             byte_fallback=False,
             unk_id=0,
+            unk_piece=unknown_piece,
             bos_id=-1,
             eos_id=-1,
             pad_id=-1,

@@ -56,9 +56,10 @@ class ProjectedTeacher:
 def project(top: TeacherTop, projection: VocabProjection) -> ProjectedTeacher:
     """Map `top`'s kept ids to student ids and sum the probabilities of ids that land together.
 
-    Per row: sort the mapped ids, start a group at every change, add each probability into its
-    group's slot (groups packed to the left). Unmapped and padding ids sort first as -1: their group
-    is padding, and the unmapped mass goes to `rest`."""
+    Per row: sort the mapped ids, start a group at every change; group g's id and summed probability
+    go to slot g (groups packed to the left). The sums are differences of one running sum, so no
+    atomic adds decide their rounding (deterministic on a GPU), and nothing waits for the host.
+    Unmapped and padding ids sort first as -1: their group is padding, the unmapped mass goes to `rest`."""
     kept = top.ids >= 0
     student = torch.where(kept, projection.teacher_to_student[top.ids.clamp_min(0)], -1)  # [c, k]
     probs = torch.where(kept, top.probs, torch.zeros_like(top.probs))
@@ -67,11 +68,15 @@ def project(top: TeacherTop, projection: VocabProjection) -> ProjectedTeacher:
     ordered_p = torch.where(ordered >= 0, probs.gather(-1, order), torch.zeros_like(probs))
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
     group = starts.long().cumsum(-1) - 1  # [c, k]
-    summed = torch.zeros_like(ordered_p).scatter_add_(-1, group, ordered_p)
-    ids = torch.full_like(ordered, -1)
-    rows = torch.arange(ordered.shape[0], device=ordered.device).unsqueeze(-1).expand_as(ordered)
-    ids[rows[starts], group[starts]] = ordered[starts]
+    running = ordered_p.cumsum(-1)
+    # the running sum before each group's first entry, carried along the group (it never decreases)
+    before = torch.where(starts, running - ordered_p, torch.zeros_like(running)).cummax(-1).values
+    totals = torch.where(ends, running - before, torch.zeros_like(running))  # one entry per group
+    summed = torch.zeros_like(ordered_p).scatter_add_(-1, group, totals)  # adds zeros to one value: exact
+    ids = torch.full_like(ordered, -1).scatter_(-1, group, ordered)  # a group's entries share its id
     return ProjectedTeacher(ids, torch.where(ids >= 0, summed, torch.zeros_like(summed)), rest)
 
 
@@ -80,7 +85,7 @@ def projected_kl(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Sparse], torch.Tensor]:
     """Forward KL of the projected teacher against student log-probs `u [c, V/tp]`: value `[c]`, d/du
     (dense `[c, V/tp]` and sparse at the projected ids), and the kept mass with no student id `[c]`
-    (reported as a metric)."""
+    (0 at rows without a teacher; logged as `loss/projected_unmapped`, per student token)."""
     projected = project(top, projection)
     logprobs = torch.where(
         projected.probs > 0,

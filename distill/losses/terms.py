@@ -42,12 +42,20 @@ class ChunkInputs:
     uld_top_m: int
     sums: dict[str, torch.Tensor]  # unweighted per-term sums of the call (a term may add its extras)
     _teacher_logprobs: torch.Tensor | None = None
+    _teacher_top: uld.TeacherTop | None = None
 
     def teacher_logprobs(self) -> torch.Tensor:
         """The teacher's log-probs on this rank's shard `[c, V/tp]`, computed once per chunk."""
         if self._teacher_logprobs is None:
             self._teacher_logprobs = self.teacher.logprobs(self.rows, self.temperature, self.shard)
         return self._teacher_logprobs
+
+    def teacher_top(self) -> uld.TeacherTop:
+        """An aligned teacher's top ids at the chunk's rows, computed once per chunk (ULD and the
+        projection share it: for a live teacher it is an output-layer matmul and a top-m merge)."""
+        if self._teacher_top is None:
+            self._teacher_top = self.teacher.top(self.rows, self.temperature, self.uld_top_m)
+        return self._teacher_top
 
 
 ValueAndGrad = Callable[[ChunkInputs], tuple[torch.Tensor, Any]]
@@ -91,7 +99,7 @@ def _taid(x: ChunkInputs) -> tuple[torch.Tensor, Any]:
 
 
 def _uld(x: ChunkInputs) -> tuple[torch.Tensor, Any]:
-    top = x.teacher.top(x.rows, x.temperature, x.uld_top_m)
+    top = x.teacher_top()
     result = uld.uld(x.u, top, x.shard, x.uld_top_m, x.teacher.match)
     x.sums["uld_bound"] += result.bound.sum()
     x.sums["uld_pairs"] += top.mask.sum()
@@ -103,7 +111,7 @@ def _projected_kl(x: ChunkInputs) -> tuple[torch.Tensor, Any]:
         raise ValueError(
             "loss term projected_kl needs the vocabulary projection (built by the aligned source)"
         )
-    top = x.teacher.top(x.rows, x.temperature, x.uld_top_m)
+    top = x.teacher_top()
     value, grads, unmapped = projection.projected_kl(x.u, top, x.teacher.projection, x.shard)
     x.sums["projected_unmapped"] += unmapped.sum()
     return value, grads

@@ -97,7 +97,7 @@ def plot_mixture(run: Metrics, out: Path) -> Path | None:
     ax.set(title="DDK domain weights", xlabel="optimizer step", ylabel="sampling weight (sums to 1)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    _legend(ax, len(ax.get_lines()))
+    _legend(ax, sum(not line.get_label().startswith("_") for line in ax.get_lines()))
     return _save(fig, out / "ddk_weights.png")
 
 
@@ -117,6 +117,9 @@ def _plot_weight_bounds(ax: plt.Axes, run: Metrics, domains: list[str], colour: 
     for domain, (low, high) in bounds.items():
         ax.axhline(low, color=colour[domain], linestyle=":", linewidth=1)
         ax.axhline(high, color=colour[domain], linestyle="--", linewidth=1)
+    if bounds:  # the legend's key to the per-domain lines
+        ax.plot([], [], color="0.4", linestyle=":", linewidth=1, label="min weight (domain colour)")
+        ax.plot([], [], color="0.4", linestyle="--", linewidth=1, label="max weight (domain colour)")
 
 
 def plot_tau(run: Metrics, out: Path) -> Path | None:

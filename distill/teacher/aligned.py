@@ -25,6 +25,8 @@ and the truncated teacher tail).
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import numpy as np
@@ -79,15 +81,22 @@ def vocab_projection(
     student_dir: Any, teacher_dir: Any, teacher_vocab: int, device: torch.device
 ) -> VocabProjection:
     """Each teacher id's student id for `projected_kl`: the student token with the same bytes, else the
-    longest student token whose bytes begin the teacher token's, else -1; EOS goes to EOS. Byte tokens
-    of a byte-fallback student (`<0xE6>`) are single bytes like any other piece, so a teacher token
-    that is part of a UTF-8 character still finds its first byte."""
+    longest student token whose bytes begin the teacher token's, else -1; EOS goes to EOS.
+
+    The student's ordinary pieces come first: a byte-fallback student (SentencePiece, our unigram) also
+    has `<0xNN>` tokens, which it emits only for characters without a piece of their own, so a byte
+    token is a target only for a byte no piece spells (a teacher token that begins inside a UTF-8
+    character). The unknown token is never a target."""
     student_info, teacher_info = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
     student, teacher = token_text(student_info), token_text(teacher_info)
+    model = json.loads(student_info.backend_json).get("model", {})
+    unknown = model.get("unk_id") if model.get("type") == "Unigram" else None
+    byte_tokens = set(_byte_token_ids(student_info))
     by_bytes: dict[bytes, int] = {}
-    for s_id, piece in enumerate(student.pieces):
-        if piece and piece not in by_bytes:
-            by_bytes[piece] = s_id
+    for ordinary in (True, False):
+        for s_id, piece in enumerate(student.pieces):
+            if piece and s_id != unknown and (s_id in byte_tokens) != ordinary and piece not in by_bytes:
+                by_bytes[piece] = s_id
     longest = max((len(piece) for piece in by_bytes), default=0)
     to_student = torch.full((teacher_vocab,), -1, dtype=torch.long)
     exact = prefix = 0
@@ -103,6 +112,16 @@ def vocab_projection(
                 exact, prefix = (exact + 1, prefix) if length == len(piece) else (exact, prefix + 1)
                 break
     return VocabProjection(to_student.to(device), exact, prefix, teacher_vocab - exact - prefix)
+
+
+def _byte_token_ids(info: Any) -> list[int]:
+    """The ids of a tokenizer's byte-fallback tokens (`<0x00>`..`<0xFF>`), none for other tokenizers."""
+    model = json.loads(info.backend_json).get("model", {})
+    if not model.get("byte_fallback"):
+        return []
+    vocab = model.get("vocab", [])
+    names = [entry[0] for entry in vocab] if isinstance(vocab, list) else sorted(vocab, key=vocab.get)
+    return [i for i, name in enumerate(names) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", name)]
 
 
 def usable_match(match: VocabMatch) -> VocabMatch | None:

@@ -63,11 +63,15 @@ def within_bounds(weights: dict[str, float], bounds: dict[str, tuple[float, floa
     """The weights scaled by one factor c and clipped to their bounds, clip(c * w, lo, hi), with c such
     that they sum to 1: domains inside their bounds keep their proportions to each other.
 
-    The sum is non-decreasing in c, so c is found by bisection (on log c; a zero weight sits at its
-    lower bound whatever c). Needs sum(lo) <= 1 <= sum(hi), which the config's validation guarantees.
+    The sum is non-decreasing in c, so c is found by bisection on log c. The weights are divided by
+    the largest and raised to at least 1e-300: a weight of exactly 0 (the softmax of ratios thousands
+    apart underflows) could never leave its lower bound, and with c <= 1e300 every domain can reach
+    its upper one, so a solution exists whenever sum(lo) <= 1 <= sum(hi), which the config's
+    validation guarantees.
     """
     domains = list(weights)
     w = np.array([max(weights[d], 0.0) for d in domains])
+    w = np.maximum(w / w.max(), 1e-300) if w.max() > 0 else np.ones_like(w)
     lo = np.array([bounds[d][0] for d in domains])
     hi = np.array([bounds[d][1] for d in domains])
 
@@ -76,7 +80,7 @@ def within_bounds(weights: dict[str, float], bounds: dict[str, tuple[float, floa
 
     small, large = 1e-300, 1.0
     while total(large) < 1.0 and large < 1e300:
-        large *= 2.0**64
+        large = min(large * 2.0**64, 1e300)
     for _ in range(200):  # 200 halvings of the log interval: far below float resolution
         middle = math.sqrt(small) * math.sqrt(large)
         small, large = (middle, large) if total(middle) < 1.0 else (small, middle)

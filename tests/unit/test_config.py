@@ -176,6 +176,13 @@ def training_tree(tmp_path: Path) -> dict:
             "loss.weights.span need the top-k cache over the teacher's sequences",
         ),
         (
+            {
+                "teacher": {"path": "t", "mode": "online"},
+                "loss": {"weights": {"projected_kl": 1.0}, "uld": {"alignment": "positional"}},
+            },
+            "loss.weights.projected_kl needs loss.uld.alignment byte_offset",
+        ),
+        (
             {"loss": {"taid": {"tau_start": 0.9, "tau_end": 0.5}}},
             "loss.taid: tau_start 0.9 is above tau_end 0.5",
         ),

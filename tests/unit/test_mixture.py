@@ -136,6 +136,19 @@ def test_within_bounds_keeps_proportions_inside_and_respects_every_bound():
     assert within_bounds(WEIGHTS, inside_bounds) == pytest.approx(WEIGHTS, rel=1e-12)
 
 
+def test_within_bounds_lifts_weights_that_underflowed_to_zero_and_the_sampler_refuses_nan():
+    # alpha 1 (the paper's r_0): ratios thousands apart underflow the softmax to exact zeros
+    r0 = ddk_initial(
+        {"code": 3000.0, "legal": 200.0, "docs": 200.0, "multilingual": 200.0}, dict.fromkeys(SIZES, 1.0)
+    )
+    assert sorted(r0.values()) == [0.0, 0.0, 0.0, 1.0]
+    bounded = within_bounds(r0, dict.fromkeys(SIZES, (0.125, 0.5)))
+    assert bounded == pytest.approx({"code": 0.5, "legal": 1 / 6, "docs": 1 / 6, "multilingual": 1 / 6})
+    sampler = MixtureSampler(SIZES, WEIGHTS, seed=0)
+    with pytest.raises(DataError, match="finite"):
+        sampler.set_weights({**WEIGHTS, "docs": float("nan")})
+
+
 def test_ddk_guardrails_hold_over_many_updates_that_push_one_domain():
     from distill.config.data import MixtureConfig
 

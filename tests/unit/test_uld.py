@@ -232,8 +232,11 @@ def test_spans_are_closed_groups_that_both_sides_predict():
 
 
 def test_vocab_projection_maps_each_teacher_id_to_its_longest_student_prefix(tmp_path, teacher_tokenizer):
-    """Against a brute-force search over every student piece: identical bytes, else the longest student
-    piece that starts the teacher piece, else none; EOS to EOS; the counts add up."""
+    """Against a brute-force search: identical bytes, else the longest student piece that starts the
+    teacher piece, ordinary pieces before byte-fallback tokens, never <unk>; EOS to EOS; the counts add
+    up; a one-character teacher token goes where the student's own tokenizer puts that character."""
+    from tokenizers import Tokenizer
+
     from distill.teacher.aligned import vocab_projection
 
     student_dir = tmp_path / "unigram"
@@ -241,6 +244,8 @@ def test_vocab_projection_maps_each_teacher_id_to_its_longest_student_prefix(tmp
     student, teacher = load_tokenizer(student_dir), load_tokenizer(teacher_tokenizer)
     projection = vocab_projection(student_dir, teacher_tokenizer, teacher.vocab_size, torch.device("cpu"))
     s_pieces, t_pieces = token_text(student).pieces, token_text(teacher).pieces
+    byte_ids = {3 + b for b in range(256)}  # the unigram's layout: eos, pad, unk, then the 256 bytes
+    unk = 2
     mapped = projection.teacher_to_student.tolist()
     assert mapped[teacher.eos_id] == student.eos_id
     exact = prefix = 0
@@ -248,12 +253,29 @@ def test_vocab_projection_maps_each_teacher_id_to_its_longest_student_prefix(tmp
         if t_id == teacher.eos_id:
             exact += 1
             continue
-        candidates = [len(p) for p in s_pieces if p and piece.startswith(p)]
-        if not candidates:
+        ordinary = [
+            len(p)
+            for i, p in enumerate(s_pieces)
+            if p and i not in byte_ids and i != unk and piece.startswith(p)
+        ]
+        fallback = [1 for i in byte_ids if piece.startswith(s_pieces[i])]
+        if not (ordinary or fallback):
             assert mapped[t_id] == -1, piece
             continue
-        assert s_pieces[mapped[t_id]] == piece[: max(candidates)], piece
-        exact, prefix = (exact + 1, prefix) if max(candidates) == len(piece) else (exact, prefix + 1)
+        length = max(ordinary or fallback)
+        assert s_pieces[mapped[t_id]] == piece[:length] and mapped[t_id] != unk, piece
+        assert (mapped[t_id] in byte_ids) == (not ordinary), piece
+        exact, prefix = (exact + 1, prefix) if length == len(piece) else (exact, prefix + 1)
     assert (projection.exact, projection.prefix) == (exact, prefix)
     assert projection.exact + projection.prefix + projection.unmapped == teacher.vocab_size
     assert exact > 100 and prefix > 100  # both kinds occur between a BPE and a unigram
+    encode = Tokenizer.from_str(student.backend_json)
+    checked = 0
+    for t_id, piece in enumerate(t_pieces):
+        text = piece.decode("utf-8", "ignore")
+        if len(piece) == 1 and text.isprintable() and text != " ":
+            ids = encode.encode(text, add_special_tokens=False).ids
+            if len(ids) == 1:
+                assert mapped[t_id] == ids[0], (piece, ids)
+                checked += 1
+    assert checked > 20

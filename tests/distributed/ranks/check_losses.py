@@ -397,8 +397,39 @@ def projection_cases(
             live(t),
             {"ce": ce, "projected_kl": reference(every_id, probs, tail, t)},
         )
+    # the live teacher's top 8 only (merged from per-shard lists), the rest in the tail
+    probs = F.softmax(t_logits, -1)
+    top8 = probs.topk(8, -1)
+    cases["projected_live_top8"] = Case(
+        dataclasses.replace(terms({"projected_kl": 1.0}), uld_top_m=8),
+        live(1.0),
+        {"projected_kl": reference(top8.indices, top8.values, 1 - top8.values.sum(-1), 1.0)},
+    )
     ids, kept, tail = cached_top
     cached_probs = kept.double().exp()
+    # padding slots in the cache rows, and a map that leaves most ids (and so whole rows) unplaced
+    padded_ids = ids.clone()
+    padded_ids[:, -3:] = -1
+    padded_kept = kept.masked_fill(padded_ids < 0, -torch.inf)
+    sparse_map = torch.full((vt,), -1, dtype=torch.long)
+    sparse_map[:4] = torch.tensor([3, 3, V - 1, 0])
+    sparse = VocabProjection(sparse_map, exact=0, prefix=4, unmapped=vt - 4)
+    unplaced = (sparse_map[padded_ids.clamp_min(0)] < 0) | (padded_ids < 0)
+    assert unplaced.all(-1).any() and not unplaced.all()  # rows with no projected id, and rows with some
+
+    def padded(sl: slice) -> TeacherSignal:
+        return AlignedSignal(index, vt, CachedTop(padded_ids, padded_kept, tail), projection=sparse)
+
+    cases["projected_cached_padding_unmapped_rows"] = Case(
+        projected_terms({"ce": 0.2, "projected_kl": 1.0}),
+        padded,
+        {
+            "ce": ce,
+            "projected_kl": lambda zs: ref.projected_kl(
+                zs, padded_ids, padded_kept.double().exp(), tail.double(), sparse_map, index, temperature=1.0
+            ),
+        },
+    )
 
     def cached(sl: slice) -> TeacherSignal:
         return AlignedSignal(index, vt, CachedTop(ids, kept, tail), projection=projection)

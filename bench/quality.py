@@ -193,7 +193,7 @@ def summarize(runs: dict[str, dict[str, dict]], teacher: dict[str, float]) -> di
         results = list(by_seed.values())
         columns = [*results[0]["bits_per_byte"], "all"]
         per_seed = [{**r["bits_per_byte"], "all": r["all"]} for r in results]
-        gaps = [max(r["bits_per_byte"][d] - teacher[d] for d in r["bits_per_byte"]) for r in results]
+        gaps = [_worst_gap(r, teacher) for r in results]
         summary[name] = {
             "seeds": len(results),
             "mean": {c: statistics.mean(s[c] for s in per_seed) for c in columns},
@@ -206,20 +206,33 @@ def summarize(runs: dict[str, dict[str, dict]], teacher: dict[str, float]) -> di
         if name == reference or reference not in summary:
             continue
         other = summary[reference]
+        seeds = sorted(set(runs[name]) & set(runs[reference]))
         verdicts = {}
         for column, mean in entry["mean"].items():
             gain = other["mean"][column] - mean  # bits per byte saved; > 0 is better
             noise = max(entry["spread"][column], other["spread"][column])
-            verdicts[column] = {
-                "gain": gain,
-                "noise": noise,
-                "call": _call(gain, noise),
-            }
+            paired = [_value(runs[reference][s], column) - _value(runs[name][s], column) for s in seeds]
+            verdicts[column] = {"gain": gain, "noise": noise, "call": _call(gain, noise), "paired": paired}
         gain = other["worst_gap_to_teacher"]["mean"] - entry["worst_gap_to_teacher"]["mean"]
         noise = max(other["worst_gap_to_teacher"]["spread"], entry["worst_gap_to_teacher"]["spread"])
-        verdicts["worst_gap_to_teacher"] = {"gain": gain, "noise": noise, "call": _call(gain, noise)}
-        entry["versus"] = {"method": reference, "columns": verdicts}
+        paired = [_worst_gap(runs[reference][s], teacher) - _worst_gap(runs[name][s], teacher) for s in seeds]
+        verdicts["worst_gap_to_teacher"] = {
+            "gain": gain,
+            "noise": noise,
+            "call": _call(gain, noise),
+            "paired": paired,
+        }
+        entry["versus"] = {"method": reference, "seeds": seeds, "columns": verdicts}
     return summary
+
+
+def _value(run: dict, column: str) -> float:
+    return run["all"] if column == "all" else run["bits_per_byte"][column]
+
+
+def _worst_gap(run: dict, teacher: dict[str, float]) -> float:
+    """The largest student - teacher bits per byte over the domains (DDK's target)."""
+    return max(run["bits_per_byte"][d] - teacher[d] for d in run["bits_per_byte"])
 
 
 def _call(gain: float, noise: float) -> str:
@@ -227,8 +240,9 @@ def _call(gain: float, noise: float) -> str:
 
 
 def markdown(result: dict) -> str:
-    """The docs' table: per method and domain `mean ± spread/2` over the seeds, the gain against its
-    reference with the call, the worst domain's gap to the teacher."""
+    """The docs' tables: per method and domain `mean ± spread/2` over the seeds (bold: a win against its
+    reference beyond both spreads, italic: such a loss), the worst domain's gap to the teacher; then the
+    gain against the reference, mean (per-seed min..max of the paired differences) and the call."""
     summary, teacher = result["summary"], result["teacher"]
     columns = [*teacher["domains"], "all"]
     head = ["method", *columns, "worst gap to teacher", "s/step"]
@@ -252,6 +266,18 @@ def markdown(result: dict) -> str:
                 cell = f"**{cell}**" if verdict["call"] == "win" else f"_{cell}_"
             cells.append(cell)
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {entry['seconds_per_step']:.2f} |")
+    rows += ["", "| gain (bits/byte) | against | " + " | ".join([*columns, "worst gap"]) + " |"]
+    rows.append("|" + "---|" * (len(columns) + 3))
+    for name, entry in summary.items():
+        if "versus" not in entry:
+            continue
+        versus = entry["versus"]
+        cells = []
+        for column in [*columns, "worst_gap_to_teacher"]:
+            verdict = versus["columns"][column]
+            low, high = min(verdict["paired"]), max(verdict["paired"])
+            cells.append(f"{verdict['gain']:+.3f} ({low:+.3f}..{high:+.3f}) {verdict['call']}")
+        rows.append(f"| {name} | {versus['method']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -284,7 +310,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--methods {unknown} are not in suite {args.suite}: {list(methods)}")
     if args.table:
-        print(markdown(json.loads(Path(args.out).read_text())))
+        result = json.loads(Path(args.out).read_text())
+        result["summary"] = summarize(result["runs"], result["teacher"]["domains"])
+        print(markdown(result))
         return
 
     from distill.data.prepared import PreparedData

@@ -212,14 +212,15 @@ def summarize(runs: dict[str, dict[str, dict]], teacher: dict[str, float]) -> di
             gain = other["mean"][column] - mean  # bits per byte saved; > 0 is better
             noise = max(entry["spread"][column], other["spread"][column])
             paired = [_value(runs[reference][s], column) - _value(runs[name][s], column) for s in seeds]
-            verdicts[column] = {"gain": gain, "noise": noise, "call": _call(gain, noise), "paired": paired}
+            call = _call(gain, noise) if min(entry["seeds"], other["seeds"]) > 1 else "one seed"
+            verdicts[column] = {"gain": gain, "noise": noise, "call": call, "paired": paired}
         gain = other["worst_gap_to_teacher"]["mean"] - entry["worst_gap_to_teacher"]["mean"]
         noise = max(other["worst_gap_to_teacher"]["spread"], entry["worst_gap_to_teacher"]["spread"])
         paired = [_worst_gap(runs[reference][s], teacher) - _worst_gap(runs[name][s], teacher) for s in seeds]
         verdicts["worst_gap_to_teacher"] = {
             "gain": gain,
             "noise": noise,
-            "call": _call(gain, noise),
+            "call": _call(gain, noise) if min(entry["seeds"], other["seeds"]) > 1 else "one seed",
             "paired": paired,
         }
         entry["versus"] = {"method": reference, "seeds": seeds, "columns": verdicts}
@@ -262,7 +263,7 @@ def markdown(result: dict) -> str:
                 mean, spread = entry["mean"][column], entry["spread"][column]
             cell = f"{mean:.3f} ± {spread / 2:.3f}"
             verdict = entry.get("versus", {}).get("columns", {}).get(column)
-            if verdict and verdict["call"] != "within noise":
+            if verdict and verdict["call"] in ("win", "loss"):
                 cell = f"**{cell}**" if verdict["call"] == "win" else f"_{cell}_"
             cells.append(cell)
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {entry['seconds_per_step']:.2f} |")

@@ -140,16 +140,21 @@ def test_sigkill_between_checkpoints_then_resume(work, uninterrupted):
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(work, uninterrupted):
     run_dir = work / "killed_in_save"
-    shutil.rmtree(run_dir, ignore_errors=True)
     command = train_command(work, run_dir, "checkpoint.interval=1")
     root = run_dir / "checkpoints"
 
     def saving_after_first() -> bool:  # a save in progress, and a complete one before it
         return (root / "latest").is_file() and any(p.name.endswith(".partial") for p in root.iterdir())
 
-    kill_when(command, saving_after_first)
-    partial = [p for p in root.iterdir() if p.name.endswith(".partial")]
-    assert partial, "the kill did not land during a save"
+    # the kill races the save it watches: on a loaded machine the save can finish between the check and
+    # the kill, which tests nothing, so such an attempt is made again (a fresh run each time)
+    for _attempt in range(3):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        kill_when(command, saving_after_first)
+        partial = [p for p in root.iterdir() if p.name.endswith(".partial")]
+        if partial:
+            break
+    assert partial, "the kill did not land during a save in 3 attempts"
     previous = latest_checkpoint(root)  # still complete and loadable
     assert previous is not None and read_meta(previous)["has_optimizer"]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)

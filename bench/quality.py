@@ -42,45 +42,20 @@ from pathlib import Path
 
 from common import REPO, ensure_data_stages, write_result
 
+KD = ["loss.weights.ce=0.0", "loss.weights.forward_kl=1.0"]
+TAID = ["loss.weights.ce=0.0", "loss.weights.forward_kl=0.0", "loss.weights.taid=1.0"]
+DDK = ["data.mixture.type=ddk", "data.mixture.interval=30"]
+NO_GUARDRAILS = ["data.mixture.min_weight=0.0", "data.mixture.max_weight=1.0", "data.mixture.smoothing=0.0"]
 METHODS = {
     "ce": ("none", ["loss.weights.ce=1.0", "loss.weights.forward_kl=0.0"]),
-    "topk64": ("topk64", ["loss.weights.ce=0.0", "loss.weights.forward_kl=1.0"]),
-    "topk8": ("topk8", ["loss.weights.ce=0.0", "loss.weights.forward_kl=1.0"]),
-    "rskd": ("sampled", ["loss.weights.ce=0.0", "loss.weights.forward_kl=1.0"]),
-    "online": ("online", ["loss.weights.ce=0.0", "loss.weights.forward_kl=1.0"]),
-    "taid": ("topk64", ["loss.weights.ce=0.0", "loss.weights.forward_kl=0.0", "loss.weights.taid=1.0"]),
-    "taid_ddk": (
-        "topk64",
-        [
-            "loss.weights.ce=0.0",
-            "loss.weights.forward_kl=0.0",
-            "loss.weights.taid=1.0",
-            "data.mixture.type=ddk",
-            "data.mixture.interval=30",
-        ],
-    ),
-    "rskd_ddk": (
-        "sampled",
-        [
-            "loss.weights.ce=0.0",
-            "loss.weights.forward_kl=1.0",
-            "data.mixture.type=ddk",
-            "data.mixture.interval=30",
-        ],
-    ),
-    "taid_ddk_raw": (
-        "topk64",
-        [
-            "loss.weights.ce=0.0",
-            "loss.weights.forward_kl=0.0",
-            "loss.weights.taid=1.0",
-            "data.mixture.type=ddk",
-            "data.mixture.interval=30",
-            "data.mixture.min_weight=0.0",
-            "data.mixture.max_weight=1.0",
-            "data.mixture.smoothing=0.0",
-        ],
-    ),
+    "topk64": ("topk64", KD),
+    "topk8": ("topk8", KD),
+    "rskd": ("sampled", KD),
+    "online": ("online", KD),
+    "taid": ("topk64", TAID),
+    "taid_ddk": ("topk64", TAID + DDK),
+    "rskd_ddk": ("sampled", KD + DDK),
+    "taid_ddk_raw": ("topk64", TAID + DDK + NO_GUARDRAILS),
 }
 CROSS_METHODS = {
     "ce": ("none", ["loss.weights.uld=0.0", "loss.weights.span=0.0"]),

@@ -26,7 +26,7 @@ import numpy as np
 
 from distill.data.tokenizer import TokenizerInfo
 
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 @cache
@@ -95,7 +95,7 @@ def token_text(info: TokenizerInfo) -> TokenText:
         elif method == "byte-level":
             pieces.append(b"".join(bytes([alphabet[ch]]) if ch in alphabet else ch.encode() for ch in piece))
         elif method == "sentencepiece":
-            fallback = _BYTE_FALLBACK.match(piece)
+            fallback = BYTE_FALLBACK_PIECE.match(piece)
             pieces.append(
                 bytes([int(fallback.group(1), 16)]) if fallback else piece.replace("▁", " ").encode()
             )

@@ -26,7 +26,6 @@ and the truncated teacher tail).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from distill.config import CampaignConfig
 from distill.config.loss import CROSS_TOKENIZER_TERMS
 from distill.data.pairing.alignment import align_rows, span_groups
 from distill.data.prepared import PreparedData
-from distill.data.token_text import token_text
+from distill.data.token_text import BYTE_FALLBACK_PIECE, token_text
 from distill.data.tokenizer import load_tokenizer
 from distill.engine.base import Engine
 from distill.errors import DataError
@@ -91,7 +90,7 @@ def vocab_projection(
     student, teacher = token_text(student_info), token_text(teacher_info)
     model = json.loads(student_info.backend_json).get("model", {})
     unknown = model.get("unk_id") if model.get("type") == "Unigram" else None
-    byte_tokens = set(_byte_token_ids(student_info))
+    byte_tokens = _byte_token_ids(model)
     by_bytes: dict[bytes, int] = {}
     for ordinary in (True, False):
         for s_id, piece in enumerate(student.pieces):
@@ -114,14 +113,13 @@ def vocab_projection(
     return VocabProjection(to_student.to(device), exact, prefix, teacher_vocab - exact - prefix)
 
 
-def _byte_token_ids(info: Any) -> list[int]:
-    """The ids of a tokenizer's byte-fallback tokens (`<0x00>`..`<0xFF>`), none for other tokenizers."""
-    model = json.loads(info.backend_json).get("model", {})
+def _byte_token_ids(model: dict[str, Any]) -> set[int]:
+    """The ids of a tokenizer model's byte-fallback tokens (`<0x00>`..`<0xFF>`), none without fallback."""
     if not model.get("byte_fallback"):
-        return []
+        return set()
     vocab = model.get("vocab", [])
     names = [entry[0] for entry in vocab] if isinstance(vocab, list) else sorted(vocab, key=vocab.get)
-    return [i for i, name in enumerate(names) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", name)]
+    return {i for i, name in enumerate(names) if BYTE_FALLBACK_PIECE.match(name)}
 
 
 def usable_match(match: VocabMatch) -> VocabMatch | None:

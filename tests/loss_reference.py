@@ -138,11 +138,14 @@ def projected_kl(
     index: torch.Tensor,
     *,
     temperature: float,
+    teacher_next: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward KL per student row `[N]` against the teacher's kept ids `[N_t, k]` (-1: padding) mapped by
     `to_student [V_t]` (-1: none) onto the student's vocabulary, row by row with a dense vector: the
     probabilities of ids landing together summed, the tail plus the unmapped mass one bucket against
-    the student's mass outside the projected ids; rows with `index` -1 give 0."""
+    the student's mass outside the projected ids; rows with `index` -1 give 0. With `teacher_next
+    [N_t]` and `labels [N]`: the teacher's own next token at the row's position goes to the row's label."""
     log_q = F.log_softmax(student_logits / temperature, -1)
     values = []
     for row, at in enumerate(index.tolist()):
@@ -156,6 +159,8 @@ def projected_kl(
             if t_id < 0:
                 continue
             s_id = int(to_student[t_id])
+            if teacher_next is not None and labels is not None and t_id == int(teacher_next[at]):
+                s_id = int(labels[row])
             if s_id < 0:
                 rest += p
             else:

@@ -143,7 +143,17 @@ def _chunk(
     sparse_g: list[divergences.Sparse] = []  # ... and parts at given ids
     assert teacher is not None
     inputs = ChunkInputs(
-        u, rows, teacher, shard, temperature, tau, terms.skew_alpha, terms.jsd_beta, terms.uld_top_m, sums
+        u=u,
+        rows=rows,
+        labels=labels,
+        teacher=teacher,
+        shard=shard,
+        temperature=temperature,
+        tau=tau,
+        skew_alpha=terms.skew_alpha,
+        jsd_beta=terms.jsd_beta,
+        uld_top_m=terms.uld_top_m,
+        sums=sums,
     )
     scale = temperature * temperature
     for name, w in kd.items():

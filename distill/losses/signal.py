@@ -19,6 +19,7 @@ distribution beyond the estimate itself, so the sampled kind has none.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -129,13 +130,17 @@ class AlignedSignal:
     match: VocabMatch | None = None  # hybrid ULD
     spans: SpanTargets | None = None  # the span term
     projection: VocabProjection | None = None  # the projected_kl term
+    teacher_next: torch.Tensor | None = None  # [N_t] the teacher's own next token at each of its positions
 
     kind = "aligned"
 
     def top(self, rows: slice, temperature: float, m: int) -> TeacherTop:
         index = self.index[rows]
         mask, at = index >= 0, index.clamp_min(0)
-        return self.teacher.top(at, mask, temperature, m, self.vocab_size)
+        top = self.teacher.top(at, mask, temperature, m, self.vocab_size)
+        if self.teacher_next is None:
+            return top
+        return dataclasses.replace(top, next_ids=torch.where(mask, self.teacher_next[at], -1))
 
 
 TeacherSignal = LiveSignal | TopKSignal | SampledSignal | AlignedSignal

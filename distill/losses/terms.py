@@ -33,6 +33,7 @@ class ChunkInputs:
 
     u: torch.Tensor  # student log-probs at the temperature  [c, V/tp]
     rows: slice  # the chunk's rows in the micro-batch
+    labels: torch.Tensor  # the student's next tokens at those rows  [c]
     teacher: TeacherSignal
     shard: VocabShard
     temperature: float
@@ -112,7 +113,7 @@ def _projected_kl(x: ChunkInputs) -> tuple[torch.Tensor, Any]:
             "loss term projected_kl needs the vocabulary projection (built by the aligned source)"
         )
     top = x.teacher_top()
-    value, grads, unmapped = projection.projected_kl(x.u, top, x.teacher.projection, x.shard)
+    value, grads, unmapped = projection.projected_kl(x.u, top, x.teacher.projection, x.shard, x.labels)
     x.sums["projected_unmapped"] += unmapped.sum()
     return value, grads
 

@@ -45,6 +45,7 @@ class TeacherTop:
     tail: torch.Tensor  # [c] mass on the teacher's unkept ids, spread evenly over them
     vocab: int
     mask: torch.Tensor  # [c] bool: the row has a teacher position
+    next_ids: torch.Tensor | None = None  # [c] the teacher's own next token at each row (-1: none)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,7 @@ class Alignment:
         self.data, self.device = data, engine.device
         self.teacher_data = PreparedData(data.directory, side="teacher")
         self.mode = config.loss.uld.alignment
+        self.terms = [name for name in CROSS_TOKENIZER_TERMS if getattr(config.loss.weights, name) > 0]
         self.spans = config.loss.weights.span > 0  # span-likelihood matching (`distill/losses/span.py`)
         self.vocab = vocab
         self.teacher_shard = engine.shard.sibling(vocab)
@@ -187,6 +188,14 @@ class Alignment:
         rows = [self.teacher_data.sequence(d, i, s) for d, s, i in keys]  # type: ignore[arg-type]
         return torch.from_numpy(np.stack(rows)).to(self.device)  # [b, T + 1]
 
+    def teacher_next(self, keys: list[SequenceKey]) -> np.ndarray | None:
+        """The teacher's own next token at each of its positions `[b * T]` (the projection's in-context
+        mapping), None without the projection."""
+        if self.projection is None:
+            return None
+        rows = [self.teacher_data.sequence(d, i, s)[1:] for d, s, i in keys]  # type: ignore[arg-type]
+        return np.stack(rows).astype(np.int64).reshape(-1)
+
     def lengths(self, keys: list[SequenceKey]) -> np.ndarray:
         return self.offsets(keys)[:, 0].astype(np.int64)  # teacher tokens per sequence
 
@@ -204,7 +213,7 @@ class Alignment:
         return SpanTargets(torch.from_numpy(student_span).to(self.device), teacher_ll)
 
     def description(self, kind: str) -> str:
-        return f"{kind}, another tokenizer: ULD, {self.mode} alignment"
+        return f"{kind}, another tokenizer: {' + '.join(self.terms) or 'no term'}, {self.mode} alignment"
 
 
 def check_pairing(config: CampaignConfig, data: PreparedData) -> None:

@@ -22,7 +22,7 @@ from distill.losses.signal import AlignedSignal, CachedTop, TeacherSignal
 from distill.teacher.aligned import Alignment, Spans
 from distill.teacher.source import MicroBatch, ReadAhead
 
-Rows = list[tuple[np.ndarray, Spans | None, dict[str, torch.Tensor]]]  # per micro-batch
+Rows = list[tuple[np.ndarray, Spans | None, dict[str, torch.Tensor], np.ndarray | None]]  # per micro-batch
 
 
 class AlignedCachedSource:
@@ -45,14 +45,14 @@ class AlignedCachedSource:
         )
 
     def _read(self, keys: list[list[SequenceKey]]) -> Rows:
-        return [(*self.align.rows(m), self.reader.batch(m)) for m in keys]
+        return [(*self.align.rows(m), self.reader.batch(m), self.align.teacher_next(m)) for m in keys]
 
     def signals(self, micro_batches: list[MicroBatch]) -> list[TeacherSignal | None]:
         if self._ahead is None:
             return [None] * len(micro_batches)
         device = self.align.device
         out: list[TeacherSignal | None] = []
-        for index, spans, cached in self._ahead.get([m.keys for m in micro_batches]):
+        for index, spans, cached, teacher_next in self._ahead.get([m.keys for m in micro_batches]):
             flat = {k: v.reshape(-1, *v.shape[2:]).to(device) for k, v in cached.items()}
             out.append(
                 AlignedSignal(
@@ -62,6 +62,7 @@ class AlignedCachedSource:
                     self.align.match,
                     self.align.span_targets(spans, flat["target_logprob"]),
                     self.align.projection,
+                    None if teacher_next is None else torch.from_numpy(teacher_next).to(device),
                 )
             )
         return out

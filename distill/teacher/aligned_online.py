@@ -68,6 +68,7 @@ class AlignedOnlineSource:
                     self.align.match,
                     self.align.span_targets(spans, logprobs),
                     self.align.projection,
+                    tokens[m][:, 1:].reshape(-1) if self.align.projection is not None else None,
                 )
             )
         return out

@@ -14,17 +14,20 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from distill.config import load_config
 from distill.data.prepare.run import prepare
 from distill.data.prepared import PreparedData
-from distill.data.tokenizer import train_tokenizer
+from distill.data.token_text import token_text
+from distill.data.tokenizer import load_tokenizer, train_tokenizer
 from distill.errors import DataError
 from distill.losses.uld import VocabMatch
-from distill.teacher.aligned import usable_match, vocab_match
+from distill.teacher.aligned import Alignment, usable_match, vocab_match
 from parallel.vocab import VocabShard
 from tests.helpers import (
     TINY_STUDENT_ARCH,
@@ -127,6 +130,33 @@ def test_cached_and_online_uld_projection_and_span_train_and_agree(work):
     assert all(r["loss/span"] > 0 for r in cached + online)
     assert abs(cached[0]["loss/span"] - online[0]["loss/span"]) < SPAN_TOLERANCE
     assert cached[-1]["loss"] < cached[0]["loss"]
+
+
+def test_the_projection_knows_each_aligned_rows_own_next_tokens_on_both_sides(
+    work, tokenizer_dir, teacher_dir
+):
+    """The in-context id of the projection: at every aligned row the teacher's own next token and the
+    student's label start at the same byte, so their first bytes are equal (EOS pairs with EOS)."""
+    config = load_config(work / "cached.yaml")
+    data = PreparedData(work / "run" / "prepared")
+    engine = SimpleNamespace(
+        device=torch.device("cpu"), shard=VocabShard(0, 600, None), tokenizer_dir=tokenizer_dir
+    )
+    align = Alignment(config, data, engine, TEACHER_VOCAB, teacher_dir)  # type: ignore[arg-type]
+    keys = [(domain, "train", i) for domain in data.domains for i in range(2)]
+    index, _ = align.rows(keys)  # [b * S] flat teacher positions
+    teacher_next = align.teacher_next(keys)  # [b * T]
+    labels = np.stack([data.sequence(d, i, s)[1:] for d, s, i in keys]).reshape(-1)
+    student, teacher = load_tokenizer(tokenizer_dir), load_tokenizer(teacher_dir)
+    s_text, t_text = token_text(student).pieces, token_text(teacher).pieces
+    checked = 0
+    for row in np.flatnonzero(index >= 0):
+        label, own = int(labels[row]), int(teacher_next[index[row]])
+        assert (label == student.eos_id) == (own == teacher.eos_id), row
+        if label != student.eos_id:
+            assert s_text[label][:1] == t_text[own][:1], (row, s_text[label], t_text[own])
+            checked += 1
+    assert checked > 50
 
 
 def test_the_gemma3_teacher_is_evaluated_on_its_own_tokens(work, teacher_dir):

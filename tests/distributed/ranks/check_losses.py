@@ -345,7 +345,9 @@ def uld_cases(data: Data, gen: torch.Generator, ce: Reference) -> dict[str, Case
             index, vt, CachedTop(ids, kept, tail), spans=SpanTargets(spans, teacher_ll)
         )
 
-    cases.update(projection_cases(t_hidden, t_weight, t_logits, handmade, (ids, kept, tail), ce, gen))
+    cases.update(
+        projection_cases(t_hidden, t_weight, t_logits, handmade, (ids, kept, tail), ce, gen, data.labels)
+    )
     cases["span_alone"] = Case(terms({"span": 1.0}), with_spans(handmade), {"span": span_ref})
     cases["span_with_ce_and_uld"] = Case(
         uld_terms({"ce": 0.5, "uld": 1.5, "span": 0.8}),
@@ -363,27 +365,38 @@ def projection_cases(
     cached_top: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ce: Reference,
     gen: torch.Generator,
+    labels: torch.Tensor,
 ) -> dict[str, Case]:
     """`projected_kl` (the teacher projected onto the student's vocabulary): a map with teacher ids
     landing together on one student id and ids with none, live (the teacher's top m = all of it) at
-    T = 1 and 2, and cached (top-k + tail), alone and beside CE and ULD."""
+    T = 1 and 2, and cached (top-k + tail), alone and beside CE and ULD. Every case but live T = 2 knows
+    the teacher's own next tokens (in-context mapping to the student's labels): half of them among the
+    cached top k, the others anywhere (outside a top k they change nothing)."""
     vt = TEACHER_VOCAB
     to_student = torch.randint(0, V, (vt,), generator=gen)
     to_student[:8] = to_student[8:16]  # pairs of teacher ids on one student id
     to_student[torch.randperm(vt, generator=gen)[: vt // 4]] = -1  # and ids with no student id
     projection = VocabProjection(to_student, exact=0, prefix=int((to_student >= 0).sum()), unmapped=0)
     every_id = torch.arange(vt).expand(t_logits.shape[0], vt)
+    ids, kept, tail = cached_top
+    own_next = torch.randint(0, vt, (t_logits.shape[0],), generator=torch.Generator().manual_seed(11))
+    own_next[::2] = ids[::2, 3]  # the teacher's own next token among its kept ids
 
-    def live(t: float) -> Callable[[slice], TeacherSignal]:
+    def live(t: float, next_ids: torch.Tensor | None) -> Callable[[slice], TeacherSignal]:
         def signal(sl: slice) -> TeacherSignal:
             shard = _teacher_shard(sl, vt)
             weight = t_weight[shard.start : shard.start + shard.size]
-            return AlignedSignal(index, vt, LiveTop(t_hidden, weight, shard), projection=projection)
+            top = LiveTop(t_hidden, weight, shard)
+            return AlignedSignal(index, vt, top, projection=projection, teacher_next=next_ids)
 
         return signal
 
-    def reference(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, t: float) -> Reference:
-        return lambda zs: ref.projected_kl(zs, ids, probs, tail, to_student, index, temperature=t)
+    def reference(
+        ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, t: float, next_ids: torch.Tensor | None
+    ) -> Reference:
+        return lambda zs: ref.projected_kl(
+            zs, ids, probs, tail, to_student, index, temperature=t, teacher_next=next_ids, labels=labels
+        )
 
     def projected_terms(weights: dict[str, float], t: float = 1.0) -> Terms:
         return dataclasses.replace(terms(weights, t), uld_top_m=vt)
@@ -391,21 +404,21 @@ def projection_cases(
     cases: dict[str, Case] = {}
     for t in (1.0, 2.0):
         probs = F.softmax(t_logits / t, -1)
-        tail = (1 - probs.sum(-1)).clamp_min(0)
+        live_tail = (1 - probs.sum(-1)).clamp_min(0)
+        next_ids = own_next if t == 1.0 else None
         cases[f"projected_live_T{t:g}"] = Case(
             projected_terms({"ce": 0.4, "projected_kl": 1.0}, t),
-            live(t),
-            {"ce": ce, "projected_kl": reference(every_id, probs, tail, t)},
+            live(t, next_ids),
+            {"ce": ce, "projected_kl": reference(every_id, probs, live_tail, t, next_ids)},
         )
     # the live teacher's top 8 only (merged from per-shard lists), the rest in the tail
     probs = F.softmax(t_logits, -1)
     top8 = probs.topk(8, -1)
     cases["projected_live_top8"] = Case(
         dataclasses.replace(terms({"projected_kl": 1.0}), uld_top_m=8),
-        live(1.0),
-        {"projected_kl": reference(top8.indices, top8.values, 1 - top8.values.sum(-1), 1.0)},
+        live(1.0, own_next),
+        {"projected_kl": reference(top8.indices, top8.values, 1 - top8.values.sum(-1), 1.0, own_next)},
     )
-    ids, kept, tail = cached_top
     cached_probs = kept.double().exp()
     # padding slots in the cache rows, and a map that leaves most ids (and so whole rows) unplaced
     padded_ids = ids.clone()
@@ -418,7 +431,8 @@ def projection_cases(
     assert unplaced.all(-1).any() and not unplaced.all()  # rows with no projected id, and rows with some
 
     def padded(sl: slice) -> TeacherSignal:
-        return AlignedSignal(index, vt, CachedTop(padded_ids, padded_kept, tail), projection=sparse)
+        top = CachedTop(padded_ids, padded_kept, tail)
+        return AlignedSignal(index, vt, top, projection=sparse, teacher_next=own_next)
 
     cases["projected_cached_padding_unmapped_rows"] = Case(
         projected_terms({"ce": 0.2, "projected_kl": 1.0}),
@@ -426,18 +440,28 @@ def projection_cases(
         {
             "ce": ce,
             "projected_kl": lambda zs: ref.projected_kl(
-                zs, padded_ids, padded_kept.double().exp(), tail.double(), sparse_map, index, temperature=1.0
+                zs,
+                padded_ids,
+                padded_kept.double().exp(),
+                tail.double(),
+                sparse_map,
+                index,
+                temperature=1.0,
+                teacher_next=own_next,
+                labels=labels,
             ),
         },
     )
 
     def cached(sl: slice) -> TeacherSignal:
-        return AlignedSignal(index, vt, CachedTop(ids, kept, tail), projection=projection)
+        return AlignedSignal(
+            index, vt, CachedTop(ids, kept, tail), projection=projection, teacher_next=own_next
+        )
 
     cases["projected_cached_topk_k10"] = Case(
         projected_terms({"projected_kl": 1.0}),
         cached,
-        {"projected_kl": reference(ids, cached_probs, tail.double(), 1.0)},
+        {"projected_kl": reference(ids, cached_probs, tail.double(), 1.0, own_next)},
     )
     completed = ref.completed_teacher_probs(ids, kept.double(), tail.double(), vt)
     cases["projected_with_ce_and_uld"] = Case(
@@ -446,7 +470,7 @@ def projection_cases(
         {
             "ce": ce,
             "uld": lambda zs: ref.uld(zs, completed, index, temperature=1.0),
-            "projected_kl": reference(ids, cached_probs, tail.double(), 1.0),
+            "projected_kl": reference(ids, cached_probs, tail.double(), 1.0, own_next),
         },
     )
     return cases

@@ -27,8 +27,9 @@ Runs at tp1 in this process; the caches are built first (the demo's sampled cach
 `--suite cross`: `configs/demo_uld.yaml` (the demo teacher into a student with its own Unigram), every
 method on CE (weight 1) plus: nothing (`ce`), `uld` (0.5; `uld_positional`: the paper's n-th with n-th
 alignment; `uld_hybrid`: identical-bytes ids by KL), `span` (1.0), `uld_span` (both), `projected`
-(projected_kl 1.0), `projected_span` (projected_kl and span), all from the top-64 cache over the
-teacher sequences; each compared with `ce` (results in `quality_cross.json`).
+(projected_kl 1.0), `projected_span` (projected_kl and span), `projected_uld_span` (all three), all
+from the top-64 cache over the teacher sequences; each compared with `ce` (results in
+`quality_cross.json`).
 """
 
 from __future__ import annotations
@@ -57,24 +58,32 @@ METHODS = {
     "rskd_ddk": ("sampled", KD + DDK),
     "taid_ddk_raw": ("topk64", TAID + DDK + NO_GUARDRAILS),
 }
+
+
+def cross(
+    uld: float = 0.0, span: float = 0.0, projected_kl: float = 0.0, *extra: str
+) -> tuple[str, list[str]]:
+    """A cross-tokenizer method on CE (weight 1): every term's weight set, whatever the config's default."""
+    weights = [
+        f"loss.weights.uld={uld}",
+        f"loss.weights.span={span}",
+        f"loss.weights.projected_kl={projected_kl}",
+    ]
+    return ("cache" if uld or span or projected_kl else "none"), [*weights, *extra]
+
+
 CROSS_METHODS = {
-    "ce": ("none", ["loss.weights.uld=0.0", "loss.weights.span=0.0"]),
-    "uld": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=0.0"]),
-    "uld_positional": (
-        "cache",
-        ["loss.weights.uld=0.5", "loss.weights.span=0.0", "loss.uld.alignment=positional"],
-    ),
-    "uld_hybrid": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=0.0", "loss.uld.hybrid=true"]),
-    "span": ("cache", ["loss.weights.uld=0.0", "loss.weights.span=1.0"]),
-    "uld_span": ("cache", ["loss.weights.uld=0.5", "loss.weights.span=1.0"]),
-    "projected": (
-        "cache",
-        ["loss.weights.uld=0.0", "loss.weights.span=0.0", "loss.weights.projected_kl=1.0"],
-    ),
-    "projected_span": (
-        "cache",
-        ["loss.weights.uld=0.0", "loss.weights.span=1.0", "loss.weights.projected_kl=1.0"],
-    ),
+    "ce": cross(),
+    "uld": cross(uld=0.5),
+    "uld_positional": cross(0.5, 0.0, 0.0, "loss.uld.alignment=positional"),
+    "uld_hybrid": cross(0.5, 0.0, 0.0, "loss.uld.hybrid=true"),
+    "span": cross(span=1.0),
+    "uld_span": cross(uld=0.5, span=1.0),
+    "projected": cross(projected_kl=1.0),
+    "projected_span": cross(span=1.0, projected_kl=1.0),
+    "projected_uld_span": cross(uld=0.5, span=1.0, projected_kl=1.0),
+    "projected_light_span": cross(span=1.0, projected_kl=0.3),
+    "projected_light_uld_span": cross(uld=0.5, span=1.0, projected_kl=0.3),
 }
 SUITES = {
     "same": ("demo.yaml", METHODS, "quality.json"),
@@ -84,9 +93,9 @@ SUITES = {
 REFERENCE = {"taid_ddk": "taid", "taid_ddk_raw": "taid", "rskd_ddk": "rskd"}
 
 
-def teacher_overrides(signal: str, caches: dict[str, Path]) -> list[str]:
-    if signal == "cache":  # the config's own cache
-        return []
+def teacher_overrides(signal: str, caches: dict[str, Path], base) -> list[str]:
+    if signal == "cache":  # the config's own cache (its path may hang off run.dir, which each run moves)
+        return [f"cache.dir={base.cache.dir}"]
     if signal == "online":
         return ["teacher.mode=online", "cache=null"]
     if signal == "none":
@@ -132,6 +141,7 @@ def train_and_score(
         [
             f"run.dir={tmp}/{name}-{seed}",
             f"data.dir={base.data.dir}",
+            f"data.tokenizer.path={base.data.tokenizer.path}",
             f"student.init_dir={tmp}/student-init-{seed}",
             f"training.steps={steps}",
             f"training.seed={seed}",
@@ -183,15 +193,17 @@ def summarize(runs: dict[str, dict[str, dict]], teacher: dict[str, float]) -> di
         other = summary[reference]
         seeds = sorted(set(runs[name]) & set(runs[reference]))
         verdicts = {}
-        for column, mean in entry["mean"].items():
-            gain = other["mean"][column] - mean  # bits per byte saved; > 0 is better
-            noise = max(entry["spread"][column], other["spread"][column])
+        for column in entry["mean"]:
+            # bits per byte saved (> 0 is better), over the seeds both ran: the difference of the means
+            # when they ran the same seeds
             paired = [_value(runs[reference][s], column) - _value(runs[name][s], column) for s in seeds]
+            gain = statistics.mean(paired)
+            noise = max(entry["spread"][column], other["spread"][column])
             call = _call(gain, noise) if min(entry["seeds"], other["seeds"]) > 1 else "one seed"
             verdicts[column] = {"gain": gain, "noise": noise, "call": call, "paired": paired}
-        gain = other["worst_gap_to_teacher"]["mean"] - entry["worst_gap_to_teacher"]["mean"]
-        noise = max(other["worst_gap_to_teacher"]["spread"], entry["worst_gap_to_teacher"]["spread"])
         paired = [_worst_gap(runs[reference][s], teacher) - _worst_gap(runs[name][s], teacher) for s in seeds]
+        gain = statistics.mean(paired)
+        noise = max(other["worst_gap_to_teacher"]["spread"], entry["worst_gap_to_teacher"]["spread"])
         verdicts["worst_gap_to_teacher"] = {
             "gain": gain,
             "noise": noise,
@@ -307,7 +319,7 @@ def main() -> None:
                 result = train_and_score(
                     args.config,
                     base,
-                    teacher_overrides(signal, caches) + overrides,
+                    teacher_overrides(signal, caches, base) + overrides,
                     tmp,
                     name,
                     seed,

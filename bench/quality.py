@@ -1,7 +1,7 @@
 """What each distillation method buys at equal tokens, in held-out bits per byte, with its seed noise
-(not run by CI; ~80 min here).
+(not run by CI; ~80 min here for `same`, ~60 min for `cross`).
 
-    .venv/bin/python bench/quality.py [--suite same|cross] [--steps 300] [--seeds 1234 1235 1236] [--methods ...]
+    .venv/bin/python bench/quality.py [--suite same|cross] [--steps N] [--seeds 1234 1235 1236] [--methods ...]
 
 `--suite same` (the default): on the demo corpus and teacher, the demo student is trained from the same random init (one per seed)
 for the same steps and batches (equal tokens) with:
@@ -27,9 +27,10 @@ Runs at tp1 in this process; the caches are built first (the demo's sampled cach
 `--suite cross`: `configs/demo_uld.yaml` (the demo teacher into a student with its own Unigram), every
 method on CE (weight 1) plus: nothing (`ce`), `uld` (0.5; `uld_positional`: the paper's n-th with n-th
 alignment; `uld_hybrid`: identical-bytes ids by KL), `span` (1.0), `uld_span` (both), `projected`
-(projected_kl 1.0), `projected_span` (projected_kl and span), `projected_uld_span` (all three), all
-from the top-64 cache over the teacher sequences; each compared with `ce` (results in
-`quality_cross.json`).
+(projected_kl 1.0), `projected_span` (projected_kl and span), `projected_uld_span` (all three),
+`projected_light_span` and `projected_light_uld_span` (projected_kl 0.3: the demo config's default is
+the first), all from the top-64 cache over the teacher sequences, for the demo's own 150 steps; each
+compared with `ce` (results in `quality_cross.json`).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ CROSS_METHODS = {
     "projected_light_uld_span": cross(uld=0.5, span=1.0, projected_kl=0.3),
 }
 SUITES = {
-    "same": ("demo.yaml", METHODS, "quality.json"),
-    "cross": ("demo_uld.yaml", CROSS_METHODS, "quality_cross.json"),
+    "same": ("demo.yaml", METHODS, "quality.json", 300),
+    "cross": ("demo_uld.yaml", CROSS_METHODS, "quality_cross.json", 150),  # the demo config's own steps
 }
 # What each method's gains are measured against: the CE student, or the same method without DDK.
 REFERENCE = {"taid_ddk": "taid", "taid_ddk_raw": "taid", "rskd_ddk": "rskd"}
@@ -284,13 +285,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=list(SUITES), default="same")
     parser.add_argument("--config", default=None, help="default: the suite's demo config")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="default: 300 (same), 150 (cross)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the suite")
     parser.add_argument("--out", default=None, help="default: bench/results/quality[_cross].json")
     parser.add_argument("--table", action="store_true", help="print the docs' table of --out and stop")
     args = parser.parse_args()
-    config_name, methods, out_name = SUITES[args.suite]
+    config_name, methods, out_name, steps = SUITES[args.suite]
+    args.steps = args.steps or steps
     args.config = args.config or str(REPO / "configs" / config_name)
     args.out = args.out or str(REPO / "bench" / "results" / out_name)
     args.methods = args.methods or list(methods)

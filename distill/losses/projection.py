@@ -58,9 +58,7 @@ class ProjectedTeacher:
     rest: torch.Tensor  # [c] teacher mass with no projected id: its tail and its unmapped kept ids
 
 
-def project(
-    top: TeacherTop, projection: VocabProjection, labels: torch.Tensor | None = None
-) -> ProjectedTeacher:
+def project(top: TeacherTop, projection: VocabProjection, labels: torch.Tensor) -> ProjectedTeacher:
     """Map `top`'s kept ids to student ids and sum the probabilities of ids that land together.
 
     In context: where the row knows the teacher's own next token (`top.next_ids`) and the student's
@@ -74,7 +72,7 @@ def project(
     Unmapped and padding ids sort first as -1: their group is padding, the unmapped mass goes to `rest`."""
     kept = top.ids >= 0
     student = torch.where(kept, projection.teacher_to_student[top.ids.clamp_min(0)], -1)  # [c, k]
-    if top.next_ids is not None and labels is not None:
+    if top.next_ids is not None:
         own = kept & (top.ids == top.next_ids.unsqueeze(-1))  # [c, k]: the teacher's own next token
         student = torch.where(own, labels.unsqueeze(-1), student)
     probs = torch.where(kept, top.probs, torch.zeros_like(top.probs))
@@ -100,7 +98,7 @@ def projected_kl(
     top: TeacherTop,
     projection: VocabProjection,
     shard: VocabShard,
-    labels: torch.Tensor | None = None,
+    labels: torch.Tensor,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Sparse], torch.Tensor]:
     """Forward KL of the projected teacher against student log-probs `u [c, V/tp]`: value `[c]`, d/du
     (dense `[c, V/tp]` and sparse at the projected ids), and the kept mass with no student id `[c]`

@@ -184,17 +184,19 @@ class Alignment:
         )
         return index, spans
 
-    def teacher_tokens(self, keys: list[SequenceKey]) -> torch.Tensor:
+    def _teacher_rows(self, keys: list[SequenceKey]) -> np.ndarray:
         rows = [self.teacher_data.sequence(d, i, s) for d, s, i in keys]  # type: ignore[arg-type]
-        return torch.from_numpy(np.stack(rows)).to(self.device)  # [b, T + 1]
+        return np.stack(rows)  # [b, T + 1]
+
+    def teacher_tokens(self, keys: list[SequenceKey]) -> torch.Tensor:
+        return torch.from_numpy(self._teacher_rows(keys)).to(self.device)  # [b, T + 1]
 
     def teacher_next(self, keys: list[SequenceKey]) -> np.ndarray | None:
         """The teacher's own next token at each of its positions `[b * T]` (the projection's in-context
         mapping), None without the projection."""
         if self.projection is None:
             return None
-        rows = [self.teacher_data.sequence(d, i, s)[1:] for d, s, i in keys]  # type: ignore[arg-type]
-        return np.stack(rows).astype(np.int64).reshape(-1)
+        return self._teacher_rows(keys)[:, 1:].astype(np.int64).reshape(-1)
 
     def lengths(self, keys: list[SequenceKey]) -> np.ndarray:
         return self.offsets(keys)[:, 0].astype(np.int64)  # teacher tokens per sequence
